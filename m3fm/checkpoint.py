@@ -1,0 +1,79 @@
+"""Checkpoints with strict key, shape and dtype checks.
+
+The public M3FM code loads weights with strict=False, which silently ignores
+missing, unexpected and mismatched keys; here any mismatch raises an error
+that lists the offending keys. Writes are atomic (temporary file + rename), so
+a crash mid-save never leaves a truncated checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from m3fm.model.configs import M3FMConfig
+
+FORMAT = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not match the model: missing, unexpected, or differently shaped/typed keys."""
+
+
+def state_dict_problems(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
+    problems = [f"missing key {k}" for k in expected if k not in got]
+    problems += [f"unexpected key {k}" for k in got if k not in expected]
+    for k in expected.keys() & got.keys():
+        e, g = expected[k], got[k]
+        if tuple(e.shape) != tuple(g.shape):
+            problems.append(f"shape of {k}: expected {tuple(e.shape)}, got {tuple(g.shape)}")
+        elif e.dtype != g.dtype:
+            problems.append(f"dtype of {k}: expected {e.dtype}, got {g.dtype}")
+    return sorted(problems)
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], source: str) -> None:
+    problems = state_dict_problems(expected, got)
+    if problems:
+        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        raise CheckpointMismatchError(f"{source} does not match the model ({len(problems)} problems):\n  {shown}")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, cfg: M3FMConfig, optimizer=None, step: int = 0,
+                    extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "config": cfg.to_dict(), "step": step, "extra": extra or {},
+               "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several kinds for truncated or foreign files
+        raise ValueError(f"checkpoint {path} cannot be read: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
+        raise ValueError(f"{path} is not an m3fm-fed checkpoint (format {FORMAT})")
+    return payload
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None) -> dict:
+    """Load weights (and optimizer state) after checking every key, shape and dtype; returns the payload."""
+    payload = read_checkpoint(path)
+    check_state_dict(model.state_dict(), payload["model"], f"checkpoint {path}")
+    model.load_state_dict(payload["model"], strict=True)
+    if optimizer is not None:
+        if payload["optimizer"] is None:
+            raise ValueError(f"checkpoint {path} holds no optimizer state")
+        optimizer.load_state_dict(payload["optimizer"])
+    return payload

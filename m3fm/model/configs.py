@@ -1,0 +1,193 @@
+"""Model configurations: tiny/small for CPU work, and the paper's base/large/huge.
+
+Sizes follow the paper (Methods) and the public M3FM code: CTViT of 12/24/32
+layers at width 768/1024/1280 (12/16/16 heads), a RoBERTa-base text encoder
+(12 x 768), a 4-layer task encoder at the image width with 16 heads, 2-layer
+MLP predictors with hidden width 1024, and a 2-block MIM decoder.
+
+`python -m m3fm.model.configs` prints every configuration with its parameter
+count per component, counted on the meta device (nothing is allocated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ImageScale:
+    """One input scale of the multi-scale CT tokenizer: volume and patch in voxels (S, H, W)."""
+
+    name: str
+    volume: tuple[int, int, int]
+    patch: tuple[int, int, int]
+
+    def __post_init__(self):
+        for v, p in zip(self.volume, self.patch):
+            if v % p:
+                raise ValueError(f"scale {self.name!r}: volume {self.volume} is not a multiple of patch {self.patch}")
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return tuple(v // p for v, p in zip(self.volume, self.patch))
+
+    @property
+    def num_patches(self) -> int:
+        s, h, w = self.grid
+        return s * h * w
+
+    @property
+    def patch_voxels(self) -> int:
+        s, h, w = self.patch
+        return s * h * w
+
+
+# The paper's four scales (Methods; public code config files): nodule slabs,
+# one lung (cancer risk), heart (CVD), both lungs (other chest findings).
+PAPER_SCALES = (
+    ImageScale("nodule", (16, 448, 320), (4, 16, 16)),
+    ImageScale("lung", (128, 448, 320), (16, 16, 16)),
+    ImageScale("heart", (128, 192, 224), (16, 16, 16)),
+    ImageScale("chest", (128, 320, 448), (16, 16, 16)),
+)
+
+
+@dataclass(frozen=True)
+class M3FMConfig:
+    name: str
+    # CTViT image encoder
+    img_dim: int = 768
+    img_depth: int = 12
+    img_heads: int = 12
+    scales: tuple[ImageScale, ...] = PAPER_SCALES
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1
+    # masked image modeling decoder (pretraining only)
+    dec_dim: int = 512
+    dec_depth: int = 2
+    dec_heads: int = 16
+    mask_ratio: float = 0.85
+    # slices of each cube the decoder reconstructs (paper: "only some selected
+    # slices ... were predicted" to save memory); None reconstructs every slice
+    mim_target_slices: int | None = 4
+    # RoBERTa-style text encoder
+    vocab_size: int = 50265
+    text_dim: int = 768
+    text_depth: int = 12
+    text_heads: int = 12
+    text_ffn: int = 3072
+    clinical_len: int = 160
+    question_len: int = 50
+    # task encoder (fusion) and predictors; the task width equals img_dim as in the paper
+    fusion_depth: int = 4
+    fusion_heads: int = 16
+    num_registers: int = 3
+    predictor_hidden: int = 1024
+    dropout: float = 0.1
+    # recompute block activations in backward to save memory on large models
+    act_checkpoint: bool = False
+
+    def scale(self, name: str) -> ImageScale:
+        for s in self.scales:
+            if s.name == name:
+                return s
+        raise KeyError(f"config {self.name!r} has no image scale {name!r}; scales: {[s.name for s in self.scales]}")
+
+    @property
+    def text_positions(self) -> int:
+        # RoBERTa position ids start at pad_id + 1 = 2
+        return max(self.clinical_len, self.question_len) + 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "M3FMConfig":
+        d = dict(d)
+        d["scales"] = tuple(ImageScale(s["name"], tuple(s["volume"]), tuple(s["patch"])) for s in d["scales"])
+        return cls(**d)
+
+
+def m3fm_tiny() -> M3FMConfig:
+    """Seconds per step on a CPU core: tests and CI."""
+    return M3FMConfig(
+        name="tiny", img_dim=32, img_depth=2, img_heads=2,
+        scales=(
+            ImageScale("nodule", (4, 32, 24), (2, 8, 8)),
+            ImageScale("lung", (16, 32, 24), (8, 8, 8)),
+            ImageScale("heart", (16, 24, 24), (8, 8, 8)),
+            ImageScale("chest", (16, 24, 32), (8, 8, 8)),
+        ),
+        drop_path=0.0, dec_dim=32, dec_heads=2, mim_target_slices=None,
+        vocab_size=2048, text_dim=32, text_depth=2, text_heads=2, text_ffn=64,
+        clinical_len=96, question_len=24,
+        fusion_depth=2, fusion_heads=2, predictor_hidden=64, dropout=0.0,
+    )
+
+
+def m3fm_small() -> M3FMConfig:
+    """Demo size: real patch sizes on smaller crops; trains on a laptop CPU or one small GPU."""
+    return M3FMConfig(
+        name="small", img_dim=192, img_depth=4, img_heads=3,
+        scales=(
+            ImageScale("nodule", (8, 128, 96), (4, 16, 16)),
+            ImageScale("lung", (64, 128, 96), (16, 16, 16)),
+            ImageScale("heart", (64, 96, 96), (16, 16, 16)),
+            ImageScale("chest", (64, 96, 128), (16, 16, 16)),
+        ),
+        drop_path=0.0, dec_dim=128, dec_heads=4, mim_target_slices=None,
+        vocab_size=8192, text_dim=192, text_depth=4, text_heads=3, text_ffn=768,
+        clinical_len=160, question_len=50,
+        fusion_depth=2, fusion_heads=4, predictor_hidden=256, dropout=0.1,
+    )
+
+
+def m3fm_base() -> M3FMConfig:
+    return M3FMConfig(name="base", img_dim=768, img_depth=12, img_heads=12)
+
+
+def m3fm_large() -> M3FMConfig:
+    return M3FMConfig(name="large", img_dim=1024, img_depth=24, img_heads=16, act_checkpoint=True)
+
+
+def m3fm_huge() -> M3FMConfig:
+    # 16 heads of width 80, as in the public code
+    return M3FMConfig(name="huge", img_dim=1280, img_depth=32, img_heads=16, act_checkpoint=True)
+
+
+CONFIGS = {"tiny": m3fm_tiny, "small": m3fm_small, "base": m3fm_base, "large": m3fm_large, "huge": m3fm_huge}
+
+
+def get_config(name: str) -> M3FMConfig:
+    try:
+        return CONFIGS[name]()
+    except KeyError:
+        raise KeyError(f"unknown model configuration {name!r}; choose one of {', '.join(CONFIGS)}") from None
+
+
+def main() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from m3fm.model.m3fm import count_parameters
+
+    table = Table(title="M3FM configurations (parameters, millions)")
+    cols = ["config", "img layers x width", "image encoder", "text encoder", "task encoder", "predictors",
+            "M3FM total", "MIM decoder", "MLM head"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name in CONFIGS:
+        cfg = get_config(name)
+        counts = count_parameters(cfg)
+        table.add_row(name, f"{cfg.img_depth} x {cfg.img_dim}",
+                      *(f"{counts[k] / 1e6:.1f}" for k in ("image_encoder", "text_encoder", "task_encoder",
+                                                           "predictors", "total", "mim_decoder", "mlm_head")))
+    console = Console(width=140)
+    console.print(table)
+    console.print("M3FM total = what inference and multitask training use; the MIM decoder and MLM head "
+                    "exist for pretraining only.")
+
+
+if __name__ == "__main__":
+    main()
