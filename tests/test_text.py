@@ -1,0 +1,55 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import RobertaConfig, RobertaModel
+
+from m3fm.checkpoint import CheckpointMismatchError
+from m3fm.model.text import BOS_ID, EOS_ID, PAD_ID, TextEncoder, TextTokenizer, load_tokenizer, mask_for_mlm
+
+
+def test_tokenizer_has_roberta_format(tokenizer):
+    ids, mask = tokenizer.encode(["Is there emphysema?", "Predict the lung cancer risk over six years."], 50)
+    assert ids[0, 0] == BOS_ID and EOS_ID in ids[0].tolist() and ids[0, -1] == PAD_ID
+    assert mask[0].sum() < mask[1].sum() and mask[1].all()
+    long_ids, _ = tokenizer.encode(["word " * 500], 24)
+    assert long_ids.shape == (1, 24) and long_ids[0, -1] == EOS_ID
+
+
+def test_default_vocabulary_is_the_same_in_every_process(tokenizer):
+    code = "from m3fm.model.configs import get_config; from m3fm.model.text import load_tokenizer; " \
+           "print(load_tokenizer(get_config('tiny')).fingerprint)"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == tokenizer.fingerprint
+
+
+def test_local_vocabulary_overrides_the_default(tmp_path, tokenizer, tiny_cfg):
+    tokenizer.save(tmp_path)
+    local = load_tokenizer(tiny_cfg, tmp_path)
+    text = ["The patient had COPD diagnosed at 61.0 years old."]
+    assert torch.equal(local.encode(text, 96)[0], tokenizer.encode(text, 96)[0])
+    with pytest.raises(FileNotFoundError, match="merges.txt"):
+        TextTokenizer.from_files(tmp_path / "nowhere")
+
+
+def test_mlm_masking_spares_special_tokens(tokenizer):
+    ids, _ = tokenizer.encode(["The patient is 68.0 years old. Gender is Female. Current smoker."] * 8, 96)
+    inputs, labels = mask_for_mlm(ids, tokenizer, 0.3, torch.Generator().manual_seed(0))
+    picked = labels != -100
+    assert picked.any() and not any(((ids == i) & picked).any() for i in tokenizer.special_ids)
+    assert (inputs[picked] == tokenizer.mask_id).float().mean() > 0.6
+    assert torch.equal(inputs[~picked], ids[~picked])
+
+
+def test_local_roberta_weights_load_strictly(tmp_path, tiny_cfg):
+    enc = TextEncoder(tiny_cfg)
+    source = RobertaModel(enc.config, add_pooling_layer=False)
+    source.save_pretrained(tmp_path / "roberta")
+    enc.load_local_roberta(tmp_path / "roberta")
+    for k, v in source.state_dict().items():
+        assert torch.equal(enc.model.state_dict()[k], v), k
+    other = RobertaConfig(**{**enc.config.to_dict(), "hidden_size": 48, "intermediate_size": 96})
+    RobertaModel(other, add_pooling_layer=False).save_pretrained(tmp_path / "wrong")
+    with pytest.raises(CheckpointMismatchError, match="embeddings.word_embeddings.weight"):
+        enc.load_local_roberta(tmp_path / "wrong")
