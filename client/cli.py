@@ -2,7 +2,6 @@
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(help="m3fm-fed hospital site: ingest local data, train in federated rounds, report.",
                   no_args_is_help=True, add_completion=False)
@@ -16,9 +15,6 @@ def main() -> None:
 @app.command()
 def info() -> None:
     """Show versions and the compute this site offers for training."""
-    from m3fm.envinfo import environment
+    from m3fm.envinfo import environment_table
 
-    table = Table(title="m3fm-client environment", show_header=False)
-    for k, v in environment().items():
-        table.add_row(k, v)
-    Console().print(table)
+    Console().print(environment_table("m3fm-client environment"))

@@ -27,3 +27,12 @@ def environment() -> dict[str, str]:
         "bf16 autocast": "yes" if cuda and torch.cuda.is_bf16_supported() else "no (CPU runs fp32)",
         "cpu threads": str(torch.get_num_threads()),
     }
+
+
+def environment_table(title: str, extra: dict[str, str] | None = None):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for k, v in {**environment(), **(extra or {})}.items():
+        table.add_row(k, v)
+    return table

@@ -53,3 +53,17 @@ def test_local_roberta_weights_load_strictly(tmp_path, tiny_cfg):
     RobertaModel(other, add_pooling_layer=False).save_pretrained(tmp_path / "wrong")
     with pytest.raises(CheckpointMismatchError, match="embeddings.word_embeddings.weight"):
         enc.load_local_roberta(tmp_path / "wrong")
+
+
+def test_paper_text_encoder_has_robertas_shapes():
+    """The paper starts from off-the-shelf RoBERTa: base-size configs must accept its weights as they are."""
+    from m3fm.model.configs import get_config
+
+    with torch.device("meta"):
+        enc = TextEncoder(get_config("base"))
+        # roberta-base as published: 50265 tokens, 514 positions, one token type
+        roberta = RobertaModel(RobertaConfig(max_position_embeddings=514, type_vocab_size=1, pad_token_id=1),
+                               add_pooling_layer=False)
+    ours = {k: v.shape for k, v in enc.model.state_dict().items()}
+    theirs = {k: v.shape for k, v in roberta.state_dict().items()}
+    assert ours == theirs

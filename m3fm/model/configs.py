@@ -79,6 +79,8 @@ class M3FMConfig:
     text_ffn: int = 3072
     clinical_len: int = 160
     question_len: int = 50
+    # RoBERTa's position table (514) so off-the-shelf RoBERTa weights load; ids start at pad_id + 1 = 2
+    text_positions: int = 514
     # task encoder (fusion) and predictors; the task width equals img_dim as in the paper
     fusion_depth: int = 4
     fusion_heads: int = 16
@@ -88,16 +90,16 @@ class M3FMConfig:
     # recompute block activations in backward to save memory on large models
     act_checkpoint: bool = False
 
+    def __post_init__(self):
+        if self.text_positions < max(self.clinical_len, self.question_len) + 2:
+            raise ValueError(f"config {self.name!r}: text_positions {self.text_positions} cannot hold "
+                             f"{max(self.clinical_len, self.question_len)} tokens (RoBERTa needs length + 2)")
+
     def scale(self, name: str) -> ImageScale:
         for s in self.scales:
             if s.name == name:
                 return s
         raise KeyError(f"config {self.name!r} has no image scale {name!r}; scales: {[s.name for s in self.scales]}")
-
-    @property
-    def text_positions(self) -> int:
-        # RoBERTa position ids start at pad_id + 1 = 2
-        return max(self.clinical_len, self.question_len) + 2
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,7 +123,7 @@ def m3fm_tiny() -> M3FMConfig:
         ),
         drop_path=0.0, dec_dim=32, dec_heads=2, mim_target_slices=None,
         vocab_size=2048, text_dim=32, text_depth=2, text_heads=2, text_ffn=64,
-        clinical_len=96, question_len=24,
+        clinical_len=96, question_len=24, text_positions=98,
         fusion_depth=2, fusion_heads=2, predictor_hidden=64, dropout=0.0,
     )
 
@@ -138,7 +140,7 @@ def m3fm_small() -> M3FMConfig:
         ),
         drop_path=0.0, dec_dim=128, dec_heads=4, mim_target_slices=None,
         vocab_size=8192, text_dim=192, text_depth=4, text_heads=3, text_ffn=768,
-        clinical_len=160, question_len=50,
+        clinical_len=160, question_len=50, text_positions=162,
         fusion_depth=2, fusion_heads=4, predictor_hidden=256, dropout=0.1,
     )
 
