@@ -1,9 +1,7 @@
 import csv
 import json
 import os
-import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from sim.cohort.dicom_writer import SeriesInfo, write_series
 from sim.cohort.generate import exam_findings, generate_cohort, label_rows, plan_site
 from sim.cohort.presets import SCANNERS, build_sites
 from dicom_features import emphysema_index, hu_volume, nodule_score, read_series
+from test_cli import script
 
 
 @pytest.fixture(scope="session")
@@ -216,8 +215,7 @@ def test_refuses_to_overwrite(tmp_path):
 
 
 def test_cohort_command_prints_the_summary(tmp_path):
-    exe = Path(sys.executable).parent / "m3fm-sim"
-    exe = str(exe) if exe.is_file() else shutil.which("m3fm-sim")
+    exe = script("m3fm-sim")
     res = subprocess.run([exe, "cohort", str(tmp_path / "c"), "--sites", "2", "--exams-per-site", "2"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
