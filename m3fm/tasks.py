@@ -38,8 +38,6 @@ REGION_SCALE = {
     "both_lungs": "chest",
     "none": None,
 }
-# text slot of each task: clinical record sentences, or the radiology report
-TEXT_SOURCES = ("clinical", "report")
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class Task:
     region: str
     loss: str
     head: str
-    text: str = "clinical"
+    text: str = "clinical"  # what fills the text slot: the clinical record, or the radiology "report"
     hu_window: tuple[float, float] | None = (-1300.0, 150.0)
     auxiliary: bool = False
 
@@ -256,6 +254,3 @@ def head_outputs() -> dict[str, int]:
             raise ValueError(f"tasks sharing head {task.head!r} disagree on its output size")
     return sizes
 
-
-def head_kinds() -> dict[str, str]:
-    return {t.head: t.loss for t in ALL_TASKS}

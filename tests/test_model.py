@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from m3fm.model.ctvit import CTViT, patchify, voxel_size_embedding
+from m3fm.model.ctvit import patchify, voxel_size_embedding
 from m3fm.model.heads import cumulative_hazard, hazard_targets
 from m3fm.model.m3fm import M3FM
 from m3fm.data.collate import collate_qa

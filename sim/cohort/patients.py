@@ -13,7 +13,7 @@ patient's yearly exams; a malignant nodule grows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -100,7 +100,6 @@ class ExamFindings:
     chest_wall: bool = False
     consolidation: bool = False
     covid: bool = False
-    extras: dict = field(default_factory=dict)
 
 
 def _maybe(rng: np.random.Generator, value, missing: float):

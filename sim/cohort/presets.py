@@ -10,7 +10,7 @@ spacing (0.5-0.9 mm in-plane, 0.625-2.5 mm slices).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from m3fm.tasks import TASKS
 
@@ -65,11 +65,6 @@ class SiteProfile:
     enrichment: float = 1.0
     second_series_fraction: float = 0.25  # exams that also carry a thick-slice reconstruction
     min_cell_size: int = 5
-
-    def to_toml_dict(self) -> dict:
-        d = asdict(self)
-        d["tasks"] = list(self.tasks)
-        return d
 
 
 @dataclass(frozen=True)
