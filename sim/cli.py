@@ -87,7 +87,7 @@ def cohort_table(summaries: list[dict]) -> Table:
             p = s["prevalence"].get(t.name)
             if p is None:
                 cells.append("-")
-            elif p["positive"] != p["positive"]:  # NaN: multi-class task
+            elif p["positive"] is None:  # multi-class task
                 cells.append(f"{p['labelled']} labelled")
             else:
                 cells.append(f"{p['positive']}/{p['labelled']}")

@@ -52,7 +52,8 @@ def run_model_demo(config: str, steps: int, out: Path, batch: int = 4, seed: int
     reloaded = M3FM(cfg).to(device)
     load_checkpoint(path, reloaded)
     check = collate_qa(toy_qa_samples(cfg, "lung_cancer_risk", batch, seed=99), tokenizer, cfg).to(device)
-    model.eval(), reloaded.eval()
+    model.eval()
+    reloaded.eval()
     same = torch.equal(model.predict(check), reloaded.predict(check))
     result["checkpoint"] = str(path)
     result["reload_identical"] = same

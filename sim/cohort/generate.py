@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ def plan_site(site: SiteProfile, site_index: int, seed: int) -> list[ExamPlan]:
     i = 0
     while len(plans) < site.exams:
         wanted = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
-        p = sample_patient(rng, site, i, wanted)
+        p = sample_patient(rng, site, i)
         first = date(2016, 1, 4) + timedelta(days=int(rng.integers(0, 3 * 365)))
         # screening stops once cancer is found, the patient dies, or follow-up ends
         stop = min(p.cancer_years, p.cvd_death_years, p.follow_up_years)
@@ -243,7 +242,7 @@ def summarize(site: SiteProfile, plans, results, labels, seconds: float) -> dict
         elif get_task(task).answers[0] == "Yes":
             positive = sum(r["answer"] == "Yes" for r in rows)
         else:
-            positive = math.nan  # multi-class: no single positive answer
+            positive = None  # multi-class: no single positive answer
         prevalence[task] = {"labelled": len(rows), "positive": positive}
     return {"site_id": site.site_id, "name": site.name, "patients": len({p.patient.patient_id for p in plans}),
             "exams": len(plans), "series": sum(len(r["truth"]["series"]) for r in results),

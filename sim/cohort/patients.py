@@ -84,7 +84,6 @@ class Patient:
     fibrosis: bool
     cac_spots: int
     cardiomegaly: bool
-    exams: int
 
 
 @dataclass
@@ -106,7 +105,7 @@ def _maybe(rng: np.random.Generator, value, missing: float):
     return None if rng.random() < missing else value
 
 
-def sample_patient(rng: np.random.Generator, site: SiteProfile, index: int, exams: int) -> Patient:
+def sample_patient(rng: np.random.Generator, site: SiteProfile, index: int) -> Patient:
     sex = "Male" if rng.random() < 0.58 else "Female"
     age = float(np.clip(rng.normal(site.age_mean, 6.0), 50, 80))
     height = float(np.round(rng.normal(69.5 if sex == "Male" else 64.0, 2.8)))
@@ -185,7 +184,7 @@ def sample_patient(rng: np.random.Generator, site: SiteProfile, index: int, exam
         years_since_quit=_maybe(rng, quit, 0.1) if quit else None,
         diseases=diseases, cancers=cancers, family=family, cvd_score=cvd_score, cvd=cvd,
         cvd_death_years=cvd_death, cancer_years=cancer_years, follow_up_years=follow_up, nodule=nodule,
-        emphysema=emph, fibrosis=fibrosis, cac_spots=cac, cardiomegaly=cardiomegaly, exams=exams,
+        emphysema=emph, fibrosis=fibrosis, cac_spots=cac, cardiomegaly=cardiomegaly,
     )
 
 

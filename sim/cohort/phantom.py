@@ -86,6 +86,11 @@ def soft_step(distance: np.ndarray, width: float) -> np.ndarray:
     return np.clip(0.5 - distance / max(width, 1e-3), 0.0, 1.0)
 
 
+def rim(mask: np.ndarray, voxels: int) -> np.ndarray:
+    """The outer shell of a mask, `voxels` thick: where findings that reach the pleura sit."""
+    return mask & ~ndimage.binary_erosion(mask, iterations=voxels)
+
+
 def paint(vol: np.ndarray, grid: Grid, center, radii, value: float, width: float | None = None,
           within: np.ndarray | None = None) -> None:
     """Blend `value` into an ellipsoid; `within` restricts it to a mask (e.g. the lungs)."""
@@ -173,8 +178,11 @@ class Chest:
                 mask = eroded
                 break
             margin_mm -= 2
-        idx = np.argwhere(mask)
-        k, j, i = idx[self.rng.integers(len(idx))]
+        return self.pick(np.argwhere(mask))
+
+    def pick(self, voxels: np.ndarray) -> tuple[float, float, float]:
+        """A random one of the given voxel indices (N, 3), as a point in mm."""
+        k, j, i = voxels[self.rng.integers(len(voxels))]
         return float(self.grid.z[k]), float(self.grid.y[j]), float(self.grid.x[i])
 
     def draw_anatomy(self) -> None:
@@ -200,8 +208,9 @@ class Chest:
             hilum = (carina[0] - 25, 0.0, sign * 18.0)
             hila[side] = hilum
             paint_tube(v, g, carina, (hilum[0] - 10, 0.0, sign * 0.22 * b.inner_w), 6, AIR)
+            lung_voxels = np.argwhere(self.lungs[side])
             for _ in range(7):  # pulmonary vessels fanning out from the hilum, inside the lung only
-                end = self.point_in(self.lungs[side])
+                end = self.pick(lung_voxels)
                 mid = tuple((np.asarray(hilum) + np.asarray(end)) / 2)
                 paint_tube(v, g, hilum, mid, 2.6, BLOOD, within=self.lungs[side])
                 paint_tube(v, g, mid, end, 1.4, BLOOD, within=self.lungs[side])
@@ -234,14 +243,13 @@ class Chest:
             holes = self.lung & (field > cut)
             v[holes] = -975 + 8 * rng.standard_normal(int(holes.sum()))
         if f.fibrosis:
-            rim = self.lung & ~ndimage.binary_erosion(self.lung, iterations=3) & (zn < 0.1)
             Z, Y, X = g.z[:, None, None], g.y[None, :, None], g.x[None, None, :]
             net = (np.abs(np.sin(X / 3.0) * np.sin(Y / 3.0)) > 0.55) | (np.abs(np.sin(Z / 3.5)) > 0.9)
-            v[rim & net] = -250
+            v[rim(self.lung, 3) & (zn < 0.1) & net] = -250
         if f.consolidation:
             lobe = str(rng.choice(["Right lower lobe", "Left lower lobe", "Right middle lobe"]))
             # lobar/segmental consolidation reaches the pleura: centre it in the lobe's outer rim
-            c = self.point_in(self.lobes[lobe] & ~ndimage.binary_erosion(self.lobes[lobe], iterations=3))
+            c = self.point_in(rim(self.lobes[lobe], 3))
             paint(v, g, c, [rng.uniform(18, 32)] * 3, 35, width=4, within=self.lung)
             where["consolidation"] = c
         if f.atelectasis:
@@ -258,8 +266,7 @@ class Chest:
                 fluid = self.lungs[side] & (Y > level) & (Z < b.z_base + 0.4 * b.lung_height)
                 v[fluid] = 12
             else:  # thickening: a rind along the wall
-                rim = self.lungs[side] & ~ndimage.binary_erosion(self.lungs[side], iterations=2) & (np.abs(zn) < 0.6)
-                v[rim] = 40
+                v[rim(self.lungs[side], 2) & (np.abs(zn) < 0.6)] = 40
         if f.hilar_mass:
             side = str(rng.choice(["right", "left"]))
             c = self.hila[side]
@@ -276,7 +283,7 @@ class Chest:
             for _ in range(int(rng.integers(3, 7))):
                 lobe = str(rng.choice(["Right lower lobe", "Left lower lobe", "Right upper lobe", "Left upper lobe"],
                                       p=[0.35, 0.35, 0.15, 0.15]))
-                c = self.point_in(self.lobes[lobe] & ~ndimage.binary_erosion(self.lobes[lobe], iterations=4))
+                c = self.point_in(rim(self.lobes[lobe], 4))
                 paint(v, g, c, [rng.uniform(12, 28)] * 3, -600, width=6, within=self.lung)
         if f.cac_spots:
             hc, hr = self.heart_center, self.heart_radii

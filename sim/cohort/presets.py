@@ -79,7 +79,7 @@ class Preset:
 
 
 PRESETS = {
-    # coarse voxels: about 2.8 mm in-plane and 5 mm slices, generated in seconds
+    # coarse voxels: about 2.1-2.5 mm in-plane (the field of view fits the body) and 5 mm slices
     "tiny": Preset("tiny", 3, 16, 128, None, (5.0,), enrichment=3.0),
     "demo": Preset("demo", 4, 32, 192, None, (2.5, 3.0), enrichment=2.0),
     # clinical voxel sizes, full 512 x 512 slices
