@@ -1,5 +1,7 @@
 """`m3fm-client`: what a hospital runs. Commands for ingestion, the SuperNode and reports join here."""
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 
@@ -18,3 +20,76 @@ def info() -> None:
     from m3fm.envinfo import environment_table
 
     Console().print(environment_table("m3fm-client environment"))
+
+
+@app.command()
+def ingest(
+    site_dir: Path = typer.Argument(..., help="the site folder (site.toml, dicom/, clinical.csv, labels.csv, reports/)"),
+    workers: int = typer.Option(1, min=1, help="processes reading and cropping series in parallel"),
+) -> None:
+    """Check, convert and cache the site's CT series and tables into its work folder and database."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from client.ingest import ingest_site
+    from client.site import SiteConfigError, load_site
+
+    console = Console()
+    try:
+        site = load_site(site_dir)
+    except SiteConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"ingesting {site.site_id} ({site.name}) from {site.site_dir} into {site.work_dir}")
+    labels = {"index": "reading DICOM headers", "series": "checking and cropping series"}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        ids: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in ids:
+                ids[stage] = bar.add_task(labels[stage], total=total)
+            bar.update(ids[stage], completed=done)
+
+        summary = ingest_site(site, workers=workers, progress=progress)
+    print_summary(console, site, summary)
+    if summary["series_accepted"] == 0 and summary["exams"] == 0:
+        console.print("[red]nothing usable was found[/red]: no accepted CT series and no clinical records")
+        raise typer.Exit(1)
+
+
+def print_summary(console: Console, site, summary: dict) -> None:
+    from rich.table import Table
+
+    from client.ingest import rejection_rows
+
+    t = Table(title=f"{site.site_id}: ingestion summary ({summary['seconds']:.1f} s)")
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    for key, label in (("files", "DICOM files"), ("files_read", "files read this run"),
+                       ("series_accepted", "series accepted"), ("series_rejected", "series rejected"),
+                       ("series_processed", "series processed this run"), ("exams", "exams (clinical.csv)"),
+                       ("exams_with_images", "exams with an accepted series"), ("patients", "patients"),
+                       ("crops", "cached crops")):
+        t.add_row(label, str(summary[key]))
+    for split, n in sorted(summary["splits"].items()):
+        t.add_row(f"patients in {split}", str(n))
+    console.print(t)
+    if summary["rejected"]:
+        r = Table(title="rejected, by reason")
+        r.add_column("reason")
+        r.add_column("count", justify="right")
+        for category, n in sorted(summary["rejected"].items()):
+            r.add_row(category, str(n))
+        console.print(r)
+        d = Table(title="problems (first 30; all are in the site database, table 'rejections')")
+        for col in ("file", "row", "column", "problem"):
+            d.add_column(col)
+        for row in rejection_rows(site)[:30]:
+            d.add_row(*row)
+        console.print(d)
+    lab = Table(title="labelled exams per task (with the image the task needs)")
+    lab.add_column("task")
+    lab.add_column("exams", justify="right")
+    for task, n in summary["labelled"].items():
+        lab.add_row(task, str(n))
+    console.print(lab)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
+from m3fm.data.clinical import CLINICAL_SCHEMA, LABEL_COLUMNS
 from m3fm.tasks import get_task
 from sim.cohort.dicom_writer import SeriesInfo, uid, write_series
 from sim.cohort.patients import CANCERS, DISEASES, RELATIVES, ExamFindings, Patient, exam_findings, sample_patient
@@ -32,12 +33,10 @@ from sim.cohort.phantom import Chest, body_for, make_grid
 from sim.cohort.presets import SiteProfile
 from sim.cohort.reports import lung_rads, report_text
 
-CLINICAL_COLUMNS = (
-    ["patient_id", "exam_id", "study_date", "age", "gender", "race", "ethnicity", "height_in", "weight_lb",
-     "education", "smoking_status", "pack_years", "cigarettes_per_day", "years_since_quit"]
-    + [f"dx_{d}_age" for d in DISEASES] + [f"cancer_{c}_age" for c in CANCERS] + [f"family_lc_{r}" for r in RELATIVES]
-)
-LABEL_COLUMNS = ["exam_id", "task", "answer", "years_to_event", "censored", "side"]
+CLINICAL_COLUMNS = list(CLINICAL_SCHEMA)  # the columns ingestion checks, in its order
+# slice_location: the table position (mm, as DICOM SliceLocation) of an annotated nodule, as NLST records
+# its slice; ingestion uses it to cut the nodule tasks' 16-slice slab around the nodule (paper, Methods)
+LABEL_COLUMNS = list(LABEL_COLUMNS)
 SIZE_EDGES = (4, 6, 8, 15, 30)
 ATTENUATION = {"solid": 0, "ground_glass": 1, "part_solid": 2}
 MARGIN = {"spiculated": 0, "smooth": 1, "poorly_defined": 2, "unable": 3}
@@ -98,26 +97,31 @@ def clinical_row(plan: ExamPlan) -> dict:
     return {k_: _fmt(v) for k_, v in row.items()}
 
 
-def label_rows(plan: ExamPlan, f: ExamFindings, site: SiteProfile, rads: str, rng: np.random.Generator) -> list[dict]:
+def label_rows(plan: ExamPlan, f: ExamFindings, site: SiteProfile, rads: str, rng: np.random.Generator,
+               nodule_z: float | None = None) -> list[dict]:
     p, k = plan.patient, plan.k
     rows = []
 
-    def add(task: str, answer: str = "", years: float | None = None, censored: int | None = None, side: str = ""):
+    def add(task: str, answer: str = "", years: float | None = None, censored: int | None = None, side: str = "",
+            z: float | None = None):
         if task in site.tasks:
             if answer:
                 assert answer in get_task(task).answers, (task, answer)
             rows.append({"exam_id": plan.exam_id, "task": task, "answer": answer,
                          "years_to_event": "" if years is None else f"{years:.2f}",
-                         "censored": "" if censored is None else str(censored), "side": side})
+                         "censored": "" if censored is None else str(censored), "side": side,
+                         "slice_location": "" if z is None else f"{z:.1f}"})
 
     yes_no = lambda b: "Yes" if b else "No"  # noqa: E731
     n = f.nodule
-    add("nodule_presence", yes_no(n is not None))
+    side = "" if n is None else n.side
+    add("nodule_presence", yes_no(n is not None), side=side, z=nodule_z)
     if n is not None:
-        add("nodule_location", n.lobe)
-        add("nodule_attenuation", get_task("nodule_attenuation").answers[ATTENUATION[n.attenuation]])
-        add("nodule_margin", get_task("nodule_margin").answers[MARGIN[n.margin]])
-        add("nodule_size", get_task("nodule_size").answers[sum(n.diameter_mm > e for e in SIZE_EDGES)])
+        add("nodule_location", n.lobe, side=side, z=nodule_z)
+        add("nodule_attenuation", get_task("nodule_attenuation").answers[ATTENUATION[n.attenuation]], side=side, z=nodule_z)
+        add("nodule_margin", get_task("nodule_margin").answers[MARGIN[n.margin]], side=side, z=nodule_z)
+        add("nodule_size", get_task("nodule_size").answers[sum(n.diameter_mm > e for e in SIZE_EDGES)], side=side,
+            z=nodule_z)
     add("cvd_diagnosis", yes_no(p.cvd))
     follow = p.follow_up_years - k
     death = p.cvd_death_years - k
@@ -170,7 +174,7 @@ def render_exam(plan: ExamPlan, site: SiteProfile, seed: int, site_dir: Path) ->
     rads = lung_rads(f.nodule)
     return {
         "clinical": clinical_row(plan),
-        "labels": label_rows(plan, f, site, rads, rng),
+        "labels": label_rows(plan, f, site, rads, rng, where["nodule"][0] if "nodule" in where else None),
         "report": report_text(f, rng),
         "truth": {"exam_id": plan.exam_id, "pixel_spacing": pixel, "slice_thickness": thickness,
                   "series": written, "findings": {k: [round(c, 1) for c in v] for k, v in where.items()},
@@ -194,7 +198,7 @@ def site_toml(site: SiteProfile, seed: int) -> dict:
         "device": {"device": "auto"},
         # ingestion writes its cache and database here, never into this folder
         "storage": {"work_dir": f"../work/{site.site_id}"},
-        "ingest": {"min_slices": 32},
+        "ingest": {"min_slices": site.min_slices, "model_config": site.model_config},
         "scanner": {"manufacturer": sc.manufacturer, "model": sc.model, "kvp": sc.kvp, "kernel": sc.kernel,
                     "noise_hu": sc.noise_hu, "matrix": site.matrix, "slice_thickness_mm": list(site.slice_thickness),
                     "rescale_intercept": sc.rescale_intercept, "rescale_slope": sc.rescale_slope},

@@ -17,18 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from m3fm.data import clinical
 from sim.cohort.presets import SiteProfile
 
-DISEASES = ("asthma_adult", "asbestosis", "bronchiectasis", "asthma_child", "chronic_bronchitis", "copd", "diabetes",
-            "emphysema", "lung_fibrosis", "heart_disease", "hypertension", "pneumonia", "sarcoidosis", "silicosis",
-            "stroke", "tuberculosis")
-CANCERS = ("bladder", "breast", "cervical", "colorectal", "esophageal", "kidney", "larynx", "lung", "nasal", "oral",
-           "pancreatic", "pharynx", "stomach", "thyroid", "transitional_cell")
-RELATIVES = ("brother", "sister", "child", "father", "mother")
-RACES = ("white", "black or African-American", "Asian", "American Indian or Alaskan Native",
-         "Native Hawaiian or other Pacific Islander", "more than one race")
-EDUCATION = ("8th grade or less", "9th-11th grade", "high school graduate/GED", "post high school training",
-             "associate degree/some college", "bachelors degree", "graduate school")
+# the clinical vocabulary is the one ingestion checks against (m3fm/data/clinical.py), in the same order
+DISEASES = tuple(clinical.DISEASES)
+CANCERS = tuple(clinical.CANCERS)
+RELATIVES = tuple(clinical.RELATIVES)
+RACES = clinical.RACES
+EDUCATION = clinical.EDUCATION
 LOBES = ("Right upper lobe", "Right middle lobe", "Right lower lobe", "Left upper lobe", "Left lower lobe")
 SIZE_BINS = ((0, 4), (4, 6), (6, 8), (8, 15), (15, 30), (30, 45))
 DISEASE_BASE_RATE = {"asthma_adult": 0.06, "asbestosis": 0.01, "bronchiectasis": 0.02, "asthma_child": 0.04,

@@ -65,6 +65,8 @@ class SiteProfile:
     enrichment: float = 1.0
     second_series_fraction: float = 0.25  # exams that also carry a thick-slice reconstruction
     min_cell_size: int = 5
+    min_slices: int = 64  # ingestion rejects shorter series (the paper excluded series under 64 slices)
+    model_config: str = "base"  # whose image scales ingestion caches crops for
 
 
 @dataclass(frozen=True)
@@ -76,12 +78,15 @@ class Preset:
     pixel_spacing: tuple[float, float] | None  # None: field of view / matrix (coarse presets)
     slice_thickness: tuple[float, ...]
     enrichment: float = 1.0
+    min_slices: int = 64
+    model_config: str = "base"
 
 
 PRESETS = {
     # coarse voxels: about 2.1-2.5 mm in-plane (the field of view fits the body) and 5 mm slices
-    "tiny": Preset("tiny", 3, 16, 128, None, (5.0,), enrichment=3.0),
-    "demo": Preset("demo", 4, 32, 192, None, (2.5, 3.0), enrichment=2.0),
+    # coarse presets keep shorter series: a 10 mm reconstruction of a tiny chest has about 30 slices
+    "tiny": Preset("tiny", 3, 16, 128, None, (5.0,), enrichment=3.0, min_slices=16, model_config="tiny"),
+    "demo": Preset("demo", 4, 32, 192, None, (2.5, 3.0), enrichment=2.0, min_slices=32, model_config="small"),
     # clinical voxel sizes, full 512 x 512 slices
     "bench": Preset("bench", 10, 300, 512, (0.5, 0.9), (0.625, 1.0, 1.25, 2.0, 2.5)),
 }
@@ -114,6 +119,8 @@ def build_sites(preset: str, sites: int | None = None, exams_per_site: int | Non
             prevalence=(1.0, 1.3, 0.8, 1.1, 0.9)[i % 5],
             covid_rate=(0.15, 0.0, 0.0, 0.3, 0.1)[i % 5],
             enrichment=p.enrichment,
+            min_slices=p.min_slices,
+            model_config=p.model_config,
         ))
     return profiles
 

@@ -1,0 +1,296 @@
+"""`m3fm-client ingest`: turn a hospital's folder into a checked, cached, queryable local dataset.
+
+Stages (each incremental: unchanged inputs are not read again):
+  1. index   every file under dicom/: header only, no pixels; unreadable files rejected with the reason
+  2. series  group by SeriesInstanceUID; check, decode, convert to HU, find lungs and heart, cache crops
+  3. tables  clinical.csv, labels.csv, reports/ checked against the schema and the task registry
+  4. splits  every new patient gets a deterministic train/val/test split
+
+Only the work folder (outside the site folder) is written. Results and every
+rejection go to the site database; one bad input never stops the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from client.site import SiteConfig
+from m3fm.data import clinical as tables
+from m3fm.data.crops import REGION_SCALE, region_crops, write_memmap
+from m3fm.data.dicom_series import InputRejected, InstanceHeader, check_series, load_hu, read_header
+from m3fm.data.localize import LocalizationError, locate
+from m3fm.data.store import (Crop, Exam, IngestRun, Label, Rejection, Series, SourceFile, Split, clear_scope,
+                             now, open_store, reject)
+from m3fm.model.configs import get_config
+from m3fm.tasks import get_task
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def scan_tree(root: Path, site_dir: Path) -> dict[str, tuple[int, int]]:
+    """Relative path -> (size, mtime_ns) of every file under root (symlinks to files included)."""
+    found = {}
+    for dirpath, _, names in os.walk(root, followlinks=False):
+        for name in names:
+            p = Path(dirpath) / name
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            found[p.relative_to(site_dir).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return dict(sorted(found.items()))
+
+
+def _header_job(args):
+    site_dir, rel = args
+    try:
+        return rel, read_header(site_dir / rel, rel).to_dict(), None, None
+    except InputRejected as e:
+        return rel, None, e.category, e.reason
+
+
+def _series_job(args):
+    site_dir, work_dir, uid, header_dicts, min_slices, config = args
+    headers = [InstanceHeader.from_dict(h) for h in header_dicts]
+    try:
+        geo = check_series(headers, min_slices)
+        hu = load_hu(site_dir, geo)
+        boxes = locate(hu, geo.spacing)
+    except InputRejected as e:
+        return {"status": "rejected", "category": e.category, "reason": e.reason, "path": e.path}
+    except LocalizationError as e:
+        return {"status": "rejected", "category": "localization_failed", "reason": f"organs not found: {e}", "path": None}
+    first = next(h for h in headers if h.path == geo.frames[0][0]).positions[geo.frames[0][1]]
+    crops = []
+    for region, scale, arr, voxel, first_slice in region_crops(hu, geo.spacing, boxes, get_config(config)):
+        rel = f"crops/{uid}/{region}_{'x'.join(map(str, arr.shape))}.npy"
+        write_memmap(work_dir / rel, arr)
+        crops.append({"region": region, "scale": scale, "shape": list(arr.shape), "voxel_size": voxel.tolist(),
+                      "first_slice": first_slice, "path": rel})
+    return {"status": "accepted", "shape": list(hu.shape), "spacing": list(geo.spacing), "first_position": first[2],
+            "boxes": {k: list(v) for k, v in boxes.items()}, "crops": crops, "duplicates": geo.duplicates}
+
+
+def members_hash(rows: list[SourceFile]) -> str:
+    h = hashlib.sha1()
+    for r in sorted(rows, key=lambda r: r.path):
+        h.update(f"{r.path}|{r.size}|{r.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def assign_split(salt: str, patient_id: str, fractions: dict[str, float]) -> str:
+    """Deterministic in (site, patient): the same patient lands in the same split on every run and machine."""
+    u = int(hashlib.sha256(f"{salt}|{patient_id}".encode()).hexdigest()[:12], 16) / 16 ** 12
+    edge = 0.0
+    for name in ("train", "val", "test"):
+        edge += fractions[name]
+        if u < edge:
+            return name
+    return "test"
+
+
+def _map(fn, jobs, workers: int):
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield from pool.map(fn, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
+    else:
+        yield from map(fn, jobs)
+
+
+def index_files(s: Session, site: SiteConfig, workers: int, progress: Progress | None) -> int:
+    """Stage 1: headers of new or changed files; rows of vanished files removed. Returns files read."""
+    found = scan_tree(site.site_dir / site.dicom_dir, site.site_dir)
+    known = {r.path: r for r in s.scalars(select(SourceFile).where(SourceFile.kind == "dicom"))}
+    for path in set(known) - set(found):
+        clear_scope(s, f"file:{path}")
+        s.delete(known[path])
+    todo = [p for p, st in found.items() if p not in known or (known[p].size, known[p].mtime_ns) != st]
+    for i, (rel, header, category, reason) in enumerate(_map(_header_job, [(site.site_dir, p) for p in todo], workers)):
+        clear_scope(s, f"file:{rel}")
+        size, mtime = found[rel]
+        row = s.get(SourceFile, rel) or SourceFile(path=rel, kind="dicom")
+        row.size, row.mtime_ns = size, mtime
+        row.status = "ok" if header else "rejected"
+        row.series_uid = header["series_uid"] if header else None
+        row.header = header
+        s.add(row)
+        if not header:
+            reject(s, f"file:{rel}", "file", category, reason, path=rel)
+        if progress:
+            progress("index", i + 1, len(todo))
+    s.commit()
+    return len(todo)
+
+
+def process_series(s: Session, site: SiteConfig, workers: int, progress: Progress | None) -> int:
+    """Stage 2: every series whose files changed (or whose crops for the configuration are missing)."""
+    cfg = get_config(site.model_config)
+    volumes = {sc.name: tuple(sc.volume) for sc in cfg.scales}
+    groups: dict[str, list[SourceFile]] = defaultdict(list)
+    for r in s.scalars(select(SourceFile).where(SourceFile.kind == "dicom", SourceFile.status == "ok")):
+        groups[r.series_uid].append(r)
+    for old in s.scalars(select(Series)).all():
+        if old.series_uid not in groups:  # every file of it is gone
+            _forget_series(s, old.series_uid)
+    jobs = []
+    for uid, rows in groups.items():
+        old = s.get(Series, uid)
+        if old is not None and old.members_hash == members_hash(rows) and _complete(s, site, old, volumes):
+            continue
+        jobs.append((site.site_dir, site.work_dir, uid, [r.header for r in rows], site.min_slices, site.model_config))
+    for i, (job, result) in enumerate(zip(jobs, _map(_series_job, jobs, workers))):
+        _record_series(s, job[2], groups[job[2]], result)
+        s.commit()  # a crash loses only the series in flight
+        if progress:
+            progress("series", i + 1, len(jobs))
+    return len(jobs)
+
+
+def _complete(s: Session, site: SiteConfig, series: Series, volumes: dict[str, tuple]) -> bool:
+    """Rejected series are final until their files change; accepted ones need every crop of the configuration."""
+    if series.status != "accepted":
+        return True
+    have = {c.region: tuple(c.shape) for c in s.scalars(select(Crop).where(Crop.series_uid == series.series_uid))
+            if (site.work_dir / c.path).exists()}
+    for region, scale in REGION_SCALE.items():
+        want = volumes[scale]
+        got = have.get(region)
+        if got is None or (got[1:] != want[1:] if region.startswith("slab_") else got != want):
+            return False  # slabs keep every native slice: only their in-plane size is fixed
+    return True
+
+
+def _forget_series(s: Session, uid: str) -> None:
+    s.execute(delete(Crop).where(Crop.series_uid == uid))
+    clear_scope(s, f"series:{uid}")
+    s.execute(delete(Series).where(Series.series_uid == uid))
+
+
+def _record_series(s: Session, uid: str, rows: list[SourceFile], result: dict) -> None:
+    _forget_series(s, uid)
+    h = InstanceHeader.from_dict(rows[0].header)
+    series = Series(series_uid=uid, exam_id=h.accession, patient_id=h.patient_id, study_date=h.study_date,
+                    description=h.description, status=result["status"], members_hash=members_hash(rows),
+                    files=len(rows), scanner={"manufacturer": h.manufacturer, "model": h.model, "kernel": h.kernel,
+                                              "thickness": h.thickness}, updated_at=now())
+    if result["status"] == "rejected":
+        series.category, series.reason = result["category"], result["reason"]
+        reason = result["reason"] + (f" (file {result['path']})" if result["path"] else "")
+        reject(s, f"series:{uid}", "series", result["category"], reason, path=result["path"], series_uid=uid)
+    else:
+        series.slices, series.shape, series.spacing = result["shape"][0], result["shape"], result["spacing"]
+        series.first_position, series.boxes = result["first_position"], result["boxes"]
+        for c in result["crops"]:
+            s.add(Crop(series_uid=uid, **c))
+        for dup, original in result["duplicates"]:
+            reject(s, f"series:{uid}", "file", "duplicate_instance",
+                   f"same SOP instance as {original}: the copy is ignored", path=dup, series_uid=uid)
+    s.add(series)
+
+
+def read_tables(s: Session, site: SiteConfig) -> bool:
+    """Stage 3: re-read clinical.csv, labels.csv and reports/ when any of them changed. Returns whether it read."""
+    found = {p: st for p, st in scan_tree(site.site_dir / "reports", site.site_dir).items()} \
+        if (site.site_dir / "reports").is_dir() else {}
+    for name in ("clinical.csv", "labels.csv"):
+        p = site.site_dir / name
+        if p.is_file():
+            st = p.stat()
+            found[name] = (st.st_size, st.st_mtime_ns)
+    known = {r.path: (r.size, r.mtime_ns) for r in s.scalars(select(SourceFile).where(SourceFile.kind != "dicom"))}
+    if found == known and s.scalar(select(Exam.exam_id).limit(1)) is not None:
+        return False
+    s.execute(delete(SourceFile).where(SourceFile.kind != "dicom"))
+    for p, (size, mtime) in found.items():
+        s.add(SourceFile(path=p, kind="report" if p.startswith("reports/") else "table", size=size, mtime_ns=mtime,
+                         status="ok"))
+    records, problems = tables.read_clinical(site.site_dir / "clinical.csv")
+    reports, report_problems = tables.read_reports(site.site_dir / "reports", set(records))
+    labels, label_problems = tables.read_labels(site.site_dir / "labels.csv", set(records), set(site.tasks))
+    s.execute(delete(Exam))
+    s.execute(delete(Label))
+    s.execute(delete(Rejection).where(Rejection.scope == "tables"))
+    for exam_id, r in records.items():
+        s.add(Exam(exam_id=exam_id, patient_id=r["patient_id"], study_date=r["study_date"], clinical=r,
+                   sentences=tables.clinical_sentences(r), report=reports.get(exam_id)))
+    for row in labels:
+        s.add(Label(**row))
+    for p in problems + report_problems + label_problems:
+        reject(s, "tables", "table", "table", p.message, path=p.file, row=p.row, column=p.column)
+    s.commit()
+    return True
+
+
+def assign_splits(s: Session, site: SiteConfig) -> None:
+    """Stage 4: patients seen for the first time get their split; nobody ever moves."""
+    have = set(s.scalars(select(Split.patient_id)))
+    patients = set(s.scalars(select(Exam.patient_id))) | set(
+        s.scalars(select(Series.patient_id).where(Series.status == "accepted")))
+    for p in sorted(patients - have):
+        s.add(Split(patient_id=p, split=assign_split(site.site_id, p, site.splits)))
+    s.commit()
+
+
+def summarize(s: Session, site: SiteConfig) -> dict:
+    accepted = s.scalars(select(Series).where(Series.status == "accepted")).all()
+    imaged = {x.exam_id for x in accepted}
+    labelled = {}
+    for task in site.tasks:
+        exams = set(s.scalars(select(Label.exam_id).where(Label.task == task)))
+        labelled[task] = len(exams if get_task(task).scale is None else exams & imaged)
+    exams = s.scalars(select(Exam)).all()
+    return {
+        "site_id": site.site_id,
+        "files": s.query(SourceFile).filter(SourceFile.kind == "dicom").count(),
+        "series_accepted": len(accepted),
+        "series_rejected": s.query(Series).filter(Series.status == "rejected").count(),
+        "rejected": dict(Counter(r.category for r in s.scalars(select(Rejection)))),
+        "exams": len(exams),
+        "exams_with_images": len(imaged & {e.exam_id for e in exams}),
+        "series_without_exam": len(imaged - {e.exam_id for e in exams}),
+        "patients": len({e.patient_id for e in exams} | {x.patient_id for x in accepted}),
+        "labelled": labelled,
+        "splits": dict(Counter(s.scalars(select(Split.split)))),
+        "crops": s.query(Crop).count(),
+    }
+
+
+def ingest_site(site: SiteConfig, workers: int = 1, progress: Progress | None = None) -> dict:
+    t0 = time.perf_counter()
+    site.work_dir.mkdir(parents=True, exist_ok=True)
+    engine = open_store(site.database_url)
+    with Session(engine) as s:
+        run = IngestRun(started_at=now())
+        s.add(run)
+        s.commit()
+        files_read = index_files(s, site, workers, progress)
+        series_processed = process_series(s, site, workers, progress)
+        tables_read = read_tables(s, site)
+        assign_splits(s, site)
+        summary = summarize(s, site)
+        summary.update(files_read=files_read, series_processed=series_processed, tables_read=tables_read,
+                       seconds=round(time.perf_counter() - t0, 2), database=site.database_url)
+        run.finished_at, run.summary = now(), summary
+        s.commit()
+    engine.dispose()
+    return summary
+
+
+def rejection_rows(site: SiteConfig) -> list[tuple[str, str, str, str]]:
+    """(file, row, column, problem) for every recorded rejection, for people to read."""
+    engine = open_store(site.database_url)
+    with Session(engine) as s:
+        rows = [(r.path or (f"series {r.series_uid}" if r.series_uid else ""), "" if r.row is None else str(r.row),
+                 r.column or "", r.reason) for r in s.scalars(select(Rejection).order_by(Rejection.id))]
+    engine.dispose()
+    return rows

@@ -1,0 +1,89 @@
+"""A hospital's `site.toml`: who it is, what it has labels for, where its cache lives.
+
+Errors name the file and the field. The work folder (cache and database) must
+lie outside the site folder: ingestion never writes into the source tree.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from m3fm.model.configs import CONFIGS
+from m3fm.tasks import TASK_BY_NAME
+
+
+class SiteConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SiteConfig:
+    site_dir: Path
+    site_id: str
+    name: str
+    tasks: tuple[str, ...]
+    min_cell_size: int
+    work_dir: Path
+    min_slices: int = 64
+    model_config: str = "base"
+    dicom_dir: str = "dicom"
+    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
+    privacy: dict = field(default_factory=dict)
+    device: dict = field(default_factory=dict)
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.work_dir / 'site.db'}"
+
+    @property
+    def crop_dir(self) -> Path:
+        return self.work_dir / "crops"
+
+
+def _need(d: dict, key: str, kind, where: str):
+    if key not in d:
+        raise SiteConfigError(f"{where}: missing field {key!r}")
+    if not isinstance(d[key], kind):
+        raise SiteConfigError(f"{where}: field {key!r} must be {getattr(kind, '__name__', kind)}, got {d[key]!r}")
+    return d[key]
+
+
+def load_site(site_dir: Path) -> SiteConfig:
+    site_dir = Path(site_dir).resolve()
+    path = site_dir / "site.toml"
+    if not path.is_file():
+        raise SiteConfigError(f"{path}: not found (a site folder holds site.toml, dicom/, clinical.csv, labels.csv)")
+    try:
+        d = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SiteConfigError(f"{path}: not valid TOML: {e}") from None
+    where = str(path)
+    tasks = tuple(_need(d, "tasks", list, where))
+    unknown = [t for t in tasks if t not in TASK_BY_NAME]
+    if unknown:
+        raise SiteConfigError(f"{where}: field 'tasks' names unknown task(s) {unknown}; known: {', '.join(TASK_BY_NAME)}")
+    storage = d.get("storage", {})
+    work = Path(storage.get("work_dir", f"../work/{d.get('site_id', site_dir.name)}"))
+    work_dir = (work if work.is_absolute() else site_dir / work).resolve()
+    if work_dir == site_dir or site_dir in work_dir.parents:
+        raise SiteConfigError(f"{where}: storage.work_dir {work_dir} is inside the site folder; put it outside "
+                              "(ingestion never writes into the source tree)")
+    ingest = d.get("ingest", {})
+    model_config = ingest.get("model_config", "base")
+    if model_config not in CONFIGS:
+        raise SiteConfigError(f"{where}: ingest.model_config {model_config!r} is not one of {', '.join(CONFIGS)}")
+    splits = ingest.get("splits", {"train": 0.7, "val": 0.15, "test": 0.15})
+    if set(splits) != {"train", "val", "test"} or abs(sum(splits.values()) - 1) > 1e-6:
+        raise SiteConfigError(f"{where}: ingest.splits must give train, val and test fractions summing to 1, got {splits}")
+    min_slices = ingest.get("min_slices", 64)
+    if not isinstance(min_slices, int) or min_slices < 1:
+        raise SiteConfigError(f"{where}: ingest.min_slices must be a positive integer, got {min_slices!r}")
+    min_cell = d.get("min_cell_size", 5)
+    if not isinstance(min_cell, int) or min_cell < 1:
+        raise SiteConfigError(f"{where}: min_cell_size must be a positive integer, got {min_cell!r}")
+    return SiteConfig(site_dir=site_dir, site_id=_need(d, "site_id", str, where), name=d.get("name", d["site_id"]),
+                      tasks=tasks, min_cell_size=min_cell, work_dir=work_dir, min_slices=min_slices,
+                      model_config=model_config, dicom_dir=ingest.get("dicom_dir", "dicom"), splits=splits,
+                      privacy=d.get("privacy", {}), device=d.get("device", {}))

@@ -1,0 +1,118 @@
+"""Task crops: cut an organ box out of the HU volume and resize it to a model scale, with its true voxel size.
+
+Like the public code, a box smaller than the target is widened symmetrically
+to the target's voxel count and a larger one is cut exactly, then resized
+trilinearly. Unlike it, the voxel size is recomputed after the resize
+(extent in mm / target voxels): the public `crop_resize` passes the original
+spacing on, so its voxel-size embedding describes a volume the model never saw.
+
+Regions and the scale each is cut at:
+  lung_right, lung_left   one lung (cancer risk), scale 'lung'
+  heart                   scale 'heart'
+  lungs                   both lungs (other chest findings), scale 'chest'
+  slab_right, slab_left   one lung at the nodule scale's in-plane size but every native slice kept,
+                          so a dataset can cut the 16-slice slab around a nodule (or anywhere, without one)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from m3fm.data.localize import Box
+from m3fm.model.configs import M3FMConfig
+
+AIR_HU = -1024.0
+REGION_SCALE = {"lung_right": "lung", "lung_left": "lung", "heart": "heart", "lungs": "chest",
+                "slab_right": "nodule", "slab_left": "nodule"}
+REGION_BOX = {"lung_right": "lung_right", "lung_left": "lung_left", "heart": "heart", "lungs": "lungs",
+              "slab_right": "lung_right", "slab_left": "lung_left"}
+MARGIN_MM = 5.0  # around each organ box: the boxes wrap organs, they need not trace them
+
+
+def widen(box: Box, spacing, target: tuple[int, int, int], margin_mm: float = MARGIN_MM) -> list[tuple[int, int]]:
+    """Per axis (start, stop): the box plus a margin, widened symmetrically up to the target's voxel count."""
+    out = []
+    for a in range(3):
+        lo, hi = box[2 * a], box[2 * a + 1]
+        m = int(round(margin_mm / spacing[a]))
+        lo, hi = lo - m, hi + m
+        if target[a] and hi - lo < target[a]:
+            extra = target[a] - (hi - lo)
+            lo, hi = lo - extra // 2, hi + extra - extra // 2
+        out.append((lo, hi))
+    return out
+
+
+def cut(vol: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """vol[ranges], padding with air where the ranges leave the volume."""
+    src = tuple(slice(max(lo, 0), min(hi, n)) for (lo, hi), n in zip(ranges, vol.shape))
+    out = np.full([hi - lo for lo, hi in ranges], AIR_HU, dtype=np.float32)
+    dst = tuple(slice(s.start - lo, s.stop - lo) for s, (lo, _) in zip(src, ranges))
+    out[dst] = vol[src]
+    return out
+
+
+def resize(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Trilinear resize with voxel centres aligned as torch's interpolate(align_corners=False) does.
+
+    scipy rather than torch: ingestion runs in worker processes, where a forked OpenMP pool can hang.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if tuple(x.shape) == tuple(shape):
+        return x
+    zoom = [t / s for t, s in zip(shape, x.shape)]
+    return ndimage.zoom(x, zoom, output=np.float32, order=1, mode="nearest", grid_mode=True, prefilter=False)
+
+
+def crop_resize(vol: np.ndarray, spacing, box: Box, target: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """x: (S, H, W) HU -> (crop (target), voxel_size (3,) mm of the crop's voxels)."""
+    ranges = widen(box, spacing, target)
+    region = cut(vol, ranges)
+    extent = np.array([hi - lo for lo, hi in ranges], dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
+    return resize(region, target), (extent / np.asarray(target)).astype(np.float32)
+
+
+def slab_stack(vol: np.ndarray, spacing, box: Box, in_plane: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """One lung at native slice spacing, resized in-plane: (N, H, W), voxel size, index of its first slice."""
+    ranges = widen(box, spacing, (0, in_plane[0], in_plane[1]))
+    region = cut(vol, ranges)
+    target = (region.shape[0], *in_plane)
+    extent = np.array([hi - lo for lo, hi in ranges], dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
+    return resize(region, target), (extent / np.asarray(target)).astype(np.float32), ranges[0][0]
+
+
+def region_crops(vol: np.ndarray, spacing, boxes: dict[str, Box], cfg: M3FMConfig):
+    """Yield (region, scale, array, voxel_size, first_slice) for every region the configuration has a scale for."""
+    for region, scale_name in REGION_SCALE.items():
+        scale = cfg.scale(scale_name)
+        box = boxes[REGION_BOX[region]]
+        if region.startswith("slab_"):
+            arr, voxel, first = slab_stack(vol, spacing, box, scale.volume[1:])
+        else:
+            arr, voxel = crop_resize(vol, spacing, box, scale.volume)
+            first = widen(box, spacing, scale.volume)[0][0]
+        yield region, scale_name, arr, voxel, first
+
+
+def write_memmap(path: Path, arr: np.ndarray) -> None:
+    """float16 .npy written to a temporary name, then renamed: a crash never leaves half a crop behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=arr.shape)
+    mm[:] = np.clip(arr, -2048, 4095)  # HU beyond float16's exact integers are metal; their precision is moot
+    mm.flush()
+    del mm
+    tmp.replace(path)
+
+
+def read_memmap(path: Path) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+def normalize_hu(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Clip HU to the task's window and scale to [-1, 1] (public code)."""
+    lo, hi = window
+    return ((np.clip(np.asarray(x, dtype=np.float32), lo, hi) - lo) / (hi - lo) * 2.0 - 1.0).astype(np.float32)
