@@ -21,6 +21,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
@@ -35,6 +37,8 @@ from m3fm.model.configs import get_config
 from m3fm.tasks import get_task
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+# bump when series checks, localization or cropping change: series made by an older pipeline are redone
+PIPELINE_VERSION = 1
 
 
 def scan_tree(root: Path, site_dir: Path) -> dict[str, tuple[int, int]]:
@@ -70,14 +74,18 @@ def _series_job(args):
         return {"status": "rejected", "category": e.category, "reason": e.reason, "path": e.path}
     except LocalizationError as e:
         return {"status": "rejected", "category": "localization_failed", "reason": f"organs not found: {e}", "path": None}
-    first = next(h for h in headers if h.path == geo.frames[0][0]).positions[geo.frames[0][1]]
+    first = next(h for h in headers if h.path == geo.frames[0][0])
+    row_dir, col_dir = np.array(first.orientation[:3]), np.array(first.orientation[3:])
+    # patient position (x, y, z mm) of canonical voxel (0, 0, 0), after the in-plane flips
+    origin = (np.array(first.positions[geo.frames[0][1]]) + geo.flip_h * (first.rows - 1) * geo.spacing[1] * col_dir
+              + geo.flip_w * (first.cols - 1) * geo.spacing[2] * row_dir)
     crops = []
     for region, scale, arr, voxel, first_slice in region_crops(hu, geo.spacing, boxes, get_config(config)):
         rel = f"crops/{uid}/{region}_{'x'.join(map(str, arr.shape))}.npy"
         write_memmap(work_dir / rel, arr)
         crops.append({"region": region, "scale": scale, "shape": list(arr.shape), "voxel_size": voxel.tolist(),
                       "first_slice": first_slice, "path": rel})
-    return {"status": "accepted", "shape": list(hu.shape), "spacing": list(geo.spacing), "first_position": first[2],
+    return {"status": "accepted", "shape": list(hu.shape), "spacing": list(geo.spacing), "origin": origin.tolist(),
             "boxes": {k: list(v) for k, v in boxes.items()}, "crops": crops, "duplicates": geo.duplicates}
 
 
@@ -145,7 +153,8 @@ def process_series(s: Session, site: SiteConfig, workers: int, progress: Progres
     jobs = []
     for uid, rows in groups.items():
         old = s.get(Series, uid)
-        if old is not None and old.members_hash == members_hash(rows) and _complete(s, site, old, volumes):
+        if (old is not None and old.members_hash == members_hash(rows) and old.pipeline == PIPELINE_VERSION
+                and _complete(s, site, old, volumes)):
             continue
         jobs.append((site.site_dir, site.work_dir, uid, [r.header for r in rows], site.min_slices, site.model_config))
     for i, (job, result) in enumerate(zip(jobs, _map(_series_job, jobs, workers))):
@@ -181,6 +190,7 @@ def _record_series(s: Session, uid: str, rows: list[SourceFile], result: dict) -
     h = InstanceHeader.from_dict(rows[0].header)
     series = Series(series_uid=uid, exam_id=h.accession, patient_id=h.patient_id, study_date=h.study_date,
                     description=h.description, status=result["status"], members_hash=members_hash(rows),
+                    pipeline=PIPELINE_VERSION,
                     files=len(rows), scanner={"manufacturer": h.manufacturer, "model": h.model, "kernel": h.kernel,
                                               "thickness": h.thickness}, updated_at=now())
     if result["status"] == "rejected":
@@ -189,7 +199,7 @@ def _record_series(s: Session, uid: str, rows: list[SourceFile], result: dict) -
         reject(s, f"series:{uid}", "series", result["category"], reason, path=result["path"], series_uid=uid)
     else:
         series.slices, series.shape, series.spacing = result["shape"][0], result["shape"], result["spacing"]
-        series.first_position, series.boxes = result["first_position"], result["boxes"]
+        series.origin, series.boxes = result["origin"], result["boxes"]
         for c in result["crops"]:
             s.add(Crop(series_uid=uid, **c))
         for dup, original in result["duplicates"]:

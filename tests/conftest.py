@@ -4,6 +4,8 @@ import torch
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer
+from sim.cohort.generate import generate_cohort
+from sim.cohort.presets import build_sites
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +22,11 @@ def tokenizer(tiny_cfg):
 def tiny_model(tiny_cfg):
     torch.manual_seed(0)
     return M3FM(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory):
+    """The tiny synthetic cohort (3 sites), written once per test session; tests must not change it."""
+    out = tmp_path_factory.mktemp("cohort")
+    summaries = generate_cohort(out, build_sites("tiny"), seed=0, workers=2)
+    return out, summaries

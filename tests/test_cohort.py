@@ -20,13 +20,6 @@ from dicom_features import emphysema_index, hu_volume, nodule_score, read_series
 from test_cli import script
 
 
-@pytest.fixture(scope="session")
-def cohort(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cohort")
-    summaries = generate_cohort(out, build_sites("tiny"), seed=0, workers=2)
-    return out, summaries
-
-
 def site_dirs(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.name.startswith("site-"))
 

@@ -9,6 +9,7 @@ A QA sample is a dict:
   voxel_size  (3,) mm per voxel (s, h, w) of that array
   image_mask  optional (L,) bool: tokens inside the region box
   answer      ce: answer index; hazard: (years_to_event, event); digits: a number 0..999
+  keep_sentences  optional clinical sentences never dropped (they hold the answer)
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ from m3fm.model.text import TextTokenizer
 from m3fm.tasks import get_task
 
 
-def clinical_text(sentences: list[str], keep_prob: float, rng: random.Random | None) -> str:
-    """Join clinical sentences; in training each element is kept with keep_prob (paper: 0.8)."""
+def clinical_text(sentences: list[str], keep_prob: float, rng: random.Random | None,
+                  keep: list[str] | tuple = ()) -> str:
+    """Join clinical sentences; in training each element is kept with keep_prob (paper: 0.8).
+
+    `keep` sentences always stay: a clinical retrieval question must not lose the sentence holding its answer.
+    """
     if rng is not None and keep_prob < 1.0:
-        sentences = [s for s in sentences if rng.random() < keep_prob]
+        sentences = [s for s in sentences if s in keep or rng.random() < keep_prob]
     return " ".join(sentences)
 
 
@@ -47,7 +52,7 @@ def collate_qa(samples: list[dict], tokenizer: TextTokenizer, cfg: M3FMConfig,
     if task.text == "report":
         texts = [s.get("report") or "" for s in samples]
     else:
-        texts = [clinical_text(s.get("clinical") or [], keep_prob, rng) for s in samples]
+        texts = [clinical_text(s.get("clinical") or [], keep_prob, rng, s.get("keep_sentences") or ()) for s in samples]
     t_ids, t_mask = tokenizer.encode(texts, cfg.clinical_len)
     target_mask = None
     if task.loss == "ce":

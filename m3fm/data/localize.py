@@ -104,11 +104,15 @@ def heart_mask(hu: np.ndarray, right: np.ndarray, left: np.ndarray, body: np.nda
             region[k] = _hull(lungs[k])
     bone = hu > 250
     tissue = (hu > -150) & (hu < 250) & body & region & ~lungs & ~ndimage.binary_dilation(bone, iterations=2)
-    # drop the spine and what lies behind its front edge (aorta, oesophagus)
+    # drop the spine and what lies behind its front edge (aorta, oesophagus). The vertebral bodies are the
+    # bulk of the bone in the middle columns; coronary calcifications are specks and must not count
     w = hu.shape[2]
-    spine_rows = np.flatnonzero((bone & region)[:, :, int(0.4 * w):int(0.6 * w)].any(axis=(0, 2)))
-    if len(spine_rows):
-        tissue[:, int(np.percentile(spine_rows, 10)):, :] = False
+    per_row = (bone & region)[:, :, int(0.4 * w):int(0.6 * w)].sum(axis=(0, 2))
+    if per_row.max() > 0:
+        rows = np.flatnonzero(per_row >= 0.3 * per_row.max())
+        back_half = rows[rows >= np.flatnonzero(body.any(axis=(0, 2))).mean()]
+        if len(back_half):
+            tissue[:, int(back_half[0]):, :] = False
     # peel away thin connections (vessels, pleural rims), then keep the biggest blob
     r = max(1, int(round(6.0 / spacing[1])))
     tissue = ndimage.binary_opening(tissue, structure=np.ones((1, 2 * r + 1, 2 * r + 1)))

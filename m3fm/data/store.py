@@ -52,11 +52,12 @@ class Series(Base):
     category: Mapped[str | None] = mapped_column(String)
     reason: Mapped[str | None] = mapped_column(Text)
     members_hash: Mapped[str] = mapped_column(String)  # which files (and versions) this result came from
+    pipeline: Mapped[int] = mapped_column(Integer, default=1)  # version of the checks and crops that made it
     files: Mapped[int] = mapped_column(Integer)
     slices: Mapped[int | None] = mapped_column(Integer)
     shape: Mapped[list | None] = mapped_column(JSON)  # (S, H, W) canonical
     spacing: Mapped[list | None] = mapped_column(JSON)  # (s, h, w) mm
-    first_position: Mapped[float | None] = mapped_column(Float)  # z (mm) of canonical slice 0
+    origin: Mapped[list | None] = mapped_column(JSON)  # patient (x, y, z) mm of canonical voxel (0, 0, 0)
     boxes: Mapped[dict | None] = mapped_column(JSON)  # region -> [s0, s1, h0, h1, w0, w1]
     scanner: Mapped[dict | None] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(default=now)

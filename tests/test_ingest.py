@@ -1,0 +1,117 @@
+"""Ingestion of the tiny cohort: every series accepted, plausible organ boxes, crops with true voxel sizes."""
+
+import json
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from client.ingest import assign_split, ingest_site
+from client.site import SiteConfigError, load_site
+from m3fm.data.crops import REGION_BOX, REGION_SCALE, read_memmap, widen
+from m3fm.data.store import Crop, Exam, Label, Rejection, Series, Split, open_store
+from m3fm.model.configs import get_config
+
+
+@pytest.fixture(scope="session")
+def ingested(cohort):
+    out, _ = cohort
+    sites = [load_site(p) for p in sorted(out.glob("site-*"))]
+    summaries = [ingest_site(site, workers=2) for site in sites]
+    return out, sites, summaries
+
+
+def rows(site, model, *where):
+    engine = open_store(site.database_url)
+    with Session(engine) as s:
+        result = list(s.scalars(select(model).where(*where)))
+    engine.dispose()
+    return result
+
+
+def test_every_series_of_the_tiny_cohort_is_accepted(ingested):
+    out, sites, summaries = ingested
+    cohort = json.loads((out / "cohort.json").read_text())
+    for site, summary, expected in zip(sites, summaries, cohort["sites"]):
+        assert summary["series_accepted"] == expected["series"], summary
+        assert summary["series_rejected"] == 0 and summary["rejected"] == {}, rows(site, Rejection)
+        assert summary["exams"] == summary["exams_with_images"] == expected["exams"]
+        assert summary["files"] == expected["slices"]
+        for task in site.tasks:  # every labelled exam is usable for its task
+            assert summary["labelled"][task] == expected["prevalence"][task]["labelled"], task
+
+
+def test_organ_boxes_are_anatomically_plausible(ingested):
+    out, sites, _ = ingested
+    for site in sites:
+        truth = {t["exam_id"]: t for t in json.loads((out / "truth" / f"{site.site_id}.json").read_text())}
+        for series in rows(site, Series):
+            S, H, W = series.shape
+            b = {k: np.array(v) for k, v in series.boxes.items()}
+            center = {k: (v[0::2] + v[1::2]) / 2 for k, v in b.items()}
+            for box in b.values():
+                assert (box[0::2] >= 0).all() and (box[1::2] <= [S, H, W]).all() and (box[1::2] > box[0::2]).all()
+            # each lung fills a good part of its side; the left lung lies at larger W (patient's left)
+            for side in ("lung_left", "lung_right"):
+                assert (b[side][1::2] - b[side][0::2] >= np.array([0.4 * S, 0.25 * H, 0.2 * W])).all(), (side, b)
+            assert center["lung_right"][2] < center["heart"][2] < center["lung_left"][2]
+            # the heart lies between the lungs, in their lower part, and its box holds the true heart centre
+            assert b["lungs"][0] <= center["heart"][0] < center["lungs"][0] + 0.5 * (b["lungs"][1] - b["lungs"][0])
+            z, y, x = truth[series.exam_id]["heart_center"]
+            spacing, origin = np.array(series.spacing), np.array(series.origin)
+            voxel = (np.array([z, y, x]) - origin[::-1]) / spacing
+            assert (b["heart"][0::2] <= voxel).all() and (voxel <= b["heart"][1::2]).all(), (voxel, b["heart"])
+
+
+def test_crops_are_float16_memmaps_with_recomputed_voxel_sizes(ingested):
+    _, sites, _ = ingested
+    cfg = get_config(sites[0].model_config)
+    site = sites[0]
+    series = rows(site, Series)[0]
+    crops = {c.region: c for c in rows(site, Crop, Crop.series_uid == series.series_uid)}
+    assert set(crops) == set(REGION_SCALE)
+    for region, crop in crops.items():
+        arr = read_memmap(site.work_dir / crop.path)
+        assert isinstance(arr, np.memmap) and arr.dtype == np.float16 and list(arr.shape) == crop.shape
+        assert site.work_dir in (site.work_dir / crop.path).parents and site.site_dir not in (site.work_dir / crop.path).parents
+        volume = cfg.scale(REGION_SCALE[region]).volume
+        target = (0, *volume[1:]) if region.startswith("slab_") else volume
+        ranges = widen(series.boxes[REGION_BOX[region]], series.spacing, target)
+        extent = np.array([hi - lo for lo, hi in ranges]) * np.array(series.spacing)
+        # voxel size x voxels = the physical extent cut out: the spacing was rescaled with the resize
+        np.testing.assert_allclose(np.array(crop.voxel_size) * np.array(crop.shape), extent, rtol=1e-5)
+        assert not np.allclose(crop.voxel_size[1:], series.spacing[1:])
+        assert -1100 < float(np.median(arr)) < 100  # HU, not stored values
+
+
+def test_splits_are_patient_level_deterministic_and_stored(ingested):
+    _, sites, _ = ingested
+    for site in sites:
+        splits = {r.patient_id: r.split for r in rows(site, Split)}
+        exams = rows(site, Exam)
+        assert {e.patient_id for e in exams} <= set(splits)
+        for p, split in splits.items():
+            assert split == assign_split(site.site_id, p, site.splits)
+    many = [assign_split("site-x", f"P{i:05d}", {"train": 0.7, "val": 0.15, "test": 0.15}) for i in range(4000)]
+    assert abs(many.count("train") / 4000 - 0.7) < 0.03 and abs(many.count("test") / 4000 - 0.15) < 0.03
+
+
+def test_clinical_records_become_the_papers_sentences(ingested):
+    _, sites, _ = ingested
+    exam = rows(sites[0], Exam)[0]
+    text = " ".join(exam.sentences)
+    assert text.startswith(f"The patient is {exam.clinical['age']:.1f} years old. Gender is {exam.clinical['gender']}.")
+    assert f"{exam.clinical['smoking_status'].capitalize()} smoker." in text
+    assert exam.report and "FINDINGS" in exam.report
+    labels = rows(sites[0], Label, Label.task == "nodule_location")
+    assert labels and all(lab.slice_location is not None and lab.side in ("left", "right") for lab in labels)
+
+
+def test_site_toml_errors_name_the_file_and_field(tmp_path):
+    (tmp_path / "site.toml").write_text('site_id = "s"\ntasks = ["nodule_presence", "bogus"]\n')
+    with pytest.raises(SiteConfigError, match=r"site.toml: field 'tasks' names unknown task\(s\) \['bogus'\]"):
+        load_site(tmp_path)
+    (tmp_path / "site.toml").write_text('site_id = "s"\ntasks = []\n[storage]\nwork_dir = "cache"\n')
+    with pytest.raises(SiteConfigError, match="inside the site folder"):
+        load_site(tmp_path)
