@@ -61,6 +61,8 @@ def _header_job(args):
         return rel, read_header(site_dir / rel, rel).to_dict(), None, None
     except InputRejected as e:
         return rel, None, e.category, e.reason
+    except Exception as e:  # noqa: BLE001 - one bad file never stops a site
+        return rel, None, "unreadable", f"header could not be read: {type(e).__name__}: {e}"
 
 
 def _series_job(args):
@@ -74,6 +76,8 @@ def _series_job(args):
         return {"status": "rejected", "category": e.category, "reason": e.reason, "path": e.path}
     except LocalizationError as e:
         return {"status": "rejected", "category": "localization_failed", "reason": f"organs not found: {e}", "path": None}
+    except Exception as e:  # noqa: BLE001 - one bad series never stops a site
+        return {"status": "rejected", "category": "failed", "reason": f"{type(e).__name__}: {e}", "path": None}
     first = next(h for h in headers if h.path == geo.frames[0][0])
     row_dir, col_dir = np.array(first.orientation[:3]), np.array(first.orientation[3:])
     # patient position (x, y, z mm) of canonical voxel (0, 0, 0), after the in-plane flips
@@ -195,8 +199,11 @@ def _record_series(s: Session, uid: str, rows: list[SourceFile], result: dict) -
                                               "thickness": h.thickness}, updated_at=now())
     if result["status"] == "rejected":
         series.category, series.reason = result["category"], result["reason"]
-        reason = result["reason"] + (f" (file {result['path']})" if result["path"] else "")
-        reject(s, f"series:{uid}", "series", result["category"], reason, path=result["path"], series_uid=uid)
+        # name the file to blame, or else the series' first file, so someone can find it
+        first = sorted(r.path for r in rows)[0]
+        path = result["path"] or first
+        reason = f"series {uid} ({len(rows)} file{'s' if len(rows) > 1 else ''}): {result['reason']}"
+        reject(s, f"series:{uid}", "series", result["category"], reason, path=path, series_uid=uid)
     else:
         series.slices, series.shape, series.spacing = result["shape"][0], result["shape"], result["spacing"]
         series.origin, series.boxes = result["origin"], result["boxes"]

@@ -104,8 +104,8 @@ def read_header(path: Path, rel: str) -> InstanceHeader:
     if "PixelData" not in ds:
         raise InputRejected("not_image", f"no pixel data (SOP class {ds.get('SOPClassUID', '?')})", rel)
     syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    raw = ds.get_item(0x7FE00010)
-    if syntax in NATIVE_SYNTAXES and raw.length != 0xFFFFFFFF:
+    raw = ds.get_item(0x7FE00010)  # a RawDataElement when deferred (large), else already read whole
+    if syntax in NATIVE_SYNTAXES and hasattr(raw, "value_tell") and raw.length != 0xFFFFFFFF:
         size = os.path.getsize(path)
         if raw.value_tell + raw.length > size:
             raise InputRejected("truncated", f"truncated file: pixel data needs {raw.length} bytes, "
@@ -210,7 +210,7 @@ def check_series(headers: list[InstanceHeader], min_slices: int, gap_tolerance: 
                                 f"({frames[i][1]} and {frames[i + 1][1]})", frames[i + 1][1])
     if len(frames) < min_slices:
         raise InputRejected("too_few_slices", f"{len(frames)} slice{'s' if len(frames) != 1 else ''}, fewer than the minimum {min_slices}")
-    spacing_s = float(np.median(steps))
+    spacing_s = float(np.median(steps)) if len(steps) else float(first.thickness or 1.0)  # one slice: its thickness
     gaps = np.flatnonzero(steps > gap_tolerance * spacing_s)
     if len(gaps):
         i = gaps[0]
