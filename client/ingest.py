@@ -111,15 +111,14 @@ def assign_split(salt: str, patient_id: str, fractions: dict[str, float]) -> str
     return "test"
 
 
-def _map(fn, jobs, workers: int):
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            yield from pool.map(fn, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
+def _map(fn, jobs, pool: ProcessPoolExecutor | None, chunks: int = 1):
+    if pool is not None and len(jobs) > 1:
+        yield from pool.map(fn, jobs, chunksize=max(1, min(64, len(jobs) // (4 * chunks))))
     else:
         yield from map(fn, jobs)
 
 
-def index_files(s: Session, site: SiteConfig, workers: int, progress: Progress | None) -> int:
+def index_files(s: Session, site: SiteConfig, pool, progress: Progress | None) -> int:
     """Stage 1: headers of new or changed files; rows of vanished files removed. Returns files read."""
     found = scan_tree(site.site_dir / site.dicom_dir, site.site_dir)
     known = {r.path: r for r in s.scalars(select(SourceFile).where(SourceFile.kind == "dicom"))}
@@ -127,7 +126,7 @@ def index_files(s: Session, site: SiteConfig, workers: int, progress: Progress |
         clear_scope(s, f"file:{path}")
         s.delete(known[path])
     todo = [p for p, st in found.items() if p not in known or (known[p].size, known[p].mtime_ns) != st]
-    for i, (rel, header, category, reason) in enumerate(_map(_header_job, [(site.site_dir, p) for p in todo], workers)):
+    for i, (rel, header, category, reason) in enumerate(_map(_header_job, [(site.site_dir, p) for p in todo], pool, 4)):
         clear_scope(s, f"file:{rel}")
         size, mtime = found[rel]
         row = s.get(SourceFile, rel) or SourceFile(path=rel, kind="dicom")
@@ -144,7 +143,7 @@ def index_files(s: Session, site: SiteConfig, workers: int, progress: Progress |
     return len(todo)
 
 
-def process_series(s: Session, site: SiteConfig, workers: int, progress: Progress | None) -> int:
+def process_series(s: Session, site: SiteConfig, pool, progress: Progress | None) -> int:
     """Stage 2: every series whose files changed (or whose crops for the configuration are missing)."""
     cfg = get_config(site.model_config)
     volumes = {sc.name: tuple(sc.volume) for sc in cfg.scales}
@@ -161,7 +160,7 @@ def process_series(s: Session, site: SiteConfig, workers: int, progress: Progres
                 and _complete(s, site, old, volumes)):
             continue
         jobs.append((site.site_dir, site.work_dir, uid, [r.header for r in rows], site.min_slices, site.model_config))
-    for i, (job, result) in enumerate(zip(jobs, _map(_series_job, jobs, workers))):
+    for i, (job, result) in enumerate(zip(jobs, _map(_series_job, jobs, pool))):
         _record_series(s, job[2], groups[job[2]], result)
         s.commit()  # a crash loses only the series in flight
         if progress:
@@ -290,8 +289,14 @@ def ingest_site(site: SiteConfig, workers: int = 1, progress: Progress | None = 
         run = IngestRun(started_at=now())
         s.add(run)
         s.commit()
-        files_read = index_files(s, site, workers, progress)
-        series_processed = process_series(s, site, workers, progress)
+        # one pool for both stages: spawned workers (no forked OpenMP or database state) start once
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+        try:
+            files_read = index_files(s, site, pool, progress)
+            series_processed = process_series(s, site, pool, progress)
+        finally:
+            if pool is not None:
+                pool.shutdown()
         tables_read = read_tables(s, site)
         assign_splits(s, site)
         summary = summarize(s, site)

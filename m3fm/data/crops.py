@@ -98,13 +98,11 @@ def region_crops(vol: np.ndarray, spacing, boxes: dict[str, Box], cfg: M3FMConfi
 
 
 def write_memmap(path: Path, arr: np.ndarray) -> None:
-    """float16 .npy written to a temporary name, then renamed: a crash never leaves half a crop behind."""
+    """float16 .npy (read back as a memory map) written to a temporary name, then renamed: a crash never
+    leaves half a crop behind. No msync: forcing every crop to disk serialises the workers on I/O."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
-    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=arr.shape)
-    mm[:] = np.clip(arr, -2048, 4095)  # HU beyond float16's exact integers are metal; their precision is moot
-    mm.flush()
-    del mm
+    np.save(tmp, np.clip(arr, -2048, 4095).astype(np.float16))  # beyond float16's exact integers is metal
     tmp.replace(path)
 
 

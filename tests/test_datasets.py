@@ -1,0 +1,108 @@
+"""The datasets over an ingested site yield batches the M3FM model trains on."""
+
+import math
+import random
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from m3fm.data.collate import collate_pretrain, collate_qa
+from m3fm.data.datasets import PretrainDataset, QADataset, SiteData, batches_by_key
+from m3fm.model.m3fm import M3FM
+from m3fm.tasks import get_task
+from m3fm.train import TrainConfig, build_optimizer, multitask_step, pretrain_step
+from test_ingest import ingested  # noqa: F401  (session fixture: the tiny cohort, ingested)
+
+
+def site_data(ingested, cfg, index=0):  # noqa: F811
+    site = ingested[1][index]
+    return site, SiteData(site.database_url, site.work_dir, cfg)
+
+
+def test_pretraining_batches_train_the_model(ingested, tiny_cfg, tokenizer):  # noqa: F811
+    _, data = site_data(ingested, tiny_cfg)
+    ds = PretrainDataset(data, split=None)
+    assert set(ds.keys) == {s.name for s in tiny_cfg.scales}
+    torch.manual_seed(0)
+    model = M3FM(tiny_cfg)
+    opt = build_optimizer(model, TrainConfig())
+    loader = DataLoader(ds, batch_sampler=batches_by_key(ds.keys, 3, seed=0),
+                        collate_fn=partial(collate_pretrain, tokenizer=tokenizer, cfg=tiny_cfg))
+    seen = set()
+    for step, batch in enumerate(loader):
+        scale = tiny_cfg.scale(batch.scale)
+        assert tuple(batch.image.shape[1:]) == (1, *scale.volume) and batch.image.abs().max() <= 1.0
+        assert batch.text_ids is not None
+        out = pretrain_step(model, opt, batch, tokenizer, TrainConfig(), step)
+        assert math.isfinite(out["mim"]) and math.isfinite(out["mlm"])
+        seen.add(batch.scale)
+        if seen == set(ds.keys):
+            break
+    assert seen == set(ds.keys)
+
+
+def test_qa_batches_cover_every_labelled_task_and_train_the_model(ingested, tiny_cfg, tokenizer):  # noqa: F811
+    site, data = site_data(ingested, tiny_cfg)
+    ds = QADataset(data, split=None)
+    assert set(ds.keys) == set(site.tasks) | {"clinical_history", "clinical_number"}
+    assert not ds.skipped
+    torch.manual_seed(0)
+    model = M3FM(tiny_cfg)
+    opt = build_optimizer(model, TrainConfig())
+    collate = partial(collate_qa, tokenizer=tokenizer, cfg=tiny_cfg, rng=random.Random(0))
+    batches = batches_by_key(ds.keys, 4, seed=0)
+    first = {}
+    for b in batches:  # one micro-batch per task, all accumulated into one step
+        first.setdefault(ds.keys[b[0]], b)
+    micro = [collate([ds[i] for i in idx]) for idx in first.values()]
+    for batch in micro:
+        task = get_task(batch.task)
+        if task.scale is not None:
+            assert tuple(batch.image.shape[2:]) == tiny_cfg.scale(task.scale).volume
+    out = multitask_step(model, opt, micro, TrainConfig(), 0)
+    assert set(out["tasks"]) == set(first) and all(math.isfinite(v) for v in out["tasks"].values())
+
+
+def test_lung_items_and_nodule_slabs_follow_the_labels(ingested, tiny_cfg):  # noqa: F811
+    _, data = site_data(ingested, tiny_cfg)
+    ds = QADataset(data, split=None, tasks=["lung_cancer_risk", "nodule_size"], train=False)
+    risk = [it for it in ds.items if it["task"] == "lung_cancer_risk"]
+    by_exam = {}
+    for it in risk:
+        by_exam.setdefault(it["exam_id"], {})[it["side"]] = it["answer_value"]
+    for exam_id, sides in by_exam.items():
+        assert set(sides) == {"left", "right"}  # both lungs, scored separately, max taken at evaluation
+        row = next(r for r in data.labels if r["exam_id"] == exam_id and r["task"] == "lung_cancer_risk")
+        events = {s for s, (_, e) in sides.items() if e}
+        assert events == ({row["side"]} if row["censored"] == 0 else set())
+    # an annotated nodule is inside its slab: the slab's brightest blob is at the slab's centre slices
+    for i, it in enumerate(ds.items):
+        if it["task"] != "nodule_size":
+            continue
+        sample = ds[i]
+        entry = data.series[it["exam_id"]][0]
+        crop = entry.crops[f"slab_{it['side']}"]
+        k = round((it["slice_location"] - entry.origin[2]) / entry.spacing[0]) - crop.first_slice
+        n = tiny_cfg.scale("nodule").volume[0]
+        full = np.load(data.work_dir / crop.path)
+        start = int(np.clip(k - n // 2, 0, full.shape[0] - n))
+        window = np.clip((full[start:start + n].astype(np.float32) + 1300) / 1450, 0, 1) * 2 - 1
+        np.testing.assert_allclose(sample["image"][0], window, atol=1e-3)
+        assert start <= k < start + n
+
+
+def test_evaluation_items_are_fixed_and_splits_never_share_a_patient(ingested, tiny_cfg):  # noqa: F811
+    _, data = site_data(ingested, tiny_cfg)
+    a, b = QADataset(data, split=None, train=False), QADataset(data, split=None, train=False)
+    for i in range(0, len(a), 7):
+        sa, sb = a[i], b[i]
+        assert sa["question"] == sb["question"] and sa["answer"] == sb["answer"]
+        if "image" in sa:
+            np.testing.assert_array_equal(sa["image"], sb["image"])
+    patients = {}
+    for split in ("train", "val", "test"):
+        for it in QADataset(data, split=split).items:
+            p = data.patient_of(it["exam_id"])
+            assert patients.setdefault(p, split) == split
