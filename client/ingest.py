@@ -111,9 +111,9 @@ def assign_split(salt: str, patient_id: str, fractions: dict[str, float]) -> str
     return "test"
 
 
-def _map(fn, jobs, pool: ProcessPoolExecutor | None, chunks: int = 1):
+def _map(fn, jobs, pool: ProcessPoolExecutor | None, chunksize: int = 1):
     if pool is not None and len(jobs) > 1:
-        yield from pool.map(fn, jobs, chunksize=max(1, min(64, len(jobs) // (4 * chunks))))
+        yield from pool.map(fn, jobs, chunksize=chunksize)
     else:
         yield from map(fn, jobs)
 
@@ -126,7 +126,8 @@ def index_files(s: Session, site: SiteConfig, pool, progress: Progress | None) -
         clear_scope(s, f"file:{path}")
         s.delete(known[path])
     todo = [p for p, st in found.items() if p not in known or (known[p].size, known[p].mtime_ns) != st]
-    for i, (rel, header, category, reason) in enumerate(_map(_header_job, [(site.site_dir, p) for p in todo], pool, 4)):
+    for i, (rel, header, category, reason) in enumerate(_map(_header_job, [(site.site_dir, p) for p in todo], pool,
+                                                           chunksize=max(1, min(64, len(todo) // 16)))):
         clear_scope(s, f"file:{rel}")
         size, mtime = found[rel]
         row = s.get(SourceFile, rel) or SourceFile(path=rel, kind="dicom")
@@ -150,12 +151,12 @@ def process_series(s: Session, site: SiteConfig, pool, progress: Progress | None
     groups: dict[str, list[SourceFile]] = defaultdict(list)
     for r in s.scalars(select(SourceFile).where(SourceFile.kind == "dicom", SourceFile.status == "ok")):
         groups[r.series_uid].append(r)
-    for old in s.scalars(select(Series)).all():
-        if old.series_uid not in groups:  # every file of it is gone
-            _forget_series(s, old.series_uid)
+    known = {x.series_uid: x for x in s.scalars(select(Series))}
+    for uid in set(known) - set(groups):  # every file of it is gone
+        _forget_series(s, uid)
     jobs = []
     for uid, rows in groups.items():
-        old = s.get(Series, uid)
+        old = known.get(uid)
         if (old is not None and old.members_hash == members_hash(rows) and old.pipeline == PIPELINE_VERSION
                 and _complete(s, site, old, volumes)):
             continue
@@ -195,7 +196,7 @@ def _record_series(s: Session, uid: str, rows: list[SourceFile], result: dict) -
                     description=h.description, status=result["status"], members_hash=members_hash(rows),
                     pipeline=PIPELINE_VERSION,
                     files=len(rows), scanner={"manufacturer": h.manufacturer, "model": h.model, "kernel": h.kernel,
-                                              "thickness": h.thickness}, updated_at=now())
+                                              "thickness": h.thickness})
     if result["status"] == "rejected":
         series.category, series.reason = result["category"], result["reason"]
         # name the file to blame, or else the series' first file, so someone can find it
@@ -204,7 +205,7 @@ def _record_series(s: Session, uid: str, rows: list[SourceFile], result: dict) -
         reason = f"series {uid} ({len(rows)} file{'s' if len(rows) > 1 else ''}): {result['reason']}"
         reject(s, f"series:{uid}", "series", result["category"], reason, path=path, series_uid=uid)
     else:
-        series.slices, series.shape, series.spacing = result["shape"][0], result["shape"], result["spacing"]
+        series.shape, series.spacing = result["shape"], result["spacing"]
         series.origin, series.boxes = result["origin"], result["boxes"]
         for c in result["crops"]:
             s.add(Crop(series_uid=uid, **c))
@@ -216,8 +217,8 @@ def _record_series(s: Session, uid: str, rows: list[SourceFile], result: dict) -
 
 def read_tables(s: Session, site: SiteConfig) -> bool:
     """Stage 3: re-read clinical.csv, labels.csv and reports/ when any of them changed. Returns whether it read."""
-    found = {p: st for p, st in scan_tree(site.site_dir / "reports", site.site_dir).items()} \
-        if (site.site_dir / "reports").is_dir() else {}
+    reports_dir = site.site_dir / "reports"
+    found = scan_tree(reports_dir, site.site_dir) if reports_dir.is_dir() else {}
     for name in ("clinical.csv", "labels.csv"):
         p = site.site_dir / name
         if p.is_file():

@@ -1,4 +1,7 @@
 import pytest
+
+from client.ingest import ingest_site
+from client.site import load_site
 import torch
 
 from m3fm.model.configs import get_config
@@ -30,3 +33,12 @@ def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
     summaries = generate_cohort(out, build_sites("tiny"), seed=0, workers=2)
     return out, summaries
+
+
+@pytest.fixture(scope="session")
+def ingested(cohort):
+    """The tiny cohort's three sites, ingested once per session (work folders beside the site folders)."""
+    out, _ = cohort
+    sites = [load_site(p) for p in sorted(out.glob("site-*"))]
+    summaries = [ingest_site(site, workers=2) for site in sites]
+    return out, sites, summaries

@@ -13,15 +13,14 @@ from m3fm.data.datasets import PretrainDataset, QADataset, SiteData, batches_by_
 from m3fm.model.m3fm import M3FM
 from m3fm.tasks import get_task
 from m3fm.train import TrainConfig, build_optimizer, multitask_step, pretrain_step
-from test_ingest import ingested  # noqa: F401  (session fixture: the tiny cohort, ingested)
 
 
-def site_data(ingested, cfg, index=0):  # noqa: F811
+def site_data(ingested, cfg, index=0):
     site = ingested[1][index]
     return site, SiteData(site.database_url, site.work_dir, cfg)
 
 
-def test_pretraining_batches_train_the_model(ingested, tiny_cfg, tokenizer):  # noqa: F811
+def test_pretraining_batches_train_the_model(ingested, tiny_cfg, tokenizer):
     _, data = site_data(ingested, tiny_cfg)
     ds = PretrainDataset(data, split=None)
     assert set(ds.keys) == {s.name for s in tiny_cfg.scales}
@@ -43,7 +42,7 @@ def test_pretraining_batches_train_the_model(ingested, tiny_cfg, tokenizer):  # 
     assert seen == set(ds.keys)
 
 
-def test_qa_batches_cover_every_labelled_task_and_train_the_model(ingested, tiny_cfg, tokenizer):  # noqa: F811
+def test_qa_batches_cover_every_labelled_task_and_train_the_model(ingested, tiny_cfg, tokenizer):
     site, data = site_data(ingested, tiny_cfg)
     ds = QADataset(data, split=None)
     assert set(ds.keys) == set(site.tasks) | {"clinical_history", "clinical_number"}
@@ -65,7 +64,7 @@ def test_qa_batches_cover_every_labelled_task_and_train_the_model(ingested, tiny
     assert set(out["tasks"]) == set(first) and all(math.isfinite(v) for v in out["tasks"].values())
 
 
-def test_lung_items_and_nodule_slabs_follow_the_labels(ingested, tiny_cfg):  # noqa: F811
+def test_lung_items_and_nodule_slabs_follow_the_labels(ingested, tiny_cfg):
     _, data = site_data(ingested, tiny_cfg)
     ds = QADataset(data, split=None, tasks=["lung_cancer_risk", "nodule_size"], train=False)
     risk = [it for it in ds.items if it["task"] == "lung_cancer_risk"]
@@ -93,7 +92,7 @@ def test_lung_items_and_nodule_slabs_follow_the_labels(ingested, tiny_cfg):  # n
         assert start <= k < start + n
 
 
-def test_evaluation_items_are_fixed_and_splits_never_share_a_patient(ingested, tiny_cfg):  # noqa: F811
+def test_evaluation_items_are_fixed_and_splits_never_share_a_patient(ingested, tiny_cfg):
     _, data = site_data(ingested, tiny_cfg)
     a, b = QADataset(data, split=None, train=False), QADataset(data, split=None, train=False)
     for i in range(0, len(a), 7):

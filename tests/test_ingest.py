@@ -7,19 +7,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client.ingest import assign_split, ingest_site
+from client.ingest import assign_split
 from client.site import SiteConfigError, load_site
 from m3fm.data.crops import REGION_BOX, REGION_SCALE, read_memmap, widen
 from m3fm.data.store import Crop, Exam, Label, Rejection, Series, Split, open_store
 from m3fm.model.configs import get_config
-
-
-@pytest.fixture(scope="session")
-def ingested(cohort):
-    out, _ = cohort
-    sites = [load_site(p) for p in sorted(out.glob("site-*"))]
-    summaries = [ingest_site(site, workers=2) for site in sites]
-    return out, sites, summaries
 
 
 def rows(site, model, *where):

@@ -48,6 +48,8 @@ CLINICAL_SCHEMA: dict[str, tuple[str, object]] = {
     **{f"family_lc_{r}": ("flag", None) for r in RELATIVES},
 }
 REQUIRED_CLINICAL = ("patient_id", "exam_id")
+# slice_location: the table position (mm, as DICOM SliceLocation) of an annotated nodule, as NLST records its
+# slice; the QA dataset cuts the nodule tasks' 16-slice slab around it (paper, Methods)
 LABEL_COLUMNS = ("exam_id", "task", "answer", "years_to_event", "censored", "side", "slice_location")
 # clinical_number questions (m3fm/tasks.py order) -> the field each asks for
 NUMBER_FIELDS = ("age", "age", "pack_years", "cigarettes_per_day", "weight_lb", "height_in")

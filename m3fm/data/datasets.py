@@ -31,7 +31,6 @@ from m3fm.tasks import TASK_BY_NAME, get_task
 
 LUNG_WINDOW = (-1300.0, 150.0)
 HEART_WINDOW = (-135.0, 225.0)
-REGION_OF = {"lung_slab": "slab", "each_lung": "lung", "heart": "heart", "both_lungs": "lungs"}
 
 
 @dataclass

@@ -152,6 +152,7 @@ class SeriesGeometry:
 
     series_uid: str
     frames: list[tuple[str, int]]  # (file, frame index) from inferior to superior
+    rescale: list[tuple[float, float]]  # (slope, intercept) of each frame, from the headers
     spacing: tuple[float, float, float]  # (s, h, w) mm
     flip_h: bool  # column direction points anterior: flip so H runs toward the back
     flip_w: bool  # row direction points to the patient's right: flip so W runs toward the left
@@ -196,7 +197,7 @@ def check_series(headers: list[InstanceHeader], min_slices: int, gap_tolerance: 
     normal = np.cross(row, col)
     if abs(normal[2]) < 0.9:
         raise InputRejected("not_axial", f"not an axial series (slice normal {np.round(normal, 3).tolist()})")
-    frames = [(float(np.dot(p, normal)), h.path, k) for h in unique for k, p in enumerate(h.positions)]
+    frames = [(float(np.dot(p, normal)), h.path, k, tuple(h.rescale[k])) for h in unique for k, p in enumerate(h.positions)]
     frames.sort()
     if normal[2] < 0:
         frames.reverse()  # S runs toward the head
@@ -219,7 +220,7 @@ def check_series(headers: list[InstanceHeader], min_slices: int, gap_tolerance: 
                             f"and {where[i + 1]:.2f} mm (gap {steps[i]:.2f} mm, spacing {spacing_s:.2f} mm)")
     if np.any(np.abs(steps - spacing_s) > 0.1 * spacing_s):
         raise InputRejected("irregular_spacing", f"irregular slice spacing ({steps.min():.2f} to {steps.max():.2f} mm)")
-    return SeriesGeometry(uid, [(f[1], f[2]) for f in frames],
+    return SeriesGeometry(uid, [(f[1], f[2]) for f in frames], [f[3] for f in frames],
                           (spacing_s, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
                           flip_h=col[1] < 0, flip_w=row[0] < 0, shape=(len(frames), first.rows, first.cols),
                           duplicates=duplicates)
@@ -227,32 +228,19 @@ def check_series(headers: list[InstanceHeader], min_slices: int, gap_tolerance: 
 
 def load_hu(site_dir: Path, geometry: SeriesGeometry) -> np.ndarray:
     """Decode every frame (compressed syntaxes through pylibjpeg) and apply the rescale: (S, H, W) float32 HU."""
-    by_file: dict[str, list[int]] = {}
-    for path, k in geometry.frames:
-        by_file.setdefault(path, []).append(k)
-    decoded: dict[tuple[str, int], np.ndarray] = {}
-    for path in by_file:
+    pixels: dict[str, np.ndarray] = {}
+    for path, _ in geometry.frames:
+        if path in pixels:
+            continue
         try:
             ds = pydicom.dcmread(site_dir / path)
-            pixels = ds.pixel_array
+            pixels[path] = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
         except Exception as e:  # noqa: BLE001 - a decoder failure is a property of this file
             raise InputRejected("undecodable", f"pixel data cannot be decoded: {type(e).__name__}: {e}", path) from None
-        pixels = pixels.reshape(-1, ds.Rows, ds.Columns)
-        header = read_rescale(ds, len(pixels))
-        for k in by_file[path]:
-            slope, intercept = header[k]
-            decoded[(path, k)] = pixels[k].astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    vol = np.stack([decoded[f] for f in geometry.frames])
+    vol = np.stack([pixels[path][k].astype(np.float32) * np.float32(slope) + np.float32(intercept)
+                    for (path, k), (slope, intercept) in zip(geometry.frames, geometry.rescale)])
     if geometry.flip_h:
         vol = vol[:, ::-1]
     if geometry.flip_w:
         vol = vol[:, :, ::-1]
     return np.ascontiguousarray(vol)
-
-
-def read_rescale(ds, frames: int) -> list[tuple[float, float]]:
-    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
-    if per_frame:
-        return [(float(_group(ds, f, "PixelValueTransformationSequence", "RescaleSlope")),
-                 float(_group(ds, f, "PixelValueTransformationSequence", "RescaleIntercept"))) for f in per_frame]
-    return [(float(ds.RescaleSlope), float(ds.RescaleIntercept))] * frames

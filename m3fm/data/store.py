@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, delete, select
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, delete
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 SCHEMA_VERSION = 1
@@ -54,7 +54,6 @@ class Series(Base):
     members_hash: Mapped[str] = mapped_column(String)  # which files (and versions) this result came from
     pipeline: Mapped[int] = mapped_column(Integer, default=1)  # version of the checks and crops that made it
     files: Mapped[int] = mapped_column(Integer)
-    slices: Mapped[int | None] = mapped_column(Integer)
     shape: Mapped[list | None] = mapped_column(JSON)  # (S, H, W) canonical
     spacing: Mapped[list | None] = mapped_column(JSON)  # (s, h, w) mm
     origin: Mapped[list | None] = mapped_column(JSON)  # patient (x, y, z) mm of canonical voxel (0, 0, 0)
@@ -153,7 +152,3 @@ def reject(s: Session, scope: str, kind: str, category: str, reason: str, path: 
            series_uid: str | None = None, row: int | None = None, column: str | None = None) -> None:
     s.add(Rejection(scope=scope, kind=kind, category=category, reason=reason, path=path, series_uid=series_uid,
                     row=row, column=column))
-
-
-def rejections(s: Session) -> list[Rejection]:
-    return list(s.scalars(select(Rejection).order_by(Rejection.id)))

@@ -34,9 +34,6 @@ from sim.cohort.presets import SiteProfile
 from sim.cohort.reports import lung_rads, report_text
 
 CLINICAL_COLUMNS = list(CLINICAL_SCHEMA)  # the columns ingestion checks, in its order
-# slice_location: the table position (mm, as DICOM SliceLocation) of an annotated nodule, as NLST records
-# its slice; ingestion uses it to cut the nodule tasks' 16-slice slab around the nodule (paper, Methods)
-LABEL_COLUMNS = list(LABEL_COLUMNS)
 SIZE_EDGES = (4, 6, 8, 15, 30)
 ATTENUATION = {"solid": 0, "ground_glass": 1, "part_solid": 2}
 MARGIN = {"spiculated": 0, "smooth": 1, "poorly_defined": 2, "unable": 3}
