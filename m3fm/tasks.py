@@ -30,6 +30,10 @@ YES_NO = ("Yes", "No")
 HAZARD_YEARS = 6
 RISK_ANSWERS = tuple(f"risk within {y} year{'s' if y > 1 else ''}" for y in range(1, HAZARD_YEARS + 1))
 
+# HU windows of the public configs: lungs and chest (cancer risk), heart (CVD)
+LUNG_WINDOW = (-1300.0, 150.0)
+HEART_WINDOW = (-135.0, 225.0)
+
 # region -> image scale name in the model configuration (m3fm/model/configs.py)
 REGION_SCALE = {
     "lung_slab": "nodule",
@@ -50,7 +54,7 @@ class Task:
     loss: str
     head: str
     text: str = "clinical"  # what fills the text slot: the clinical record, or the radiology "report"
-    hu_window: tuple[float, float] | None = (-1300.0, 150.0)
+    hu_window: tuple[float, float] | None = LUNG_WINDOW
     auxiliary: bool = False
 
     @property
@@ -67,7 +71,8 @@ class Task:
 
 
 def _yes_no(name: str, questions: tuple[str, ...], region: str = "both_lungs", group: str = "chest_abnormality") -> Task:
-    return Task(name, group, questions, YES_NO, region, "ce", "yes_no")
+    return Task(name, group, questions, YES_NO, region, "ce", "yes_no",
+                hu_window=HEART_WINDOW if region == "heart" else LUNG_WINDOW)
 
 
 TASKS: tuple[Task, ...] = (
@@ -130,7 +135,7 @@ TASKS: tuple[Task, ...] = (
         "Estimate the cardiovascular mortality risk over six years.",
         "Predict cardiovascular death risk for this patient.",
         "What is the patient's risk of cardiovascular death?",
-    ), RISK_ANSWERS, "heart", "hazard", "cvd_mortality", hu_window=(-135.0, 225.0)),
+    ), RISK_ANSWERS, "heart", "hazard", "cvd_mortality", hu_window=HEART_WINDOW),
     Task("lung_cancer_risk", "cancer_risk", (
         "Predict the lung cancer risk over six years.",
         "Predict the lung cancer risk over 6 years.",

@@ -27,10 +27,8 @@ from m3fm.data.clinical import DISEASES, NUMBER_FIELDS
 from m3fm.data.crops import normalize_hu, read_memmap
 from m3fm.data.store import Crop, Exam, Label, Series, Split, open_store
 from m3fm.model.configs import M3FMConfig
-from m3fm.tasks import TASK_BY_NAME, get_task
+from m3fm.tasks import HEART_WINDOW, LUNG_WINDOW, TASK_BY_NAME, get_task
 
-LUNG_WINDOW = (-1300.0, 150.0)
-HEART_WINDOW = (-135.0, 225.0)
 
 
 @dataclass
