@@ -116,14 +116,17 @@ def autocast(device: torch.device, tc: TrainConfig):
     return nullcontext()
 
 
-def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, tc: TrainConfig) -> float:
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, tc: TrainConfig, before_step=None) -> float:
+    if before_step is not None:  # e.g. FedProx's proximal gradient, added to the loss gradient before clipping
+        before_step()
     norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip else float("inf"))
     optimizer.step()
     return float(norm)
 
 
 def pretrain_step(model: M3FM, optimizer: torch.optim.Optimizer, batch: PretrainBatch, tokenizer: TextTokenizer,
-                  tc: TrainConfig, step: int, generator: torch.Generator | None = None) -> dict[str, float]:
+                  tc: TrainConfig, step: int, generator: torch.Generator | None = None,
+                  before_step=None) -> dict[str, float]:
     """One optimizer step of MIM on a CT batch plus MLM on its text. `generator` fixes the masks."""
     model.train()
     device = model_device(model)
@@ -142,12 +145,12 @@ def pretrain_step(model: M3FM, optimizer: torch.optim.Optimizer, batch: Pretrain
             mlm = model.forward_mlm(inputs, batch.text_mask, labels)
             loss = mim + tc.mlm_weight * mlm
     loss.backward()
-    grad_norm = _optimizer_step(model, optimizer, tc)
+    grad_norm = _optimizer_step(model, optimizer, tc, before_step)
     return {"loss": loss.item(), "mim": mim.item(), "mlm": mlm.item(), "lr": lr, "grad_norm": grad_norm}
 
 
 def multitask_step(model: M3FM, optimizer: torch.optim.Optimizer, micro_batches: list[QABatch], tc: TrainConfig,
-                   step: int) -> dict:
+                   step: int, before_step=None) -> dict:
     """Accumulate the gradients of several one-task micro-batches, then take one optimizer step."""
     if not micro_batches:
         raise ValueError("multitask_step needs at least one micro-batch")
@@ -166,6 +169,6 @@ def multitask_step(model: M3FM, optimizer: torch.optim.Optimizer, micro_batches:
         loss.backward()
         total += loss.item()
         per_task.setdefault(mb.task, []).append(answer_loss.item())
-    grad_norm = _optimizer_step(model, optimizer, tc)
+    grad_norm = _optimizer_step(model, optimizer, tc, before_step)
     return {"loss": total, "tasks": {k: sum(v) / len(v) for k, v in per_task.items()}, "lr": lr,
             "grad_norm": grad_norm}

@@ -1,0 +1,42 @@
+"""The site's Flower ClientApp: routes the coordinator's messages to client/federated.py.
+
+Message types: `train.pretrain`, `train.multitask` and `evaluate`. Replies carry
+the weights ("arrays"), counts and metrics ("metrics") and the site's id
+("site"); a site that did not train says why in "site" and sends no weights.
+"""
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.federated import evaluate_round, site_for, train_round
+
+app = ClientApp()
+
+
+def _train(msg: Message, context: Context) -> Message:
+    site = site_for(context.node_config, context.run_config)
+    config = dict(msg.content["config"])
+    weights, metrics, skipped = train_round(site, msg.content["arrays"].to_torch_state_dict(), config)
+    content = RecordDict({"site": ConfigRecord({"site_id": site.site_id, "skipped": skipped or ""})})
+    if weights is not None:
+        content["arrays"] = ArrayRecord(weights)
+        content["metrics"] = MetricRecord(metrics)
+    return Message(content=content, reply_to=msg)
+
+
+@app.train("pretrain")
+def pretrain(msg: Message, context: Context) -> Message:
+    return _train(msg, context)
+
+
+@app.train("multitask")
+def multitask(msg: Message, context: Context) -> Message:
+    return _train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = site_for(context.node_config, context.run_config)
+    metrics = evaluate_round(site, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]))
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site_id": site.site_id})})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,120 @@
+"""What a site does when the coordinator asks: train a phase's round, or evaluate. No Flower here.
+
+Each request loads the site's ingested data (the database and cached crops,
+never raw DICOM), puts the global weights in a fresh model, runs m3fm/local.py
+and returns what may leave the site: weights, sample counts per parameter
+group and per task, losses and aggregate metrics. The ClientApp
+(client/app.py) only converts these to and from Flower records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sqlalchemy import create_engine, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from client.site import SiteConfig, load_site
+from m3fm.checkpoint import check_state_dict
+from m3fm.data.datasets import SiteData
+from m3fm.data.store import IngestRun
+from m3fm.local import PhaseConfig, local_evaluate, local_multitask, local_pretrain
+from m3fm.model.configs import get_config
+from m3fm.model.m3fm import M3FM
+from m3fm.model.text import TextTokenizer, load_tokenizer
+
+
+class SiteNotReady(RuntimeError):
+    """The site cannot take part: never ingested, or ingested for another model configuration."""
+
+
+def ensure_ingested(site: SiteConfig) -> dict:
+    """The summary of the site's last finished ingestion, or SiteNotReady saying what to run."""
+    db = site.work_dir / "site.db"
+    hint = f"run `m3fm-client ingest {site.site_dir}` first"
+    if not db.is_file():
+        raise SiteNotReady(f"site {site.site_id} was never ingested (no database at {db}); {hint}")
+    engine = create_engine(site.database_url)
+    try:
+        with Session(engine) as s:
+            last = s.scalars(select(IngestRun).where(IngestRun.finished_at.is_not(None))
+                             .order_by(IngestRun.id.desc())).first()
+    except OperationalError as e:
+        raise SiteNotReady(f"site {site.site_id}: {db} is not a site database ({e.orig}); {hint}") from None
+    finally:
+        engine.dispose()
+    if last is None:
+        raise SiteNotReady(f"site {site.site_id}: ingestion never finished (database {db}); {hint}")
+    return last.summary or {}
+
+
+def site_for(node_config: dict, run_config: dict) -> SiteConfig:
+    """The site a SuperNode serves: its own `site-dir`, or in simulation the partition's entry of `sim-sites`."""
+    if "site-dir" in node_config:
+        return load_site(Path(str(node_config["site-dir"])))
+    sites = [p for p in str(run_config.get("sim-sites", "")).split(",") if p]
+    if "partition-id" in node_config and sites:
+        return load_site(Path(sites[int(node_config["partition-id"]) % len(sites)]))
+    raise SiteNotReady("this SuperNode serves no site: start it with `m3fm-client start --site SITE_DIR`")
+
+
+@dataclass
+class OpenSite:
+    site: SiteConfig
+    data: SiteData
+    model: M3FM
+    tokenizer: TextTokenizer
+
+
+def open_site(site: SiteConfig, model_name: str, state: dict[str, torch.Tensor]) -> OpenSite:
+    ensure_ingested(site)
+    cfg = get_config(model_name)
+    data = SiteData(site.database_url, site.work_dir, cfg)
+    if not data.series and not data.exams:
+        raise SiteNotReady(f"site {site.site_id} has no cached crops for model {model_name!r} (it was ingested for "
+                           f"{site.model_config!r}); set [ingest] model_config = \"{model_name}\" in site.toml and "
+                           "run m3fm-client ingest again")
+    model = M3FM(cfg)
+    check_state_dict(model.state_dict(), state, "the global model from the coordinator")
+    model.load_state_dict(state, strict=True)
+    want = site.device.get("type", "cuda" if torch.cuda.is_available() else "cpu")
+    model.to(torch.device(want))
+    return OpenSite(site, data, model, load_tokenizer(cfg))
+
+
+def phase_from(config: dict) -> PhaseConfig:
+    split = lambda v: tuple(x for x in str(v or "").split(",") if x)  # noqa: E731
+    return PhaseConfig(name=str(config["phase"]), rounds=int(config["rounds"]), local_steps=int(config["local-steps"]),
+                       lr=float(config["lr"]), batch_size=int(config["batch-size"]),
+                       warmup_steps=int(config.get("warmup-steps", 0)), scales=split(config.get("scales")),
+                       tasks=split(config.get("tasks")), tasks_per_step=int(config.get("tasks-per-step", 0)))
+
+
+def train_round(site: SiteConfig, state: dict[str, torch.Tensor], config: dict):
+    """-> (new weights or None when the site did not train, metrics, reason it did not train or None)."""
+    pc = phase_from(config)
+    o = open_site(site, str(config["model"]), state)
+    run = {"pretrain": local_pretrain, "multitask": local_multitask}[pc.name]
+    out = run(o.model, o.data, o.tokenizer, pc, int(config["phase-round"]), site.min_cell_size,
+              seed=int(config.get("seed", 0)), proximal_mu=float(config.get("proximal-mu", 0.0)))
+    if not out["trained"]:
+        return None, {}, out["reason"]
+    metrics = {"num-examples": out["counts"]["shared"], "steps": out["steps"], "seconds": out["seconds"]}
+    metrics.update({f"n.{g}": n for g, n in out["counts"].items()})
+    metrics.update({f"items.{k}": n for k, n in out["items"].items()})
+    metrics.update({f"loss.{k}": v for k, v in out["loss"].items()})
+    weights = {k: v.detach().cpu() for k, v in o.model.state_dict().items()}
+    return weights, metrics, None
+
+
+def evaluate_round(site: SiteConfig, state: dict[str, torch.Tensor], config: dict) -> dict:
+    o = open_site(site, str(config["model"]), state)
+    out = local_evaluate(o.model, o.data, o.tokenizer, str(config["phase"]), site.min_cell_size,
+                         split=str(config.get("split", "val")))
+    metrics = {"num-examples": sum(out["items"].values())}
+    metrics.update({f"items.{k}": n for k, n in out["items"].items()})
+    metrics.update(out["metrics"])
+    return metrics

@@ -1,0 +1,197 @@
+"""A site's part of one federated round: local pretraining, local multitask training, local evaluation.
+
+Plain functions over an ingested site (m3fm/data/datasets.py) and a model that
+already holds the global weights; no networking. Each returns what may leave
+the site: sample counts per parameter group (m3fm/model/groups.py), losses and
+aggregate metrics. A task or scale with fewer training items than the site's
+minimum cell size is neither trained nor reported: a count or a weight from so
+few patients says too much about them.
+
+The learning-rate schedule runs over the whole phase (rounds x local steps), so
+round r continues the cosine where round r-1 left it; the AdamW moments start
+afresh each round, as in FedAvg.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from m3fm.data.collate import collate_pretrain, collate_qa
+from m3fm.data.datasets import PretrainDataset, QADataset, SiteData, batches_by_key
+from m3fm.model.groups import multitask_group_counts, pretrain_group_counts
+from m3fm.model.heads import task_probabilities
+from m3fm.model.m3fm import M3FM
+from m3fm.model.text import TextTokenizer, mask_for_mlm
+from m3fm.tasks import YES_NO, get_task
+from m3fm.train import TrainConfig, build_optimizer, multitask_step, pretrain_step
+
+
+@dataclass
+class PhaseConfig:
+    name: str  # "pretrain" or "multitask"
+    rounds: int = 1
+    local_steps: int = 2
+    lr: float = 2e-4
+    batch_size: int = 4
+    warmup_steps: int = 0
+    scales: tuple[str, ...] = ()  # pretraining: empty means every scale of the model configuration
+    tasks: tuple[str, ...] = ()  # multitask: empty means every task the site has labels for
+    tasks_per_step: int = 0  # micro-batches (one task each) per optimizer step; 0: every task
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(lr=self.lr, warmup_steps=self.warmup_steps, total_steps=self.rounds * self.local_steps)
+
+
+def _cycle(batches: list[list[int]], rng: random.Random):
+    while True:
+        order = list(batches)
+        rng.shuffle(order)
+        yield from order
+
+
+def proximal_hook(model: M3FM, mu: float):
+    """FedProx: the gradient of mu/2 * ||w - w_global||^2, added before the optimizer step."""
+    if mu <= 0:
+        return None
+    anchor = [p.detach().clone() for p in model.parameters()]
+
+    def add_proximal_gradient():
+        for p, a in zip(model.parameters(), anchor):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - a, alpha=mu)
+    return add_proximal_gradient
+
+
+def _counted(items: dict[str, int], min_items: int) -> dict[str, int]:
+    return {k: n for k, n in sorted(items.items()) if n >= min_items}
+
+
+def local_pretrain(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int,
+                   min_items: int, seed: int = 0, proximal_mu: float = 0.0) -> dict:
+    """MIM + MLM for pc.local_steps steps, one scale per step, cycling over the scales the site can train."""
+    t0 = time.perf_counter()
+    ds = PretrainDataset(data, "train", seed=seed)
+    ds.set_epoch(phase_round)
+    wanted = set(pc.scales) or {s.name for s in model.cfg.scales}
+    per_scale = _counted({k: ds.keys.count(k) for k in set(ds.keys) if k in wanted}, min_items)
+    if not per_scale:
+        return {"trained": False, "reason": f"fewer than {min_items} training crops at every scale", "counts": {}}
+    rng = random.Random(f"{seed}|pretrain|{phase_round}")
+    streams = {s: _cycle([b for b in batches_by_key(ds.keys, pc.batch_size, seed=rng.randrange(2**31))
+                          if ds.keys[b[0]] == s], rng) for s in per_scale}
+    order = sorted(per_scale)
+    tc, hook = pc.train_config(), proximal_hook(model, proximal_mu)
+    optimizer = build_optimizer(model, tc)
+    generator = torch.Generator().manual_seed(rng.randrange(2**31))
+    losses, trained = defaultdict(list), defaultdict(int)
+    for i in range(pc.local_steps):
+        step = (phase_round - 1) * pc.local_steps + i
+        scale = order[step % len(order)]
+        batch = collate_pretrain([ds[j] for j in next(streams[scale])], tokenizer, model.cfg)
+        out = pretrain_step(model, optimizer, batch, tokenizer, tc, step, generator, before_step=hook)
+        losses["mim"].append(out["mim"])
+        losses["mlm"].append(out["mlm"])
+        trained[scale] += 1
+    scale_items = {s: n for s, n in per_scale.items() if trained[s]}
+    text_items = sum(1 for (exam_id, _), k in zip(ds.items, ds.keys) if k in scale_items and _has_text(data, exam_id))
+    return {"trained": True, "counts": pretrain_group_counts(scale_items, text_items),
+            "items": {f"scale:{s}": n for s, n in scale_items.items()}, "steps": pc.local_steps,
+            "loss": {k: float(np.mean(v)) for k, v in losses.items()}, "seconds": time.perf_counter() - t0}
+
+
+def _has_text(data: SiteData, exam_id: str) -> bool:
+    exam = data.exams.get(exam_id) or {}
+    return bool(exam.get("sentences") or exam.get("report"))
+
+
+def local_multitask(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int,
+                    min_items: int, seed: int = 0, proximal_mu: float = 0.0) -> dict:
+    """Task-parallel QA: each step accumulates one micro-batch per task, then takes one optimizer step."""
+    t0 = time.perf_counter()
+    ds = QADataset(data, "train", tasks=pc.tasks or None, train=True, seed=seed)
+    ds.set_epoch(phase_round)
+    per_task = _counted({k: ds.keys.count(k) for k in set(ds.keys)}, min_items)
+    if not per_task:
+        return {"trained": False, "reason": f"fewer than {min_items} training items for every task", "counts": {}}
+    rng = random.Random(f"{seed}|multitask|{phase_round}")
+    all_batches = batches_by_key(ds.keys, pc.batch_size, seed=rng.randrange(2**31))
+    streams = {t: _cycle([b for b in all_batches if ds.keys[b[0]] == t], rng) for t in per_task}
+    order = sorted(per_task)
+    k = pc.tasks_per_step or len(order)
+    collate = partial(collate_qa, tokenizer=tokenizer, cfg=model.cfg, rng=rng)
+    tc, hook = pc.train_config(), proximal_hook(model, proximal_mu)
+    optimizer = build_optimizer(model, tc)
+    losses, trained = defaultdict(list), defaultdict(int)
+    for i in range(pc.local_steps):
+        step = (phase_round - 1) * pc.local_steps + i
+        tasks = [order[(step * k + j) % len(order)] for j in range(min(k, len(order)))]
+        micro = [collate([ds[j] for j in next(streams[t])]) for t in tasks]
+        out = multitask_step(model, optimizer, micro, tc, step, before_step=hook)
+        for t, v in out["tasks"].items():
+            losses[t].append(v)
+            trained[t] += 1
+    task_items = {t: n for t, n in per_task.items() if trained[t]}
+    return {"trained": True, "counts": multitask_group_counts(task_items),
+            "items": {f"task:{t}": n for t, n in task_items.items()}, "steps": pc.local_steps,
+            "loss": {t: float(np.mean(v)) for t, v in losses.items()}, "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def local_evaluate(model: M3FM, data: SiteData, tokenizer: TextTokenizer, phase: str, min_items: int,
+                   split: str = "val", batch_size: int = 8, tasks=None) -> dict:
+    """Losses (and, for multitask, accuracy and yes/no AUC) on a split; groups under min_items are left out."""
+    model.eval()
+    device = next(model.parameters()).device
+    if phase == "pretrain":
+        ds = PretrainDataset(data, split)
+        metrics, n = {}, {}
+        generator = torch.Generator().manual_seed(0)  # the same masks every evaluation
+        for scale in sorted(set(ds.keys)):
+            idx = [i for i, k in enumerate(ds.keys) if k == scale]
+            if len(idx) < min_items:
+                continue
+            mim, mlm = [], []
+            for j in range(0, len(idx), batch_size):
+                batch = collate_pretrain([ds[i] for i in idx[j:j + batch_size]], tokenizer, model.cfg).to(device)
+                mim.append(model.forward_mim(batch.image, batch.voxel_size, scale, None, generator)[0].item())
+                if batch.text_ids is not None:
+                    inputs, labels = mask_for_mlm(batch.text_ids.cpu(), tokenizer, 0.15, generator)
+                    mlm.append(model.forward_mlm(inputs.to(device), batch.text_mask, labels.to(device)).item())
+            metrics[f"mim:{scale}"] = float(np.mean(mim))
+            if mlm:
+                metrics[f"mlm:{scale}"] = float(np.mean(mlm))
+            n[f"scale:{scale}"] = len(idx)
+        return {"metrics": metrics, "items": n}
+    ds = QADataset(data, split, tasks=tasks, train=False)
+    metrics, n = {}, {}
+    for name in sorted(set(ds.keys)):
+        idx = [i for i, k in enumerate(ds.keys) if k == name]
+        if len(idx) < min_items:
+            continue
+        task = get_task(name)
+        losses, probs, answers = [], [], []
+        for j in range(0, len(idx), batch_size):
+            samples = [ds[i] for i in idx[j:j + batch_size]]
+            batch = collate_qa(samples, tokenizer, model.cfg).to(device)
+            out, task_logits = model(batch)
+            losses.append(model.forward_task_loss(batch, out, task_logits)[0].item() * len(samples))
+            probs.append(task_probabilities(task, out).float().cpu().numpy())
+            answers += [s["answer"] for s in samples]
+        metrics[f"loss:{name}"] = sum(losses) / len(idx)
+        n[f"task:{name}"] = len(idx)
+        if task.loss == "ce":
+            p = np.concatenate(probs)
+            metrics[f"accuracy:{name}"] = float(np.mean(p.argmax(1) == np.asarray(answers)))
+            y = np.asarray(answers) == 0
+            if task.answers == YES_NO and min(y.sum(), (~y).sum()) >= min_items:  # both classes big enough
+                metrics[f"auc:{name}"] = float(roc_auc_score(y, p[:, 0]))
+    return {"metrics": {k: v for k, v in metrics.items() if math.isfinite(v)}, "items": n}

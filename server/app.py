@@ -1,0 +1,23 @@
+"""The coordinator's Flower ServerApp: reads the run config and hands the Grid to server/rounds.py.
+
+Run config keys (set by `m3fm-server run` / `m3fm-sim run`): `config` (path to
+server.toml), `resume` (continue the run of that name), `database` (overrides
+the URL in server.toml).
+"""
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.config import load_server_config
+from server.rounds import run_federation
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    cfg = load_server_config(str(rc["config"]))
+    if rc.get("database"):
+        cfg.database = str(rc["database"])
+    run_federation(grid, cfg, resume=bool(rc.get("resume", False)), flwr_run_id=context.run_id)

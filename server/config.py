@@ -1,0 +1,193 @@
+"""`server.toml`: one file configures a federated run. Errors name the file and the field.
+
+    [run]
+    name = "m3fm-demo"        # runs are resumed by name
+    model = "tiny"            # model configuration (m3fm/model/configs.py)
+    min_sites = 2             # fewer accepted replies than this fails the round
+    round_timeout = 600       # seconds to wait for the sites' replies
+    evaluate_every = 1        # federated evaluation every N rounds (0: never; the last round always)
+    seed = 0
+    out_dir = "runs"          # checkpoints; relative paths are relative to this file
+    database = ""             # SQLAlchemy URL; empty: a SQLite file in out_dir
+
+    [strategy]
+    name = "fedavg"           # fedavg, fedprox, fedadam
+    proximal_mu = 0.01        # fedprox
+    eta = 0.01                # fedadam: server learning rate (and beta_1, beta_2, tau)
+    max_update_norm = 1000.0  # replies whose L2 distance to the global model is larger are dropped
+
+    [pretrain]                # federated MIM + MLM, then
+    rounds = 1
+    local_steps = 2
+    lr = 1e-4
+    batch_size = 4
+    scales = []               # empty: every scale
+
+    [multitask]               # federated multitask QA
+    rounds = 1
+    local_steps = 2
+    lr = 1e-4
+    batch_size = 4
+    tasks = []                # empty: every task a site has labels for
+    tasks_per_step = 0        # 0: one micro-batch of every task per optimizer step
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from m3fm.local import PhaseConfig
+from m3fm.model.configs import CONFIGS, get_config
+from m3fm.tasks import TASK_BY_NAME
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+PHASES = ("pretrain", "multitask")
+
+
+class ServerConfigError(ValueError):
+    pass
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    proximal_mu: float = 0.01
+    eta: float = 1e-2
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    max_update_norm: float = 1e3
+
+
+@dataclass
+class ServerConfig:
+    path: Path
+    name: str = "m3fm"
+    model: str = "tiny"
+    min_sites: int = 2
+    round_timeout: float = 600.0
+    evaluate_every: int = 1
+    seed: int = 0
+    out_dir: Path = Path("runs")
+    database: str = ""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    phases: list[PhaseConfig] = field(default_factory=list)
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.out_dir / 'server.db'}"
+
+    @property
+    def total_rounds(self) -> int:
+        return sum(p.rounds for p in self.phases)
+
+    def phase_of(self, server_round: int) -> tuple[PhaseConfig, int]:
+        """Global round (1-based, continuous over phases) -> phase and round within it."""
+        r = server_round
+        for p in self.phases:
+            if r <= p.rounds:
+                return p, r
+            r -= p.rounds
+        raise ValueError(f"round {server_round} is past the last round {self.total_rounds}")
+
+    def evaluates_after(self, server_round: int) -> bool:
+        if server_round == self.total_rounds:
+            return True
+        return self.evaluate_every > 0 and server_round % self.evaluate_every == 0
+
+    def training_dict(self) -> dict:
+        """What decides the training (not where files go): hashed, so a resume can refuse a changed run."""
+        return {"name": self.name, "model": self.model, "seed": self.seed, "strategy": asdict(self.strategy),
+                "phases": [asdict(p) for p in self.phases]}
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.training_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _take(table: dict, key: str, kind, default, where: str, check=None, why: str = ""):
+    if key not in table:
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ServerConfigError(f"{where}: field {key!r} must be {kind.__name__}, got {value!r}")
+    if check is not None and not check(value):
+        raise ServerConfigError(f"{where}: field {key!r} {why}, got {value!r}")
+    return value
+
+
+def _known(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ServerConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(allowed)}")
+
+
+def _phase(d: dict, name: str, where: str, cfg_name: str) -> PhaseConfig:
+    where = f"{where} [{name}]"
+    _known(d, {"rounds", "local_steps", "lr", "batch_size", "warmup_steps", "scales", "tasks", "tasks_per_step"}, where)
+    positive = (lambda v: v > 0, "must be positive")
+    pc = PhaseConfig(
+        name=name,
+        rounds=_take(d, "rounds", int, 1, where, lambda v: v >= 0, "must be 0 or more"),
+        local_steps=_take(d, "local_steps", int, 2, where, *positive),
+        lr=_take(d, "lr", float, 1e-4, where, *positive),
+        batch_size=_take(d, "batch_size", int, 4, where, *positive),
+        warmup_steps=_take(d, "warmup_steps", int, 0, where, lambda v: v >= 0, "must be 0 or more"),
+        scales=tuple(_take(d, "scales", list, [], where)),
+        tasks=tuple(_take(d, "tasks", list, [], where)),
+        tasks_per_step=_take(d, "tasks_per_step", int, 0, where, lambda v: v >= 0, "must be 0 or more"),
+    )
+    scales = {s.name for s in get_config(cfg_name).scales}
+    if bad := [s for s in pc.scales if s not in scales]:
+        raise ServerConfigError(f"{where}: field 'scales' names {bad}, not scales of model {cfg_name!r} {sorted(scales)}")
+    if bad := [t for t in pc.tasks if t not in TASK_BY_NAME]:
+        raise ServerConfigError(f"{where}: field 'tasks' names unknown task(s) {bad}")
+    return pc
+
+
+def load_server_config(path: str | Path) -> ServerConfig:
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ServerConfigError(f"{path}: not found")
+    try:
+        d = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ServerConfigError(f"{path}: not valid TOML: {e}") from None
+    _known(d, {"run", "strategy", *PHASES}, str(path))
+    run, where = d.get("run", {}), f"{path} [run]"
+    _known(run, {"name", "model", "min_sites", "round_timeout", "evaluate_every", "seed", "out_dir", "database"}, where)
+    model = _take(run, "model", str, "tiny", where, lambda v: v in CONFIGS, f"must be one of {list(CONFIGS)}")
+    out_dir = Path(_take(run, "out_dir", str, "runs", where))
+    st, swhere = d.get("strategy", {}), f"{path} [strategy]"
+    _known(st, {"name", "proximal_mu", "eta", "beta_1", "beta_2", "tau", "max_update_norm"}, swhere)
+    strategy = StrategyConfig(
+        name=_take(st, "name", str, "fedavg", swhere, lambda v: v in STRATEGIES, f"must be one of {list(STRATEGIES)}"),
+        proximal_mu=_take(st, "proximal_mu", float, 0.01, swhere, lambda v: v >= 0, "must be 0 or more"),
+        eta=_take(st, "eta", float, 1e-2, swhere, lambda v: v > 0, "must be positive"),
+        beta_1=_take(st, "beta_1", float, 0.9, swhere, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        beta_2=_take(st, "beta_2", float, 0.99, swhere, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        tau=_take(st, "tau", float, 1e-3, swhere, lambda v: v > 0, "must be positive"),
+        max_update_norm=_take(st, "max_update_norm", float, 1e3, swhere, lambda v: v > 0, "must be positive"),
+    )
+    cfg = ServerConfig(
+        path=path,
+        name=_take(run, "name", str, path.stem, where, lambda v: v.strip() != "", "must not be empty"),
+        model=model,
+        min_sites=_take(run, "min_sites", int, 2, where, lambda v: v >= 1, "must be at least 1"),
+        round_timeout=_take(run, "round_timeout", float, 600.0, where, lambda v: v > 0, "must be positive"),
+        evaluate_every=_take(run, "evaluate_every", int, 1, where, lambda v: v >= 0, "must be 0 or more"),
+        seed=_take(run, "seed", int, 0, where),
+        out_dir=out_dir if out_dir.is_absolute() else (path.parent / out_dir).resolve(),
+        database=_take(run, "database", str, "", where),
+        strategy=strategy,
+        phases=[_phase(d.get(p, {}), p, str(path), model) for p in PHASES],
+    )
+    if cfg.total_rounds == 0:
+        raise ServerConfigError(f"{path}: [pretrain] and [multitask] both have 0 rounds; nothing to run")
+    return cfg

@@ -1,0 +1,194 @@
+"""The coordinator's round loop: phases, task-aware aggregation, a checkpoint after every round, resume.
+
+Rounds are numbered continuously over the phases (pretraining rounds first,
+then multitask rounds). Flower's `Strategy.start` restarts at round 1 and has
+no phases, so this loop drives the strategy's own configure/aggregate methods
+through the Grid. After each round the global weights and the strategy state
+go to `out_dir/<run>/round-NNNN.pt` (written atomically), then the round's rows
+land in the server database in one transaction: a crash loses at most the
+round in flight, and `--resume` starts after the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from sqlalchemy.orm import Session
+
+from m3fm.checkpoint import FORMAT, read_checkpoint
+from m3fm.model.configs import get_config
+from m3fm.model.groups import parameter_group
+from m3fm.model.m3fm import M3FM
+from server.config import ServerConfig
+from server.store import (Checkpoint, RejectedReply, Round, Run, SiteMetric, last_checkpoint, latest_run, now,
+                          open_server_store)
+from server.strategy import TaskAwareFedAvg, build_strategy
+
+
+class RunError(RuntimeError):
+    """The run cannot go on: too few sites, a refused resume, a damaged checkpoint."""
+
+
+def initial_weights(cfg: ServerConfig) -> dict[str, torch.Tensor]:
+    torch.manual_seed(cfg.seed)  # every fresh run of one config starts from the same weights
+    return M3FM(get_config(cfg.model)).state_dict()
+
+
+def save_round(path: Path, cfg: ServerConfig, server_round: int, state: dict[str, torch.Tensor],
+               strategy_state: dict[str, np.ndarray]) -> str:
+    """An m3fm checkpoint (m3fm/checkpoint.py reads it) plus the round and strategy state; returns its SHA-256."""
+    phase, phase_round = cfg.phase_of(server_round)
+    payload = {"format": FORMAT, "config": get_config(cfg.model).to_dict(), "step": server_round, "optimizer": None,
+               "model": state, "extra": {"round": server_round, "phase": phase.name, "phase_round": phase_round,
+                                         "config_hash": cfg.config_hash,
+                                         "strategy": {k: torch.from_numpy(np.ascontiguousarray(v))
+                                                      for k, v in strategy_state.items()}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return file_sha256(path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def wait_for_sites(grid, n: int, timeout: float) -> list[int]:
+    """Bounded wait until n SuperNodes are connected (Flower's own sampler would wait forever)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < n:
+        if time.monotonic() > deadline:
+            raise RunError(f"only {len(nodes)} site(s) connected after {timeout:.0f}s; the run needs {n} (run.min_sites)")
+        time.sleep(1.0)
+    return nodes
+
+
+def phase_config(cfg: ServerConfig, server_round: int) -> ConfigRecord:
+    phase, phase_round = cfg.phase_of(server_round)
+    return ConfigRecord({"phase": phase.name, "phase-round": phase_round, "rounds": phase.rounds,
+                         "local-steps": phase.local_steps, "lr": phase.lr, "batch-size": phase.batch_size,
+                         "warmup-steps": phase.warmup_steps, "scales": ",".join(phase.scales),
+                         "tasks": ",".join(phase.tasks), "tasks-per-step": phase.tasks_per_step,
+                         "model": cfg.model, "seed": cfg.seed})
+
+
+def start_or_resume(s: Session, cfg: ServerConfig, resume: bool, flwr_run_id: int | None):
+    """-> run row, first round to train, global weights, strategy state."""
+    run = latest_run(s, cfg.name)
+    if not resume:
+        run = Run(name=cfg.name, config_hash=cfg.config_hash, config=cfg.training_dict(), total_rounds=cfg.total_rounds,
+                  status="running", flwr_run_ids=[flwr_run_id])
+        s.add(run)
+        s.commit()
+        return run, 1, initial_weights(cfg), {}
+    if run is None:
+        raise RunError(f"--resume: the database {cfg.database_url} holds no run named {cfg.name!r}")
+    if run.status == "completed":
+        raise RunError(f"--resume: run {run.id} ({cfg.name!r}) already completed all {run.total_rounds} rounds")
+    if run.config_hash != cfg.config_hash:
+        raise RunError(f"--resume: {cfg.path} changed since run {run.id} started (config hash {run.config_hash} "
+                       f"then, {cfg.config_hash} now); start a new run under another [run] name instead")
+    run.status, run.error = "running", None
+    run.flwr_run_ids = [*run.flwr_run_ids, flwr_run_id]
+    s.commit()
+    ck = last_checkpoint(s, run.id)
+    if ck is None:
+        return run, 1, initial_weights(cfg), {}
+    path = Path(ck.path)
+    if not path.is_file() or file_sha256(path) != ck.sha256:
+        raise RunError(f"--resume: checkpoint {path} of round {ck.round} is missing or its SHA-256 differs from "
+                       "the database's; refusing to continue from weights that are not the ones recorded")
+    payload = read_checkpoint(path)
+    state = {k: v.numpy() for k, v in payload["extra"]["strategy"].items()}
+    return run, ck.round + 1, payload["model"], state
+
+
+def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: int | None = None, log=print) -> int:
+    """Drive every remaining round of the run; returns the run's id in the server database."""
+    engine = open_server_store(cfg.database_url)
+    with Session(engine) as s:
+        run, first, weights, strategy_state = start_or_resume(s, cfg, resume, flwr_run_id)
+        run_id = run.id
+    arrays = ArrayRecord({k: v.contiguous() for k, v in weights.items()})
+    sc = cfg.strategy
+    strategy = build_strategy(sc.name, {parameter_group(k) for k in weights}, cfg.min_sites, sc.max_update_norm,
+                              sc.proximal_mu, sc.eta, sc.beta_1, sc.beta_2, sc.tau)
+    strategy.load_state(strategy_state)
+    log(f"run {run_id} ({cfg.name}): rounds {first}..{cfg.total_rounds}, strategy {sc.name}, model {cfg.model}")
+    try:
+        for rnd in range(first, cfg.total_rounds + 1):
+            arrays = run_round(grid, cfg, strategy, engine, run_id, rnd, arrays, flwr_run_id, log)
+    except Exception as e:
+        with Session(engine) as s:
+            run = s.get(Run, run_id)
+            run.status, run.error, run.updated_at = "failed", f"{type(e).__name__}: {e}", now()
+            s.commit()
+        raise
+    with Session(engine) as s:
+        run = s.get(Run, run_id)
+        run.status, run.updated_at = "completed", now()
+        s.commit()
+    engine.dispose()
+    return run_id
+
+
+def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id: int, rnd: int,
+              arrays: ArrayRecord, flwr_run_id: int | None, log) -> ArrayRecord:
+    t0 = time.perf_counter()
+    phase, phase_round = cfg.phase_of(rnd)
+    wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
+    replies = list(grid.send_and_receive(strategy.configure_train(rnd, arrays, phase_config(cfg, rnd), grid),
+                                         timeout=cfg.round_timeout))
+    new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+    problems = [RejectedReply(run_id=run_id, round=rnd, kind="rejected", **r) for r in strategy.rejections]
+    problems += [RejectedReply(run_id=run_id, round=rnd, kind="skip", **r) for r in strategy.skips]
+    if len(strategy.accepted) < cfg.min_sites:
+        with Session(engine) as s:  # the rejections are kept even though the round is not
+            s.add_all(problems)
+            s.commit()
+        why = "; ".join(f"{r['site_id']}: {r['reason']}" for r in strategy.rejections + strategy.skips) or "no replies"
+        raise RunError(f"round {rnd}: {len(strategy.accepted)} usable replies of {len(replies)}, fewer than "
+                       f"run.min_sites = {cfg.min_sites} ({why})")
+    arrays = new_arrays
+    rows = [SiteMetric(run_id=run_id, round=rnd, site_id=a["site_id"], node_id=a["node_id"], kind="train",
+                       metrics=a["metrics"]) for a in strategy.accepted]
+    evaluate_metrics = None
+    if cfg.evaluates_after(rnd):
+        wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
+        config = ConfigRecord({"phase": phase.name, "model": cfg.model, "seed": cfg.seed})
+        ereplies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config, grid), timeout=cfg.round_timeout)
+        aggregated = strategy.aggregate_evaluate(rnd, list(ereplies))
+        evaluate_metrics = dict(aggregated) if aggregated is not None else {}
+        for e in strategy.evaluations:
+            if "metrics" in e:
+                rows.append(SiteMetric(run_id=run_id, round=rnd, site_id=e["site_id"], node_id=e["node_id"],
+                                       kind="evaluate", metrics=e["metrics"]))
+            else:
+                problems.append(RejectedReply(run_id=run_id, round=rnd, site_id=e["site_id"], node_id=e["node_id"],
+                                              kind="evaluate", reason=e["error"]))
+    path = cfg.out_dir / f"run-{run_id:04d}" / f"round-{rnd:04d}.pt"
+    sha = save_round(path, cfg, rnd, arrays.to_torch_state_dict(), strategy.state())
+    seconds = time.perf_counter() - t0
+    with Session(engine) as s:
+        s.add(Round(run_id=run_id, round=rnd, phase=phase.name, phase_round=phase_round, flwr_run_id=flwr_run_id,
+                    sites_replied=len(replies), sites_accepted=len(strategy.accepted),
+                    train_metrics=dict(train_metrics or {}), evaluate_metrics=evaluate_metrics, seconds=seconds))
+        s.add_all(rows + problems)
+        s.add(Checkpoint(run_id=run_id, round=rnd, path=str(path), sha256=sha))
+        run = s.get(Run, run_id)
+        run.updated_at = now()
+        s.commit()
+    log(f"round {rnd}/{cfg.total_rounds} ({phase.name} {phase_round}/{phase.rounds}): "
+        f"{len(strategy.accepted)}/{len(replies)} sites accepted, {seconds:.1f}s")
+    return arrays
