@@ -1,11 +1,14 @@
 """The site's Flower ClientApp: routes the coordinator's messages to client/federated.py.
 
-Message types: `train.pretrain`, `train.multitask` and `evaluate`. Replies carry
-the weights ("arrays"), counts and metrics ("metrics") and the site's id
+Message types: `train.pretrain`, `train.multitask` and `evaluate`. Weights travel
+packed, one vector per parameter group (m3fm/model/packing.py). Replies carry
+them ("arrays"), counts and metrics ("metrics") and the site's id
 ("site"); a site that did not train says why in "site" and sends no weights.
 """
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import time as _t
+open("/tmp/fed/timing.log","a").write(f"{_t.time():.1f} import start\n")
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.federated import evaluate_round, site_for, train_round
@@ -13,14 +16,20 @@ from client.federated import evaluate_round, site_for, train_round
 app = ClientApp()
 
 
+def _arrays(msg: Message) -> dict:
+    return {k: a.numpy() for k, a in msg.content["arrays"].items()}
+
+
 def _train(msg: Message, context: Context) -> Message:
+    open("/tmp/fed/timing.log","a").write(f"{_t.time():.1f} train start\n")
     site = site_for(context.node_config, context.run_config)
     config = dict(msg.content["config"])
-    weights, metrics, skipped = train_round(site, msg.content["arrays"].to_torch_state_dict(), config)
+    weights, metrics, skipped = train_round(site, _arrays(msg), config)
     content = RecordDict({"site": ConfigRecord({"site_id": site.site_id, "skipped": skipped or ""})})
     if weights is not None:
-        content["arrays"] = ArrayRecord(weights)
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in weights.items()})
         content["metrics"] = MetricRecord(metrics)
+    open("/tmp/fed/timing.log","a").write(f"{_t.time():.1f} train end\n")
     return Message(content=content, reply_to=msg)
 
 
@@ -37,6 +46,6 @@ def multitask(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_for(context.node_config, context.run_config)
-    metrics = evaluate_round(site, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]))
+    metrics = evaluate_round(site, _arrays(msg), dict(msg.content["config"]))
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site_id": site.site_id})})
     return Message(content=content, reply_to=msg)

@@ -93,3 +93,46 @@ def print_summary(console: Console, site, summary: dict) -> None:
     for task, n in summary["labelled"].items():
         lab.add_row(task, str(n))
     console.print(lab)
+
+
+@app.command()
+def start(
+    site_dir: Path = typer.Option(..., "--site", help="the site folder (ingested with `m3fm-client ingest`)"),
+    superlink: str = typer.Option(..., "--superlink", help="the coordinator's SuperLink, HOST:PORT"),
+    port: int = typer.Option(9094, help="local port of this SuperNode's runtime API (one per SuperNode on a host)"),
+) -> None:
+    """Join the federation: run a Flower SuperNode for this site until Ctrl-C or SIGTERM."""
+    import signal
+    import time
+
+    from client.federated import SiteNotReady, ensure_ingested
+    from client.site import SiteConfigError, load_site
+    from server.flower import flower_env, start_supernode, stop
+
+    console = Console()
+    try:
+        site = load_site(site_dir)
+        summary = ensure_ingested(site)
+    except (SiteConfigError, SiteNotReady) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"[yellow]warning:[/yellow] connecting to {superlink} without TLS or node authentication")
+    log_path = site.work_dir / "supernode.log"
+    node = start_supernode(superlink, port, f'site-dir="{site.site_dir}"', log_path, env=flower_env())
+    console.print(f"{site.site_id}: SuperNode pid {node.pid} serving {summary.get('series_accepted', 0)} series, "
+                  f"{summary.get('exams', 0)} exams; log {log_path}")
+    stopping = {}
+
+    def on_signal(signum, frame):
+        stopping["by"] = signal.Signals(signum).name
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    while node.poll() is None and not stopping:
+        time.sleep(0.5)
+    if stopping:
+        code = stop(node)
+        console.print(f"stopped by {stopping['by']}: SuperNode exited with code {code}")
+        return
+    console.print(f"[red]the SuperNode exited with code {node.returncode}[/red]; see {log_path}")
+    raise typer.Exit(1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from sqlalchemy import create_engine, select
 from sqlalchemy.exc import OperationalError
@@ -24,6 +25,7 @@ from m3fm.data.store import IngestRun
 from m3fm.local import PhaseConfig, local_evaluate, local_multitask, local_pretrain
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
+from m3fm.model.packing import pack_state, unpack_state
 from m3fm.model.text import TextTokenizer, load_tokenizer
 
 
@@ -69,7 +71,7 @@ class OpenSite:
     tokenizer: TextTokenizer
 
 
-def open_site(site: SiteConfig, model_name: str, state: dict[str, torch.Tensor]) -> OpenSite:
+def open_site(site: SiteConfig, model_name: str, packed: dict[str, np.ndarray]) -> OpenSite:
     ensure_ingested(site)
     cfg = get_config(model_name)
     data = SiteData(site.database_url, site.work_dir, cfg)
@@ -78,6 +80,7 @@ def open_site(site: SiteConfig, model_name: str, state: dict[str, torch.Tensor])
                            f"{site.model_config!r}); set [ingest] model_config = \"{model_name}\" in site.toml and "
                            "run m3fm-client ingest again")
     model = M3FM(cfg)
+    state = unpack_state(packed, model.state_dict())
     check_state_dict(model.state_dict(), state, "the global model from the coordinator")
     model.load_state_dict(state, strict=True)
     want = site.device.get("type", "cuda" if torch.cuda.is_available() else "cpu")
@@ -93,10 +96,11 @@ def phase_from(config: dict) -> PhaseConfig:
                        tasks=split(config.get("tasks")), tasks_per_step=int(config.get("tasks-per-step", 0)))
 
 
-def train_round(site: SiteConfig, state: dict[str, torch.Tensor], config: dict):
-    """-> (new weights or None when the site did not train, metrics, reason it did not train or None)."""
+def train_round(site: SiteConfig, packed: dict[str, np.ndarray], config: dict):
+    """Packed global weights in -> (packed new weights or None when the site did not train, metrics, reason it
+    did not train or None)."""
     pc = phase_from(config)
-    o = open_site(site, str(config["model"]), state)
+    o = open_site(site, str(config["model"]), packed)
     run = {"pretrain": local_pretrain, "multitask": local_multitask}[pc.name]
     out = run(o.model, o.data, o.tokenizer, pc, int(config["phase-round"]), site.min_cell_size,
               seed=int(config.get("seed", 0)), proximal_mu=float(config.get("proximal-mu", 0.0)))
@@ -106,12 +110,11 @@ def train_round(site: SiteConfig, state: dict[str, torch.Tensor], config: dict):
     metrics.update({f"n.{g}": n for g, n in out["counts"].items()})
     metrics.update({f"items.{k}": n for k, n in out["items"].items()})
     metrics.update({f"loss.{k}": v for k, v in out["loss"].items()})
-    weights = {k: v.detach().cpu() for k, v in o.model.state_dict().items()}
-    return weights, metrics, None
+    return pack_state(o.model.state_dict()), metrics, None
 
 
-def evaluate_round(site: SiteConfig, state: dict[str, torch.Tensor], config: dict) -> dict:
-    o = open_site(site, str(config["model"]), state)
+def evaluate_round(site: SiteConfig, packed: dict[str, np.ndarray], config: dict) -> dict:
+    o = open_site(site, str(config["model"]), packed)
     out = local_evaluate(o.model, o.data, o.tokenizer, str(config["phase"]), site.min_cell_size,
                          split=str(config.get("split", "val")))
     metrics = {"num-examples": sum(out["items"].values())}

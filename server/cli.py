@@ -1,5 +1,7 @@
 """`m3fm-server`: what the coordinator runs. Run, status, certificates and enrollment join here."""
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 
@@ -19,3 +21,94 @@ def info() -> None:
     from m3fm.model.configs import CONFIGS
 
     Console().print(environment_table("m3fm-server environment", {"model configurations": ", ".join(CONFIGS)}))
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", help="the run's server.toml"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run of this name from its last checkpoint"),
+    database: str = typer.Option(None, "--database", help="SQLAlchemy URL of the server database (default: "
+                                 "[run] database, else a SQLite file in [run] out_dir)"),
+    host: str = typer.Option("127.0.0.1", help="address the SuperLink binds"),
+    port: int = typer.Option(9092, help="the SuperLink's port (Fleet, Control and Runtime APIs)"),
+) -> None:
+    """Start a SuperLink, submit the federated run, show each round, exit non-zero if the run fails."""
+    from server.config import ServerConfigError, load_server_config
+    from server.coordinator import Stopped, coordinate
+
+    console = Console()
+    try:
+        cfg = load_server_config(config)
+    except ServerConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if database:
+        cfg.database = database
+    console.print(f"[yellow]warning:[/yellow] the SuperLink runs without TLS or node authentication on {host}:{port}")
+    console.print(f"run {cfg.name!r}: {cfg.total_rounds} rounds ({', '.join(f'{p.name} {p.rounds}' for p in cfg.phases)}),"
+                  f" strategy {cfg.strategy.name}, model {cfg.model}, database {cfg.database_url}")
+    try:
+        outcome = coordinate(cfg, resume, host, port, log=console.print)
+    except Stopped as e:
+        console.print(f"stopped by {e}; the SuperLink was shut down. Continue later with --resume.")
+        raise typer.Exit(130) from None
+    if not outcome.ok:
+        console.print(f"[red]run failed[/red] ({outcome.status}): {outcome.error}")
+        raise typer.Exit(1)
+    console.print(f"[green]run {outcome.run_id} completed[/green]: checkpoints in {cfg.out_dir}")
+
+
+@app.command()
+def status(
+    run_id: int = typer.Argument(None, help="the run's id in the server database (default: the latest)"),
+    config: Path = typer.Option(None, "--config", help="server.toml (to find its database)"),
+    database: str = typer.Option(None, "--database", help="SQLAlchemy URL of the server database"),
+) -> None:
+    """Rounds done, sites seen and the last metrics of a run."""
+    from rich.table import Table
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from server.config import ServerConfigError, load_server_config
+    from server.store import RejectedReply, Round, Run, SiteMetric, open_server_store
+
+    console = Console()
+    if database is None:
+        if config is None:
+            console.print("[red]error:[/red] give --config server.toml or --database URL")
+            raise typer.Exit(2)
+        try:
+            database = load_server_config(config).database_url
+        except ServerConfigError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+    engine = open_server_store(database)
+    with Session(engine) as s:
+        run_row = s.get(Run, run_id) if run_id is not None else s.scalars(select(Run).order_by(Run.id.desc())).first()
+        if run_row is None:
+            console.print(f"no run {'with id ' + str(run_id) if run_id is not None else ''} in {database}")
+            raise typer.Exit(1)
+        rounds = s.scalars(select(Round).where(Round.run_id == run_row.id).order_by(Round.round)).all()
+        sites = sorted(set(s.scalars(select(SiteMetric.site_id).where(SiteMetric.run_id == run_row.id))))
+        rejected = s.scalars(select(RejectedReply).where(RejectedReply.run_id == run_row.id)).all()
+        console.print(f"run {run_row.id} {run_row.name!r}: {run_row.status}, {len(rounds)}/{run_row.total_rounds} "
+                      f"rounds, sites seen: {', '.join(sites) or 'none'}"
+                      + (f"\n[red]error:[/red] {run_row.error}" if run_row.error else ""))
+        t = Table(title="rounds")
+        for col in ("round", "phase", "sites", "seconds", "train loss (mean)", "evaluation"):
+            t.add_column(col)
+        for r in rounds:
+            losses = [v for k, v in (r.train_metrics or {}).items() if k.startswith("loss.")]
+            ev = ", ".join(f"{k} {v:.3f}" for k, v in (r.evaluate_metrics or {}).items()
+                           if not k.startswith("items.") and k != "num-examples")
+            t.add_row(str(r.round), f"{r.phase} {r.phase_round}", f"{r.sites_accepted}/{r.sites_replied}",
+                      f"{r.seconds:.0f}", f"{sum(losses) / len(losses):.3f}" if losses else "-", ev[:60] or "-")
+        console.print(t)
+        if rejected:
+            rt = Table(title="replies that did not count")
+            for col in ("round", "site", "kind", "reason"):
+                rt.add_column(col)
+            for r in rejected:
+                rt.add_row(str(r.round), r.site_id, r.kind, r.reason[:100])
+            console.print(rt)
+    engine.dispose()

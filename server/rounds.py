@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from sqlalchemy.orm import Session
 
 from m3fm.checkpoint import FORMAT, read_checkpoint
 from m3fm.model.configs import get_config
-from m3fm.model.groups import parameter_group
+from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.m3fm import M3FM
 from server.config import ServerConfig
 from server.store import (Checkpoint, RejectedReply, Round, Run, SiteMetric, last_checkpoint, latest_run, now,
@@ -38,6 +38,12 @@ class RunError(RuntimeError):
 def initial_weights(cfg: ServerConfig) -> dict[str, torch.Tensor]:
     torch.manual_seed(cfg.seed)  # every fresh run of one config starts from the same weights
     return M3FM(get_config(cfg.model)).state_dict()
+
+
+def weight_shapes(cfg: ServerConfig) -> dict[str, torch.Tensor]:
+    """The model's state dict on the meta device: names, shapes and dtypes, no memory."""
+    with torch.device("meta"):
+        return M3FM(get_config(cfg.model)).state_dict()
 
 
 def save_round(path: Path, cfg: ServerConfig, server_round: int, state: dict[str, torch.Tensor],
@@ -83,12 +89,16 @@ def phase_config(cfg: ServerConfig, server_round: int) -> ConfigRecord:
                          "model": cfg.model, "seed": cfg.seed})
 
 
+def _text(flwr_id: int | None) -> str | None:
+    return None if flwr_id is None else str(flwr_id)  # Flower's ids are unsigned 64-bit; SQLite's are signed
+
+
 def start_or_resume(s: Session, cfg: ServerConfig, resume: bool, flwr_run_id: int | None):
     """-> run row, first round to train, global weights, strategy state."""
     run = latest_run(s, cfg.name)
     if not resume:
         run = Run(name=cfg.name, config_hash=cfg.config_hash, config=cfg.training_dict(), total_rounds=cfg.total_rounds,
-                  status="running", flwr_run_ids=[flwr_run_id])
+                  status="running", flwr_run_ids=[_text(flwr_run_id)])
         s.add(run)
         s.commit()
         return run, 1, initial_weights(cfg), {}
@@ -100,7 +110,7 @@ def start_or_resume(s: Session, cfg: ServerConfig, resume: bool, flwr_run_id: in
         raise RunError(f"--resume: {cfg.path} changed since run {run.id} started (config hash {run.config_hash} "
                        f"then, {cfg.config_hash} now); start a new run under another [run] name instead")
     run.status, run.error = "running", None
-    run.flwr_run_ids = [*run.flwr_run_ids, flwr_run_id]
+    run.flwr_run_ids = [*run.flwr_run_ids, _text(flwr_run_id)]
     s.commit()
     ck = last_checkpoint(s, run.id)
     if ck is None:
@@ -120,9 +130,10 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
     with Session(engine) as s:
         run, first, weights, strategy_state = start_or_resume(s, cfg, resume, flwr_run_id)
         run_id = run.id
-    arrays = ArrayRecord({k: v.contiguous() for k, v in weights.items()})
+    packed = pack_state(weights)
+    arrays = ArrayRecord({k: Array(v) for k, v in packed.items()})
     sc = cfg.strategy
-    strategy = build_strategy(sc.name, {parameter_group(k) for k in weights}, cfg.min_sites, sc.max_update_norm,
+    strategy = build_strategy(sc.name, {group_of_packed(k) for k in packed}, cfg.min_sites, sc.max_update_norm,
                               sc.proximal_mu, sc.eta, sc.beta_1, sc.beta_2, sc.tau)
     strategy.load_state(strategy_state)
     log(f"run {run_id} ({cfg.name}): rounds {first}..{cfg.total_rounds}, strategy {sc.name}, model {cfg.model}")
@@ -178,10 +189,11 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
                 problems.append(RejectedReply(run_id=run_id, round=rnd, site_id=e["site_id"], node_id=e["node_id"],
                                               kind="evaluate", reason=e["error"]))
     path = cfg.out_dir / f"run-{run_id:04d}" / f"round-{rnd:04d}.pt"
-    sha = save_round(path, cfg, rnd, arrays.to_torch_state_dict(), strategy.state())
+    state = unpack_state({k: a.numpy() for k, a in arrays.items()}, weight_shapes(cfg))
+    sha = save_round(path, cfg, rnd, state, strategy.state())
     seconds = time.perf_counter() - t0
     with Session(engine) as s:
-        s.add(Round(run_id=run_id, round=rnd, phase=phase.name, phase_round=phase_round, flwr_run_id=flwr_run_id,
+        s.add(Round(run_id=run_id, round=rnd, phase=phase.name, phase_round=phase_round, flwr_run_id=_text(flwr_run_id),
                     sites_replied=len(replies), sites_accepted=len(strategy.accepted),
                     train_metrics=dict(train_metrics or {}), evaluate_metrics=evaluate_metrics, seconds=seconds))
         s.add_all(rows + problems)

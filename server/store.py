@@ -39,7 +39,7 @@ class Run(Base):
     total_rounds: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String)  # running | completed | failed
     error: Mapped[str | None] = mapped_column(Text)
-    flwr_run_ids: Mapped[list] = mapped_column(JSON, default=list)  # one per submission (a resume adds one)
+    flwr_run_ids: Mapped[list] = mapped_column(JSON, default=list)  # one per submission (a resume adds one), as text
     created_at: Mapped[datetime] = mapped_column(default=now)
     updated_at: Mapped[datetime] = mapped_column(default=now)
 
@@ -52,7 +52,7 @@ class Round(Base):
     round: Mapped[int] = mapped_column(Integer)
     phase: Mapped[str] = mapped_column(String)
     phase_round: Mapped[int] = mapped_column(Integer)
-    flwr_run_id: Mapped[int | None] = mapped_column(Integer)
+    flwr_run_id: Mapped[str | None] = mapped_column(String)  # Flower's ids are unsigned 64-bit: text here
     sites_replied: Mapped[int] = mapped_column(Integer)
     sites_accepted: Mapped[int] = mapped_column(Integer)
     train_metrics: Mapped[dict] = mapped_column(JSON)
@@ -67,7 +67,7 @@ class SiteMetric(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
     round: Mapped[int] = mapped_column(Integer)
     site_id: Mapped[str] = mapped_column(String)
-    node_id: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[str] = mapped_column(String)
     kind: Mapped[str] = mapped_column(String)  # train | evaluate
     metrics: Mapped[dict] = mapped_column(JSON)
 
@@ -78,7 +78,7 @@ class RejectedReply(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
     round: Mapped[int] = mapped_column(Integer)
     site_id: Mapped[str] = mapped_column(String)
-    node_id: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[str] = mapped_column(String)
     kind: Mapped[str] = mapped_column(String)  # rejected | skip | evaluate
     reason: Mapped[str] = mapped_column(Text)
 

@@ -4,7 +4,8 @@ Every reply is checked before it counts (same keys, shapes and dtypes as the
 global model, all finite, sample counts that name real parameter groups, an
 update no larger than the configured bound); a failing reply is dropped and
 kept in `rejections` with its reason. Each parameter is then averaged over the
-sites that trained its group (m3fm/model/groups.py), weighted by their sample
+sites that trained its group (m3fm/model/groups.py; weights travel packed,
+one vector per group, m3fm/model/packing.py), weighted by their sample
 counts for that group; a parameter nobody trained keeps its value. FedProx and
 FedAdam keep Flower's own logic around that average (the proximal term travels
 in the train config; FedAdam's server step runs on the task-aware average).
@@ -18,7 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from m3fm.model.groups import parameter_group
+from m3fm.model.packing import group_of_packed
 
 COUNT = "n."  # metric keys "n.<group>": the site's sample count for a parameter group
 SITE_RECORD, ARRAYS, METRICS = "site", "arrays", "metrics"
@@ -55,10 +56,11 @@ def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], m
 
 def task_aware_average(reference: dict[str, np.ndarray], replies: list[tuple[dict[str, np.ndarray], dict[str, int]]]
                        ) -> tuple[dict[str, np.ndarray], set[str]]:
-    """replies: (arrays, group -> sample count). -> new arrays, keys nobody trained (kept as they were)."""
+    """Packed weights (m3fm/model/packing.py): one vector per parameter group.
+    replies: (arrays, group -> sample count). -> new arrays, keys nobody trained (kept as they were)."""
     out, untrained = {}, set()
     for key, ref in reference.items():
-        group = parameter_group(key)
+        group = group_of_packed(key)
         weighted = [(arrays[key], counts.get(group, 0)) for arrays, counts in replies if counts.get(group, 0) > 0]
         if not weighted:
             out[key] = ref
@@ -113,7 +115,7 @@ class TaskAwareFedAvg(FedAvg):
         self.rejections, self.skips, self.accepted = [], [], []
         usable = []
         for msg in replies:
-            who = {"site_id": site_of(msg), "node_id": msg.metadata.src_node_id}
+            who = {"site_id": site_of(msg), "node_id": str(msg.metadata.src_node_id)}
             if msg.has_error():
                 self.rejections.append({**who, "reason": f"site error: {msg.error.reason}"})
                 continue
@@ -139,7 +141,7 @@ class TaskAwareFedAvg(FedAvg):
         self.evaluations = []
         usable = []
         for msg in replies:
-            who = {"site_id": site_of(msg), "node_id": msg.metadata.src_node_id}
+            who = {"site_id": site_of(msg), "node_id": str(msg.metadata.src_node_id)}
             if msg.has_error() or METRICS not in msg.content.metric_records:
                 reason = msg.error.reason if msg.has_error() else "no metrics"
                 self.evaluations.append({**who, "error": reason})

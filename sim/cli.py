@@ -93,3 +93,48 @@ def cohort_table(summaries: list[dict]) -> Table:
                 cells.append(f"{p['positive']}/{p['labelled']}")
         table.add_row(t.name, *cells)
     return table
+
+
+@app.command()
+def run(
+    cohort_dir: Path = typer.Option(None, "--cohort", help="an existing cohort (site-*/ folders); default: generate one"),
+    preset: str = typer.Option("demo", help="cohort preset to generate when no --cohort is given: tiny or demo"),
+    config: str = typer.Option(None, help="model configuration (default: the one the sites cached crops for)"),
+    engine: str = typer.Option("deployment", help="deployment (SuperLink + one SuperNode per site) or ray"),
+    out: Path = typer.Option(Path("m3fm-sim-run"), help="folder for the cohort, run, checkpoints and metrics"),
+    server_config: Path = typer.Option(None, "--server-config", help="a server.toml to use instead of the preset's plan"),
+) -> None:
+    """Federated pretraining then multitask training of every site of a cohort, on this machine."""
+    import time
+
+    from sim.federation import (RUN_PLANS, ingest_all, prepare_cohort, run_deployment, run_ray, write_server_toml,
+                                write_site_metrics)
+
+    console = Console()
+    if engine not in ("deployment", "ray"):
+        raise typer.BadParameter("choose deployment or ray", param_hint="--engine")
+    if preset not in RUN_PLANS:
+        raise typer.BadParameter(f"choose one of {', '.join(RUN_PLANS)}", param_hint="--preset")
+    t0 = time.perf_counter()
+    out = out.resolve()
+    sites = prepare_cohort(out, cohort_dir, preset, log=console.print)
+    cached = ingest_all(sites, log=console.print)
+    if config is not None and config != cached:
+        console.print(f"[red]error:[/red] the sites cached crops for model {cached!r}, not {config!r}; set [ingest] "
+                      "model_config in their site.toml and ingest again")
+        raise typer.Exit(2)
+    toml = server_config or write_server_toml(out / "server.toml", f"sim-{preset}", cached, len(sites), RUN_PLANS[preset])
+    console.print(f"federated run with {len(sites)} sites, engine {engine}, config {toml}")
+    if engine == "deployment":
+        code = run_deployment(toml, sites, out, log=console.print)
+        ok = code == 0
+    else:
+        outcome = run_ray(toml, sites, log=console.print)
+        ok = outcome.ok
+        if not ok:
+            console.print(f"[red]run failed[/red] ({outcome.status}): {outcome.error}")
+    written = write_site_metrics(toml, out)
+    console.print(f"site metrics: {', '.join(str(p) for p in written.values()) or 'none'}")
+    console.print(f"{'[green]done[/green]' if ok else '[red]failed[/red]'} in {time.perf_counter() - t0:.0f}s")
+    if not ok:
+        raise typer.Exit(1)

@@ -1,0 +1,143 @@
+"""`m3fm-sim run`: every hospital on one machine, driven the way users drive the real thing.
+
+deployment engine: `m3fm-server run` (a SuperLink and the ServerApp) and one
+`m3fm-client start` (a SuperNode) per site, as separate processes on 127.0.0.1.
+ray engine: the same ServerApp and ClientApp on Flower's simulation engine; a
+virtual SuperNode per site (partition i serves site i, `sim-sites` in the run
+config). Ray binds the machine's own address: on a machine that must keep
+traffic on loopback, run it inside `unshare -n sh -c 'ip link set lo up; exec CMD'`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import tomli_w
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from client.ingest import ingest_site
+from client.site import load_site
+from server.config import load_server_config
+from server.coordinator import coordinate, free_port
+from server.flower import flower_bin, flower_env, stop, wait_for_port
+from server.store import RejectedReply, Round, Run, SiteMetric, open_server_store
+
+# rounds per preset: small enough for the README's 10-minute run on 2 cores
+RUN_PLANS = {
+    "tiny": {"pretrain": {"rounds": 1, "local_steps": 2}, "multitask": {"rounds": 1, "local_steps": 2}},
+    "demo": {"pretrain": {"rounds": 2, "local_steps": 4}, "multitask": {"rounds": 2, "local_steps": 3}},
+}
+
+
+def prepare_cohort(out: Path, cohort: Path | None, preset: str, log=print) -> list[Path]:
+    """The cohort's site folders, generated (preset) when no cohort is given and none is in `out` yet."""
+    if cohort is None:
+        cohort = out / "cohort"
+        if not (cohort / "cohort.json").is_file():
+            from sim.cohort.generate import generate_cohort
+            from sim.cohort.presets import build_sites
+
+            log(f"generating the {preset} cohort in {cohort} ...")
+            generate_cohort(cohort, build_sites(preset), seed=0, workers=2)
+    sites = sorted(p for p in Path(cohort).glob("site-*") if (p / "site.toml").is_file())
+    if not sites:
+        raise FileNotFoundError(f"{cohort} holds no site folders (site-*/site.toml)")
+    return sites
+
+
+def ingest_all(sites: list[Path], log=print) -> str:
+    """Ingest every site (incremental: unchanged sites take a moment); returns their common model config."""
+    configs = set()
+    for path in sites:
+        site = load_site(path)
+        t0 = time.perf_counter()
+        summary = ingest_site(site, workers=2)
+        log(f"ingested {site.site_id}: {summary['series_accepted']} series, {summary['exams']} exams "
+            f"({time.perf_counter() - t0:.1f}s)")
+        configs.add(site.model_config)
+    if len(configs) != 1:
+        raise ValueError(f"the sites cached crops for different model configurations {sorted(configs)}")
+    return configs.pop()
+
+
+def write_server_toml(path: Path, name: str, model: str, n_sites: int, plan: dict) -> Path:
+    doc = {"run": {"name": name, "model": model, "min_sites": n_sites, "round_timeout": 900.0,
+                   "evaluate_every": 1, "out_dir": "runs"},
+           "strategy": {"name": "fedavg"}, **plan}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    return path
+
+
+def run_deployment(server_toml: Path, sites: list[Path], out: Path, log=print, max_s: float = 3600) -> int:
+    """`m3fm-server run` plus one `m3fm-client start` per site, all on loopback; returns the server's exit code."""
+    port = free_port()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen([flower_bin("m3fm-server"), "run", "--config", str(server_toml), "--port", str(port)],
+                              stdout=open(logs / "server.log", "ab"), stderr=subprocess.STDOUT, env=flower_env(),
+                              start_new_session=True)
+    clients = []
+    try:
+        wait_for_port("127.0.0.1", port, server, timeout=120)
+        for site in sites:
+            clients.append(subprocess.Popen(
+                [flower_bin("m3fm-client"), "start", "--site", str(site), "--superlink", f"127.0.0.1:{port}",
+                 "--port", str(free_port())], stdout=open(logs / f"{site.name}.log", "ab"), stderr=subprocess.STDOUT,
+                env=flower_env(), start_new_session=True))
+        log(f"SuperLink on 127.0.0.1:{port}; {len(clients)} SuperNodes started; logs in {logs}")
+        try:
+            return server.wait(max_s)
+        except subprocess.TimeoutExpired:
+            log(f"the run did not finish within {max_s:.0f}s; stopping it")
+            return 124
+    finally:
+        for p in clients:
+            os.killpg(p.pid, signal.SIGTERM) if p.poll() is None else None
+        for p in clients:
+            stop(p, timeout=20)
+        stop(server, timeout=30)
+
+
+def run_ray(server_toml: Path, sites: list[Path], log=print, cpus_per_site: float = 1.0, gpus_per_site: float = 0.0):
+    cfg = load_server_config(server_toml)
+    options = {"num-supernodes": len(sites),
+               "backend": {"client-resources": {"num-cpus": cpus_per_site, "num-gpus": gpus_per_site}}}
+    return coordinate(cfg, False, "127.0.0.1", free_port(), log=log, simulation=options,
+                      run_config={"sim-sites": ",".join(str(p.resolve()) for p in sites)})
+
+
+def write_site_metrics(server_toml: Path, out: Path) -> dict[str, Path]:
+    """Each site's metrics per round (what it sent: counts, losses, evaluation), one JSON per site."""
+    cfg = load_server_config(server_toml)
+    engine = open_server_store(cfg.database_url)
+    written = {}
+    with Session(engine) as s:
+        run = s.scalars(select(Run).where(Run.name == cfg.name).order_by(Run.id.desc())).first()
+        if run is None:
+            return {}
+        per_site: dict[str, dict] = {}
+        for m in s.scalars(select(SiteMetric).where(SiteMetric.run_id == run.id).order_by(SiteMetric.round)):
+            per_site.setdefault(m.site_id, {"site_id": m.site_id, "run_id": run.id, "rounds": {}})
+            per_site[m.site_id]["rounds"].setdefault(str(m.round), {})[m.kind] = m.metrics
+        for r in s.scalars(select(RejectedReply).where(RejectedReply.run_id == run.id)):
+            per_site.setdefault(r.site_id, {"site_id": r.site_id, "run_id": run.id, "rounds": {}})
+            per_site[r.site_id].setdefault("not_counted", []).append({"round": r.round, "kind": r.kind,
+                                                                      "reason": r.reason})
+        summary = {"run_id": run.id, "status": run.status, "rounds": [
+            {"round": r.round, "phase": r.phase, "sites": r.sites_accepted, "train": r.train_metrics,
+             "evaluate": r.evaluate_metrics} for r in s.scalars(select(Round).where(Round.run_id == run.id)
+                                                                 .order_by(Round.round))]}
+    engine.dispose()
+    (out / "metrics").mkdir(parents=True, exist_ok=True)
+    for site_id, data in per_site.items():
+        written[site_id] = out / "metrics" / f"{site_id}.json"
+        written[site_id].write_text(json.dumps(data, indent=1), encoding="utf-8")
+    (out / "metrics" / "run.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return written
