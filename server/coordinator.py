@@ -56,11 +56,12 @@ def find_run(engine, flwr_run_id: int) -> Run | None:
 def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print, simulation: dict | None = None,
                run_config: dict | None = None, poll_s: float = 2.0, status_every_s: float = 10.0,
                max_hours: float = 72.0) -> Outcome:
-    """Run the whole federated run; `simulation` (num-supernodes, backend options) uses Flower's Ray engine."""
+    """Run the whole federated run; `simulation` (Flower's federation config: num-supernodes,
+    client-resources-num-cpus, client-resources-num-gpus) runs it on Flower's simulation engine (Ray)."""
     base = cfg.out_dir / "superlink"
     home = base / "flwr-home"
     env = flower_env(home)
-    write_connection(home, CONNECTION, f"{host}:{port}", options=simulation)
+    write_connection(home, CONNECTION, f"{host}:{port}")
     app_dir = write_app_dir(base / "app")
     engine = open_server_store(cfg.database_url)
     old = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -70,7 +71,7 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         log(f"SuperLink on {host}:{port} (pid {link.pid}, log {base / 'superlink.log'}); sites join with "
             f"`m3fm-client start --site SITE_DIR --superlink {host}:{port}`")
         rc = {"config": str(cfg.path), "resume": resume, "database": cfg.database_url, **(run_config or {})}
-        flwr_id = submit_run(app_dir, CONNECTION, rc, env)
+        flwr_id = submit_run(app_dir, CONNECTION, rc, env, federation_config=simulation)
         log(f"submitted Flower run {flwr_id}")
         shown: set[int] = set()
         status, last_status_check, run = "pending", 0.0, None

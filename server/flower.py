@@ -58,14 +58,12 @@ def write_app_dir(path: Path) -> Path:
 
 
 def write_connection(flwr_home: Path, name: str, address: str, insecure: bool = True,
-                     root_certificates: Path | None = None, options: dict | None = None) -> None:
+                     root_certificates: Path | None = None) -> None:
     conn: dict = {"address": address}
     if insecure:
         conn["insecure"] = True
     if root_certificates is not None:
         conn["root-certificates"] = str(root_certificates)
-    if options is not None:
-        conn["options"] = options
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": name, name: conn}}),
                                            encoding="utf-8")

@@ -169,8 +169,12 @@ class TaskAwareFedAdam(FedAdam, TaskAwareFedAvg):
 
     def aggregate_train(self, server_round: int, replies):
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:  # momentum would otherwise keep moving parameters no site trained this round
-            arrays = ArrayRecord({k: Array(self.reference[k]) if k in self.untrained else a for k, a in arrays.items()})
+        if arrays is not None:
+            # momentum would otherwise keep moving parameters no site trained this round; and Flower's step
+            # computes in float64 (its bias correction is a NumPy float64), so cast back to the model's dtype
+            arrays = ArrayRecord({k: Array(self.reference[k] if k in self.untrained
+                                           else a.numpy().astype(self.reference[k].dtype))
+                                  for k, a in arrays.items()})
         return arrays, metrics
 
     def state(self) -> dict[str, np.ndarray]:

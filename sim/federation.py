@@ -105,10 +105,10 @@ def run_deployment(server_toml: Path, sites: list[Path], out: Path, log=print, m
         stop(server, timeout=30)
 
 
-def run_ray(server_toml: Path, sites: list[Path], log=print, cpus_per_site: float = 1.0, gpus_per_site: float = 0.0):
+def run_ray(server_toml: Path, sites: list[Path], log=print, cpus_per_site: int = 1, gpus_per_site: float = 0.0):
     cfg = load_server_config(server_toml)
-    options = {"num-supernodes": len(sites),
-               "backend": {"client-resources": {"num-cpus": cpus_per_site, "num-gpus": gpus_per_site}}}
+    options = {"num-supernodes": len(sites), "client-resources-num-cpus": int(cpus_per_site),
+               "client-resources-num-gpus": float(gpus_per_site)}
     return coordinate(cfg, False, "127.0.0.1", free_port(), log=log, simulation=options,
                       run_config={"sim-sites": ",".join(str(p.resolve()) for p in sites)})
 

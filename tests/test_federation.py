@@ -1,0 +1,157 @@
+"""The ClientApp handlers and the server's round loop, in-process (the real processes: test_deployment.py)."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from client.app import app as client_app
+from fake_grid import InProcessGrid
+from m3fm.model.groups import parameter_group
+from m3fm.model.packing import pack_state
+from server.config import ServerConfigError, load_server_config
+from server.rounds import RunError, phase_config, run_federation
+from server.store import Checkpoint, RejectedReply, Round, Run, SiteMetric, open_server_store
+from server.strategy import reply_problem
+
+SERVER_TOML = """
+[run]
+name = "{name}"
+model = "tiny"
+min_sites = 2
+round_timeout = 30
+out_dir = "runs"
+[strategy]
+name = "{strategy}"
+[pretrain]
+rounds = 1
+local_steps = 2
+[multitask]
+rounds = {multitask_rounds}
+local_steps = 1
+"""
+
+
+def server_toml(tmp_path, name="t", strategy="fedavg", multitask_rounds=1):
+    path = tmp_path / "server.toml"
+    path.write_text(SERVER_TOML.format(name=name, strategy=strategy, multitask_rounds=multitask_rounds))
+    return load_server_config(path)
+
+
+def call(site, message_type, packed, config):
+    grid = InProcessGrid(client_app, {1: {"site-dir": str(site.site_dir)}})
+    msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in packed.items()}),
+                              "config": ConfigRecord(config)}), dst_node_id=1, message_type=message_type)
+    return grid.send_and_receive([msg])[0]
+
+
+def test_clientapp_trains_each_phase_and_evaluates_returning_only_aggregates(ingested, tiny_model, tmp_path):
+    _, sites, _ = ingested
+    cfg = server_toml(tmp_path, multitask_rounds=1)
+    packed = pack_state(tiny_model.state_dict())
+    groups = {parameter_group(k) for k in tiny_model.state_dict()}
+    site = sites[2]  # labels for CVD tasks only
+    for rnd, action in ((1, "train.pretrain"), (2, "train.multitask")):
+        reply = call(site, action, packed, dict(phase_config(cfg, rnd)))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        assert reply.content["site"]["site_id"] == site.site_id and not reply.content["site"]["skipped"]
+        metrics = reply.content["metrics"]
+        assert reply_problem(reply.content, packed, groups, 1e6) is None  # same groups, sizes, dtypes; finite
+        arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+        assert any(not np.array_equal(arrays[k], packed[k]) for k in packed)  # it trained
+        counts = {k[2:]: v for k, v in metrics.items() if k.startswith("n.")}
+        if action == "train.pretrain":
+            assert counts["shared"] == counts["mim"] > 0 and "head:yes_no" not in counts
+        else:  # a CVD-only site trains the heart scale and its heads, never the nodule or lung scales
+            tasks = {k[len("items.task:"):] for k in metrics if k.startswith("items.task:")}
+            assert tasks == {"cvd_diagnosis", "cvd_mortality", "clinical_history", "clinical_number"}
+            assert "scale:heart" in counts and "scale:nodule" not in counts and "mim" not in counts
+            np.testing.assert_array_equal(arrays["scale:nodule"], packed["scale:nodule"])
+        assert all(v >= site.min_cell_size for k, v in metrics.items() if k.startswith(("n.", "items.")))
+    reply = call(site, "evaluate", packed, {"phase": "multitask", "model": "tiny", "split": "train"})
+    metrics = dict(reply.content["metrics"])
+    assert "loss:cvd_mortality" in metrics and metrics["items.task:cvd_mortality"] >= site.min_cell_size
+    assert "arrays" not in reply.content
+
+
+def test_a_site_never_ingested_answers_with_an_error_naming_the_command(tmp_path, tiny_model):
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "site.toml").write_text('site_id = "h1"\ntasks = ["covid19"]\n[ingest]\nmodel_config = "tiny"\n')
+    grid = InProcessGrid(client_app, {1: {"site-dir": str(site_dir)}})
+    cfg = server_toml(tmp_path)
+    msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in pack_state(tiny_model.state_dict()).items()}),
+                              "config": phase_config(cfg, 1)}), dst_node_id=1, message_type="train.pretrain")
+    reply = grid.send_and_receive([msg])[0]
+    assert reply.has_error() and "never ingested" in reply.error.reason and "m3fm-client ingest" in reply.error.reason
+
+
+class FailingGrid(InProcessGrid):
+    """Delivers normally until round `fail_at`, then every site's reply is an error (a crash)."""
+
+    def __init__(self, *a, fail_at: int, **kw):
+        super().__init__(*a, **kw)
+        self.fail_at = fail_at
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].content["config"].get("server-round", 0) >= self.fail_at:
+            raise ConnectionError("coordinator lost")
+        return super().send_and_receive(messages, timeout)
+
+
+def test_rounds_checkpoint_and_a_resumed_run_continues_without_repeating_a_round(ingested, tmp_path):
+    _, sites, _ = ingested
+    cfg = server_toml(tmp_path, name="resumable", strategy="fedadam", multitask_rounds=2)
+    nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites)}
+    with pytest.raises(ConnectionError):
+        run_federation(FailingGrid(client_app, nodes, fail_at=2), cfg, flwr_run_id=11, log=lambda *_: None)
+    with pytest.raises(RunError, match="changed since run"):
+        changed = server_toml(tmp_path / "..", name="resumable", strategy="fedavg", multitask_rounds=2)
+        changed.out_dir, changed.database = cfg.out_dir, cfg.database_url
+        run_federation(InProcessGrid(client_app, nodes), changed, resume=True, log=lambda *_: None)
+    run_id = run_federation(InProcessGrid(client_app, nodes), cfg, resume=True, flwr_run_id=12, log=lambda *_: None)
+    engine = open_server_store(cfg.database_url)
+    with Session(engine) as s:
+        run = s.get(Run, run_id)
+        assert run.status == "completed" and run.flwr_run_ids == ["11", "12"]
+        rounds = s.scalars(select(Round).where(Round.run_id == run_id).order_by(Round.round)).all()
+        assert [(r.round, r.phase, r.phase_round, r.flwr_run_id) for r in rounds] == [
+            (1, "pretrain", 1, "11"), (2, "multitask", 1, "12"), (3, "multitask", 2, "12")]
+        assert all(r.sites_accepted == 3 for r in rounds)
+        assert len(s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id)).all()) == 3
+        per_site = s.scalars(select(SiteMetric).where(SiteMetric.run_id == run_id, SiteMetric.kind == "train")).all()
+        assert sorted({m.site_id for m in per_site}) == [s.site_id for s in sites]
+        assert not s.scalars(select(RejectedReply)).all()
+    with pytest.raises(RunError, match="already completed"):
+        run_federation(InProcessGrid(client_app, nodes), cfg, resume=True, log=lambda *_: None)
+
+
+def test_a_round_with_too_few_usable_replies_fails_the_run_and_keeps_the_reasons(ingested, tmp_path):
+    _, sites, _ = ingested
+    cfg = server_toml(tmp_path, name="short")
+    cfg.min_sites = 3
+    nodes = {1: {"site-dir": str(sites[0].site_dir)}, 2: {"site-dir": str(sites[1].site_dir)},
+             3: {"site-dir": str(tmp_path / "nowhere")}}
+    with pytest.raises(RunError, match="2 usable replies of 3, fewer than run.min_sites = 3"):
+        run_federation(InProcessGrid(client_app, nodes), cfg, log=lambda *_: None)
+    engine = open_server_store(cfg.database_url)
+    with Session(engine) as s:
+        assert s.scalars(select(Run)).one().status == "failed"
+        (bad,) = s.scalars(select(RejectedReply)).all()
+        assert bad.kind == "rejected" and "site.toml: not found" in bad.reason
+
+
+def test_server_toml_errors_name_the_file_and_field(tmp_path):
+    path = tmp_path / "server.toml"
+    for text, expected in (("[run]\nmodel = 'giant'\n", "[run]: field 'model' must be one of"),
+                           ("[strategy]\nname = 'krum'\n", "[strategy]: field 'name' must be one of"),
+                           ("[pretrain]\nrounds = -1\n", "[pretrain]: field 'rounds' must be 0 or more"),
+                           ("[multitask]\ntasks = ['astrology']\n", "unknown task(s) ['astrology']"),
+                           ("[run]\nmin_site = 2\n", "unknown field(s) ['min_site']"),
+                           ("[pretrain]\nrounds = 0\n[multitask]\nrounds = 0\n", "nothing to run")):
+        path.write_text(text)
+        with pytest.raises(ServerConfigError) as e:
+            load_server_config(path)
+        assert str(path) in str(e.value) and expected in str(e.value)
