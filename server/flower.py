@@ -76,9 +76,9 @@ def start_superlink(state_dir: Path, host: str, port: int, log_path: Path, simul
             str(state_dir / "superlink.db"), "--disable-runtime-dependency-installation", *extra_args]
     if simulation:
         args.append("--simulation")
+    # same process group as the caller: whatever stops or kills `m3fm-server run` stops its SuperLink too
     log = open(log_path, "ab")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or flower_env(),
-                            start_new_session=True)
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or flower_env())
 
 
 def start_supernode(superlink: str, port: int, node_config: str, log_path: Path,
@@ -86,24 +86,31 @@ def start_supernode(superlink: str, port: int, node_config: str, log_path: Path,
     args = [flower_bin("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
             "--node-config", node_config, *extra_args]
     log = open(log_path, "ab")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or flower_env(),
-                            start_new_session=True)
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or flower_env())
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    """The process group when the process leads one (we started it in a session of its own), else the process."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
-    """SIGTERM the process group we started, then SIGKILL if it lingers; returns the exit code."""
+    """SIGTERM a process we started (its group, if it leads one), then SIGKILL if it lingers; returns its exit code.
+
+    Flower's own children (flower-superexec, flwr-serverapp, flwr-clientapp) watch their parent's pid and exit
+    with it."""
     if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _signal(proc, signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal(proc, signal.SIGKILL)
             proc.wait(5)
     return proc.returncode
 

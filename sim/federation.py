@@ -11,8 +11,6 @@ traffic on loopback, run it inside `unshare -n sh -c 'ip link set lo up; exec CM
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -98,8 +96,6 @@ def run_deployment(server_toml: Path, sites: list[Path], out: Path, log=print, m
             log(f"the run did not finish within {max_s:.0f}s; stopping it")
             return 124
     finally:
-        for p in clients:
-            os.killpg(p.pid, signal.SIGTERM) if p.poll() is None else None
         for p in clients:
             stop(p, timeout=20)
         stop(server, timeout=30)

@@ -1,0 +1,134 @@
+"""Through the real processes: `m3fm-server run` (SuperLink + ServerApp), `m3fm-client start` (SuperNodes),
+all on 127.0.0.1, and `m3fm-sim run --engine ray` inside a loopback-only network namespace."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.coordinator import free_port
+from server.flower import flower_bin, flower_env, stop
+from server.store import RejectedReply, Round, Run, SiteMetric, open_server_store
+
+TOML = """
+[run]
+name = "{name}"
+model = "tiny"
+min_sites = 2
+round_timeout = {timeout}
+out_dir = "runs"
+[pretrain]
+rounds = 1
+local_steps = 1
+[multitask]
+rounds = {multitask}
+local_steps = 1
+"""
+
+
+def start(args, log):
+    return subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=flower_env(),
+                            start_new_session=True)
+
+
+def wait_rounds(db_url, n, proc, limit_s=400):
+    engine = open_server_store(db_url)
+    deadline = time.monotonic() + limit_s
+    try:
+        while time.monotonic() < deadline:
+            with Session(engine) as s:
+                if len(s.scalars(select(Round)).all()) >= n:
+                    return
+            assert proc.poll() is None, f"m3fm-server exited with {proc.returncode} before round {n}"
+            time.sleep(1)
+        raise AssertionError(f"round {n} not finished within {limit_s}s")
+    finally:
+        engine.dispose()
+
+
+def rounds_and_metrics(db_url):
+    engine = open_server_store(db_url)
+    with Session(engine) as s:
+        run = s.scalars(select(Run)).one()
+        rounds = [(r.round, r.phase, r.sites_accepted, r.flwr_run_id) for r in
+                  s.scalars(select(Round).order_by(Round.round))]
+        metrics = [(m.round, m.site_id, m.kind) for m in s.scalars(select(SiteMetric))]
+        rejected = [(r.round, r.site_id, r.kind, r.reason) for r in s.scalars(select(RejectedReply))]
+        status = run.status
+    engine.dispose()
+    return status, rounds, metrics, rejected
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    procs = []
+    yield procs, tmp_path
+    for p in procs:
+        stop(p, timeout=20)
+
+
+def test_loopback_run_survives_a_coordinator_crash_and_resumes(ingested, cluster):
+    procs, tmp = cluster
+    _, sites, _ = ingested
+    toml = tmp / "server.toml"
+    toml.write_text(TOML.format(name="crash", timeout=300, multitask=1))
+    db = f"sqlite:///{tmp / 'runs' / 'server.db'}"
+    port = free_port()
+    server = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port)], tmp / "server1.log")
+    procs.append(server)
+    for site in sites[:2]:
+        procs.append(start([flower_bin("m3fm-client"), "start", "--site", str(site.site_dir), "--superlink",
+                            f"127.0.0.1:{port}", "--port", str(free_port())], tmp / f"{site.site_id}.log"))
+    wait_rounds(db, 1, server)
+    os.killpg(server.pid, signal.SIGKILL)  # the coordinator machine dies: SuperLink and ServerApp with it
+    server.wait(10)
+    status, rounds, _, _ = rounds_and_metrics(db)
+    assert status == "running" and [r[0] for r in rounds] == [1]
+    resumed = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port), "--resume"],
+                    tmp / "server2.log")
+    procs.append(resumed)
+    assert resumed.wait(600) == 0, (tmp / "server2.log").read_text()[-3000:]
+    status, rounds, metrics, rejected = rounds_and_metrics(db)
+    assert status == "completed"
+    assert [(r, phase, n) for r, phase, n, _ in rounds] == [(1, "pretrain", 2), (2, "multitask", 2)]
+    assert rounds[0][3] != rounds[1][3]  # round 2 came from the resumed submission
+    assert {(r, s, k) for r, s, k in metrics} == {(r, s.site_id, k) for r in (1, 2) for s in sites[:2]
+                                                  for k in ("train", "evaluate")}
+    assert not rejected
+    assert "round 2/2 multitask 1: 2/2 sites" in (tmp / "server2.log").read_text()
+
+
+def test_a_site_killed_mid_run_leaves_the_others_to_finish_the_round(ingested, cluster):
+    procs, tmp = cluster
+    _, sites, _ = ingested
+    toml = tmp / "server.toml"
+    toml.write_text(TOML.format(name="killed-site", timeout=120, multitask=1))
+    db = f"sqlite:///{tmp / 'runs' / 'server.db'}"
+    port = free_port()
+    server = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port)], tmp / "server.log")
+    procs.append(server)
+    clients = [start([flower_bin("m3fm-client"), "start", "--site", str(site.site_dir), "--superlink",
+                      f"127.0.0.1:{port}", "--port", str(free_port())], tmp / f"{site.site_id}.log") for site in sites]
+    procs.extend(clients)
+    wait_rounds(db, 1, server)
+    os.killpg(clients[2].pid, signal.SIGKILL)  # the third hospital's machine dies between rounds
+    assert server.wait(600) == 0, (tmp / "server.log").read_text()[-3000:]
+    status, rounds, metrics, _ = rounds_and_metrics(db)
+    assert status == "completed" and [(r, n) for r, _, n, _ in rounds] == [(1, 3), (2, 2)]
+    assert {s for r, s, k in metrics if r == 2 and k == "train"} == {sites[0].site_id, sites[1].site_id}
+
+
+def test_ray_engine_runs_the_tiny_run_in_a_loopback_only_namespace(cohort, ingested, tmp_path):
+    out_dir, _ = cohort
+    cmd = (f"ip link set lo up; exec {flower_bin('m3fm-sim')} run --cohort {out_dir} --preset tiny --engine ray "
+           f"--out {tmp_path / 'out'}")
+    done = subprocess.run(["unshare", "-n", "sh", "-c", cmd], capture_output=True, text=True, env=flower_env(),
+                          timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "round 2/2 multitask 1: 3/3 sites" in done.stdout
+    for site in ("site-01", "site-02", "site-03"):
+        assert (tmp_path / "out" / "metrics" / f"{site}.json").is_file()
