@@ -19,7 +19,6 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from client.site import SiteConfig, load_site
-from m3fm.checkpoint import check_state_dict
 from m3fm.data.datasets import SiteData
 from m3fm.data.store import IngestRun
 from m3fm.local import PhaseConfig, local_evaluate, local_multitask, local_pretrain
@@ -80,9 +79,7 @@ def open_site(site: SiteConfig, model_name: str, packed: dict[str, np.ndarray]) 
                            f"{site.model_config!r}); set [ingest] model_config = \"{model_name}\" in site.toml and "
                            "run m3fm-client ingest again")
     model = M3FM(cfg)
-    state = unpack_state(packed, model.state_dict())
-    check_state_dict(model.state_dict(), state, "the global model from the coordinator")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(unpack_state(packed, model.state_dict()), strict=True)  # unpack checks every group
     want = site.device.get("type", "cuda" if torch.cuda.is_available() else "cpu")
     model.to(torch.device(want))
     return OpenSite(site, data, model, load_tokenizer(cfg))

@@ -44,10 +44,17 @@ def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Ten
 
 def save_checkpoint(path: str | Path, model: nn.Module, cfg: M3FMConfig, optimizer=None, step: int = 0,
                     extra: dict | None = None) -> Path:
+    return write_checkpoint(path, model.state_dict(), cfg, optimizer.state_dict() if optimizer is not None else None,
+                            step, extra)
+
+
+def write_checkpoint(path: str | Path, state: dict[str, torch.Tensor], cfg: M3FMConfig, optimizer_state=None,
+                     step: int = 0, extra: dict | None = None) -> Path:
+    """A checkpoint from a state dict (e.g. the coordinator's global weights, which live in no model)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "config": cfg.to_dict(), "step": step, "extra": extra or {},
-               "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
+               "model": state, "optimizer": optimizer_state}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -151,17 +150,13 @@ def submit_run(app_dir: Path, connection: str, run_config: dict, env: dict, fede
     if federation_config:
         args += ["--federation-config", _config_arg(federation_config)]
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
-    text = out.stdout + out.stderr
     try:
         data = json.loads(out.stdout)
-        if data.get("success") and "run-id" in data:
-            return int(data["run-id"])
-    except (json.JSONDecodeError, AttributeError):
-        pass
-    m = re.search(r"run[- _]id\D+(\d+)", text, re.IGNORECASE)
-    if out.returncode == 0 and m:
-        return int(m.group(1))
-    raise RuntimeError(f"flwr run failed (exit {out.returncode}): {text.strip()[-2000:]}")
+    except json.JSONDecodeError:
+        data = {}
+    if data.get("success") and "run-id" in data:
+        return int(data["run-id"])
+    raise RuntimeError(f"flwr run failed (exit {out.returncode}): {(out.stdout + out.stderr).strip()[-2000:]}")
 
 
 def run_status(connection: str, run_id: int, env: dict, timeout: float = 60.0) -> str:

@@ -12,7 +12,6 @@ round in flight, and `--resume` starts after the last checkpoint.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from sqlalchemy.orm import Session
 
-from m3fm.checkpoint import FORMAT, read_checkpoint
+from m3fm.checkpoint import read_checkpoint, write_checkpoint
 from m3fm.model.configs import get_config
 from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.m3fm import M3FM
@@ -50,15 +49,9 @@ def save_round(path: Path, cfg: ServerConfig, server_round: int, state: dict[str
                strategy_state: dict[str, np.ndarray]) -> str:
     """An m3fm checkpoint (m3fm/checkpoint.py reads it) plus the round and strategy state; returns its SHA-256."""
     phase, phase_round = cfg.phase_of(server_round)
-    payload = {"format": FORMAT, "config": get_config(cfg.model).to_dict(), "step": server_round, "optimizer": None,
-               "model": state, "extra": {"round": server_round, "phase": phase.name, "phase_round": phase_round,
-                                         "config_hash": cfg.config_hash,
-                                         "strategy": {k: torch.from_numpy(np.ascontiguousarray(v))
-                                                      for k, v in strategy_state.items()}}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    extra = {"round": server_round, "phase": phase.name, "phase_round": phase_round, "config_hash": cfg.config_hash,
+             "strategy": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in strategy_state.items()}}
+    write_checkpoint(path, state, get_config(cfg.model), step=server_round, extra=extra)
     return file_sha256(path)
 
 
@@ -136,10 +129,11 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
     strategy = build_strategy(sc.name, {group_of_packed(k) for k in packed}, cfg.min_sites, sc.max_update_norm,
                               sc.proximal_mu, sc.eta, sc.beta_1, sc.beta_2, sc.tau)
     strategy.load_state(strategy_state)
+    shapes = weight_shapes(cfg)
     log(f"run {run_id} ({cfg.name}): rounds {first}..{cfg.total_rounds}, strategy {sc.name}, model {cfg.model}")
     try:
         for rnd in range(first, cfg.total_rounds + 1):
-            arrays = run_round(grid, cfg, strategy, engine, run_id, rnd, arrays, flwr_run_id, log)
+            arrays = run_round(grid, cfg, strategy, engine, run_id, rnd, arrays, shapes, flwr_run_id, log)
     except Exception as e:
         with Session(engine) as s:
             run = s.get(Run, run_id)
@@ -155,7 +149,7 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
 
 
 def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id: int, rnd: int,
-              arrays: ArrayRecord, flwr_run_id: int | None, log) -> ArrayRecord:
+              arrays: ArrayRecord, shapes: dict[str, torch.Tensor], flwr_run_id: int | None, log) -> ArrayRecord:
     t0 = time.perf_counter()
     phase, phase_round = cfg.phase_of(rnd)
     wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
@@ -189,7 +183,7 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
                 problems.append(RejectedReply(run_id=run_id, round=rnd, site_id=e["site_id"], node_id=e["node_id"],
                                               kind="evaluate", reason=e["error"]))
     path = cfg.out_dir / f"run-{run_id:04d}" / f"round-{rnd:04d}.pt"
-    state = unpack_state({k: a.numpy() for k, a in arrays.items()}, weight_shapes(cfg))
+    state = unpack_state({k: a.numpy() for k, a in arrays.items()}, shapes)
     sha = save_round(path, cfg, rnd, state, strategy.state())
     seconds = time.perf_counter() - t0
     with Session(engine) as s:

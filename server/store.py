@@ -13,17 +13,14 @@ weights are missing.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import datetime
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, make_url, select
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, UniqueConstraint, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from m3fm.data.store import now, open_versioned
+
 SCHEMA_VERSION = 1
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class Base(DeclarativeBase):
@@ -102,19 +99,7 @@ class Meta(Base):
 
 def open_server_store(url: str):
     """An engine on the server database, tables created; refuses a database written by a newer schema."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
-    Base.metadata.create_all(engine)
-    with Session(engine) as s:
-        row = s.get(Meta, "schema_version")
-        if row is None:
-            s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            s.commit()
-        elif int(row.value) > SCHEMA_VERSION:
-            raise RuntimeError(f"{url}: server database schema {row.value} is newer than this m3fm-fed ({SCHEMA_VERSION})")
-    return engine
+    return open_versioned(url, Base, Meta, SCHEMA_VERSION, "server")
 
 
 def latest_run(s: Session, name: str | None = None) -> Run | None:

@@ -102,6 +102,7 @@ class TaskAwareFedAvg(FedAvg):
         self.rejections: list[dict] = []  # of the last aggregation: site, node, reason
         self.skips: list[dict] = []  # sites that replied without training, and why
         self.accepted: list[dict] = []  # site, node, metrics of every reply that counted
+        self.evaluations: list[dict] = []  # of the last evaluation: site, node, metrics or error
         self.untrained: set[str] = set()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):

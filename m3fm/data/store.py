@@ -15,8 +15,9 @@ Nothing here leaves the site.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, delete
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, delete, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 SCHEMA_VERSION = 1
@@ -130,18 +131,26 @@ class Meta(Base):
     value: Mapped[str] = mapped_column(String)
 
 
+def open_versioned(url: str, base, meta, version: int, what: str):
+    """An engine with `base`'s tables created (and a SQLite file's folder); refuses a newer schema version."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    base.metadata.create_all(engine)
+    with Session(engine) as s:
+        row = s.get(meta, "schema_version")
+        if row is None:
+            s.add(meta(key="schema_version", value=str(version)))
+            s.commit()
+        elif int(row.value) > version:
+            raise RuntimeError(f"{url}: {what} database schema {row.value} is newer than this m3fm-fed ({version})")
+    return engine
+
+
 def open_store(url: str):
     """An engine on the site database, tables created; refuses a database written by a newer schema."""
-    engine = create_engine(url)
-    Base.metadata.create_all(engine)
-    with Session(engine) as s:
-        row = s.get(Meta, "schema_version")
-        if row is None:
-            s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            s.commit()
-        elif int(row.value) > SCHEMA_VERSION:
-            raise RuntimeError(f"{url}: site database schema {row.value} is newer than this m3fm-fed ({SCHEMA_VERSION})")
-    return engine
+    return open_versioned(url, Base, Meta, SCHEMA_VERSION, "site")
 
 
 def clear_scope(s: Session, scope: str) -> None:
