@@ -8,10 +8,24 @@ them ("arrays"), counts and metrics ("metrics") and the site's id
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.federated import evaluate_round, site_for, train_round
 
-app = ClientApp()
+
+def clip_for_central_dp(msg: Message, context: Context, call_next) -> Message:
+    """Flower's fixedclipping_mod when the server asks for client-side clipping (central DP); a reply without
+    weights (the site skipped the round) passes as it is, where the mod would turn it into an error."""
+    if not msg.metadata.message_type.startswith("train") or KEY_CLIPPING_NORM not in msg.content["config"]:
+        return call_next(msg, context)
+    reply = call_next(msg, context)
+    if reply.has_error() or "arrays" not in reply.content.array_records:
+        return reply
+    return fixedclipping_mod(msg, context, lambda m, c: reply)
+
+
+app = ClientApp(mods=[clip_for_central_dp])
 
 
 def _arrays(msg: Message) -> dict:

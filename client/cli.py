@@ -96,10 +96,31 @@ def print_summary(console: Console, site, summary: dict) -> None:
 
 
 @app.command()
+def keys(
+    out: Path = typer.Option(..., "--out", help="folder for the key pair (must not hold one already)"),
+    name: str = typer.Option("site", help="file names: NAME.key (private, stays here) and NAME.pub (to the coordinator)"),
+) -> None:
+    """Make this site's ECDSA key pair for node authentication; send NAME.pub to the coordinator to enroll."""
+    from privacy.certs import KeyMaterialError, make_site_keys
+
+    console = Console()
+    try:
+        private, public = make_site_keys(out, name)
+    except KeyMaterialError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {private} (private: keep it here) and {public} (send it for `m3fm-server enroll`)")
+
+
+@app.command()
 def start(
     site_dir: Path = typer.Option(..., "--site", help="the site folder (ingested with `m3fm-client ingest`)"),
     superlink: str = typer.Option(..., "--superlink", help="the coordinator's SuperLink, HOST:PORT"),
     port: int = typer.Option(9094, help="local port of this SuperNode's runtime API (one per SuperNode on a host)"),
+    root_cert: Path = typer.Option(None, "--root-cert", help="the coordinator's ca.crt (TLS)"),
+    key: Path = typer.Option(None, "--key", help="this site's private key from `m3fm-client keys` (node auth)"),
+    insecure: bool = typer.Option(False, "--insecure", help="connect without TLS (plaintext; for loopback tests)"),
+    max_retries: int = typer.Option(None, "--max-retries", help="give up after this many failed connection attempts"),
 ) -> None:
     """Join the federation: run a Flower SuperNode for this site until Ctrl-C or SIGTERM."""
     import signal
@@ -110,15 +131,29 @@ def start(
     from server.flower import flower_env, start_supernode, stop
 
     console = Console()
+    if (root_cert is None) == (not insecure):
+        console.print("[red]error:[/red] give --root-cert CA.crt (TLS, from the coordinator) or, for plaintext, --insecure")
+        raise typer.Exit(2)
     try:
         site = load_site(site_dir)
         summary = ensure_ingested(site)
+        for path in (root_cert, key):
+            if path is not None and not path.is_file():
+                raise SiteConfigError(f"{path}: not found")
     except (SiteConfigError, SiteNotReady) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    console.print(f"[yellow]warning:[/yellow] connecting to {superlink} without TLS or node authentication")
+    args: list[str] = ["--insecure"] if insecure else ["--root-certificates", str(root_cert.resolve())]
+    if key is not None:
+        args += ["--auth-supernode-private-key", str(key.resolve())]
+    if max_retries is not None:
+        args += ["--max-retries", str(max_retries)]
+    if insecure:
+        console.print(f"[yellow]warning:[/yellow] connecting to {superlink} without TLS"
+                      + ("" if key else " or node authentication"))
     log_path = site.work_dir / "supernode.log"
-    node = start_supernode(superlink, port, f'site-dir="{site.site_dir}"', log_path, env=flower_env())
+    node = start_supernode(superlink, port, f'site-dir="{site.site_dir}"', log_path, env=flower_env(),
+                           extra_args=tuple(args))
     console.print(f"{site.site_id}: SuperNode pid {node.pid} serving {summary.get('series_accepted', 0)} series, "
                   f"{summary.get('exams', 0)} exams; log {log_path}")
     stopping = {}

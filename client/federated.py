@@ -21,11 +21,14 @@ from sqlalchemy.orm import Session
 from client.site import SiteConfig, load_site
 from m3fm.data.datasets import SiteData
 from m3fm.data.store import IngestRun
-from m3fm.local import PhaseConfig, local_evaluate, local_multitask, local_pretrain
+from m3fm.local import (PhaseConfig, local_evaluate, local_multitask, local_pretrain, multitask_population,
+                        pretrain_population)
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.model.packing import pack_state, unpack_state
 from m3fm.model.text import TextTokenizer, load_tokenizer
+from privacy.dp_local import private_multitask, private_pretrain, run_plan
+from privacy.dp_sgd import DPSGDConfig, PrivacyLedger, SiteBudget
 
 
 class SiteNotReady(RuntimeError):
@@ -97,17 +100,44 @@ def train_round(site: SiteConfig, packed: dict[str, np.ndarray], config: dict):
     """Packed global weights in -> (packed new weights or None when the site did not train, metrics, reason it
     did not train or None)."""
     pc = phase_from(config)
+    dp = DPSGDConfig.from_config(config)
+    budget = SiteBudget.from_site(site.privacy, str(site.site_dir / "site.toml"))
+    if dp is None and budget.require_dp:
+        return None, {}, (f"site {site.site_id} trains only under DP-SGD (privacy.require_dp in its site.toml) and "
+                          "this run has no [privacy.dp_sgd]")
     o = open_site(site, str(config["model"]), packed)
-    run = {"pretrain": local_pretrain, "multitask": local_multitask}[pc.name]
-    out = run(o.model, o.data, o.tokenizer, pc, int(config["phase-round"]), site.min_cell_size,
-              seed=int(config.get("seed", 0)), proximal_mu=float(config.get("proximal-mu", 0.0)))
+    seed, phase_round = int(config.get("seed", 0)), int(config["phase-round"])
+    if dp is None:
+        run = {"pretrain": local_pretrain, "multitask": local_multitask}[pc.name]
+        out = run(o.model, o.data, o.tokenizer, pc, phase_round, site.min_cell_size, seed=seed,
+                  proximal_mu=float(config.get("proximal-mu", 0.0)))
+    else:
+        run = {"pretrain": private_pretrain, "multitask": private_multitask}[pc.name]
+        where = (str(config.get("run-name", "")), int(config.get("server-round", 0)))
+        out = run(o.model, o.data, o.tokenizer, pc, phase_round, site.min_cell_size, dp, budget,
+                  PrivacyLedger(site.work_dir), where, seed=seed, plan=dp_plan(o, config, site.min_cell_size))
     if not out["trained"]:
         return None, {}, out["reason"]
     metrics = {"num-examples": out["counts"]["shared"], "steps": out["steps"], "seconds": out["seconds"]}
+    metrics.update(out.get("privacy", {}))
     metrics.update({f"n.{g}": n for g, n in out["counts"].items()})
     metrics.update({f"items.{k}": n for k, n in out["items"].items()})
     metrics.update({f"loss.{k}": v for k, v in out["loss"].items()})
     return pack_state(o.model.state_dict()), metrics, None
+
+
+def dp_plan(o: OpenSite, config: dict, min_items: int) -> list[tuple[float, int]] | None:
+    """For noise derived from a target epsilon: this site's (sample rate, steps) over the run's whole plan."""
+    if not float(config.get("dp-target-epsilon", 0)) or not config.get("dp-plan"):
+        return None
+    sizes = {}
+    for part in str(config["dp-plan"]).split(","):
+        phase, _, batch = part.split(":")
+        pc = PhaseConfig(phase, batch_size=int(batch), scales=phase_from(config).scales if phase == "pretrain" else ())
+        _, per_key = (pretrain_population(o.data, pc, o.model, 1, min_items) if phase == "pretrain"
+                      else multitask_population(o.data, pc, 1, min_items))
+        sizes[phase] = (sum(per_key.values()), int(batch))
+    return run_plan(",".join(p.rsplit(":", 1)[0] for p in str(config["dp-plan"]).split(",")), sizes)
 
 
 def evaluate_round(site: SiteConfig, packed: dict[str, np.ndarray], config: dict) -> dict:

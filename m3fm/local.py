@@ -23,7 +23,6 @@ from functools import partial
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from m3fm.data.collate import collate_pretrain, collate_qa
 from m3fm.data.datasets import PretrainDataset, QADataset, SiteData, batches_by_key
@@ -75,14 +74,33 @@ def _counted(items: dict[str, int], min_items: int) -> dict[str, int]:
     return {k: n for k, n in sorted(items.items()) if n >= min_items}
 
 
+def pretrain_population(data: SiteData, pc: PhaseConfig, model: M3FM, phase_round: int, min_items: int,
+                        seed: int = 0) -> tuple[PretrainDataset, dict[str, int]]:
+    """The training crops and the count per scale the site may train (scales under min_items left out)."""
+    ds = PretrainDataset(data, "train", seed=seed)
+    ds.set_epoch(phase_round)
+    wanted = set(pc.scales) or {s.name for s in model.cfg.scales}
+    return ds, _counted({k: ds.keys.count(k) for k in set(ds.keys) if k in wanted}, min_items)
+
+
+def multitask_population(data: SiteData, pc: PhaseConfig, phase_round: int, min_items: int,
+                         seed: int = 0) -> tuple[QADataset, dict[str, int]]:
+    """The training questions and the count per task the site may train (tasks under min_items left out)."""
+    ds = QADataset(data, "train", tasks=pc.tasks or None, train=True, seed=seed)
+    ds.set_epoch(phase_round)
+    return ds, _counted({k: ds.keys.count(k) for k in set(ds.keys)}, min_items)
+
+
+def text_items(data: SiteData, ds: PretrainDataset, scales) -> int:
+    """Training crops at the given scales whose exam has text (the MLM head's sample count)."""
+    return sum(1 for (exam_id, _), k in zip(ds.items, ds.keys) if k in scales and _has_text(data, exam_id))
+
+
 def local_pretrain(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int,
                    min_items: int, seed: int = 0, proximal_mu: float = 0.0) -> dict:
     """MIM + MLM for pc.local_steps steps, one scale per step, cycling over the scales the site can train."""
     t0 = time.perf_counter()
-    ds = PretrainDataset(data, "train", seed=seed)
-    ds.set_epoch(phase_round)
-    wanted = set(pc.scales) or {s.name for s in model.cfg.scales}
-    per_scale = _counted({k: ds.keys.count(k) for k in set(ds.keys) if k in wanted}, min_items)
+    ds, per_scale = pretrain_population(data, pc, model, phase_round, min_items, seed)
     if not per_scale:
         return {"trained": False, "reason": f"fewer than {min_items} training crops at every scale", "counts": {}}
     rng = random.Random(f"{seed}|pretrain|{phase_round}")
@@ -102,8 +120,7 @@ def local_pretrain(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: Ph
         losses["mlm"].append(out["mlm"])
         trained[scale] += 1
     scale_items = {s: n for s, n in per_scale.items() if trained[s]}
-    text_items = sum(1 for (exam_id, _), k in zip(ds.items, ds.keys) if k in scale_items and _has_text(data, exam_id))
-    return {"trained": True, "counts": pretrain_group_counts(scale_items, text_items),
+    return {"trained": True, "counts": pretrain_group_counts(scale_items, text_items(data, ds, scale_items)),
             "items": {f"scale:{s}": n for s, n in scale_items.items()}, "steps": pc.local_steps,
             "loss": {k: float(np.mean(v)) for k, v in losses.items()}, "seconds": time.perf_counter() - t0}
 
@@ -117,9 +134,7 @@ def local_multitask(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: P
                     min_items: int, seed: int = 0, proximal_mu: float = 0.0) -> dict:
     """Task-parallel QA: each step accumulates one micro-batch per task, then takes one optimizer step."""
     t0 = time.perf_counter()
-    ds = QADataset(data, "train", tasks=pc.tasks or None, train=True, seed=seed)
-    ds.set_epoch(phase_round)
-    per_task = _counted({k: ds.keys.count(k) for k in set(ds.keys)}, min_items)
+    ds, per_task = multitask_population(data, pc, phase_round, min_items, seed)
     if not per_task:
         return {"trained": False, "reason": f"fewer than {min_items} training items for every task", "counts": {}}
     rng = random.Random(f"{seed}|multitask|{phase_round}")
@@ -193,5 +208,7 @@ def local_evaluate(model: M3FM, data: SiteData, tokenizer: TextTokenizer, phase:
             metrics[f"accuracy:{name}"] = float(np.mean(p.argmax(1) == np.asarray(answers)))
             y = np.asarray(answers) == 0
             if task.answers == YES_NO and min(y.sum(), (~y).sum()) >= min_items:  # both classes big enough
+                from sklearn.metrics import roc_auc_score  # here: 1 s of import, paid by every ClientApp process
+
                 metrics[f"auc:{name}"] = float(roc_auc_score(y, p[:, 0]))
     return {"metrics": {k: v for k, v in metrics.items() if math.isfinite(v)}, "items": n}

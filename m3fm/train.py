@@ -124,26 +124,42 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, tc: Trai
     return float(norm)
 
 
-def pretrain_step(model: M3FM, optimizer: torch.optim.Optimizer, batch: PretrainBatch, tokenizer: TextTokenizer,
-                  tc: TrainConfig, step: int, generator: torch.Generator | None = None,
-                  before_step=None) -> dict[str, float]:
-    """One optimizer step of MIM on a CT batch plus MLM on its text. `generator` fixes the masks."""
-    model.train()
+def pretrain_loss(model: M3FM, batch: PretrainBatch, tokenizer: TextTokenizer, tc: TrainConfig,
+                  generator: torch.Generator | None = None, per_sample: bool = False):
+    """MIM on a CT batch plus MLM on its text -> (loss, mim, mlm); the batch already on the model's device.
+    per_sample: the MLM form DP-SGD needs (M3FM.forward_mlm)."""
     device = model_device(model)
-    lr = set_lr(optimizer, step, tc)
     mlm_inputs = None
     if batch.text_ids is not None:
-        mlm_inputs = mask_for_mlm(batch.text_ids, tokenizer, tc.mlm_prob, generator)
-    batch = batch.to(device)
-    optimizer.zero_grad(set_to_none=True)
+        mlm_inputs = mask_for_mlm(batch.text_ids.cpu(), tokenizer, tc.mlm_prob, generator)
     with autocast(device, tc):
         mim, _, _ = model.forward_mim(batch.image, batch.voxel_size, batch.scale, tc.mask_ratio, generator)
         loss = mim
         mlm = torch.zeros((), device=device)
         if mlm_inputs is not None:
             inputs, labels = (t.to(device) for t in mlm_inputs)
-            mlm = model.forward_mlm(inputs, batch.text_mask, labels)
+            mlm = model.forward_mlm(inputs, batch.text_mask, labels, per_sample=per_sample)
             loss = mim + tc.mlm_weight * mlm
+    return loss, mim, mlm
+
+
+def qa_loss(model: M3FM, mb: QABatch, tc: TrainConfig):
+    """One one-task micro-batch -> (answer loss + weighted task-ID loss, answer loss); mb on the model's device."""
+    with autocast(model_device(model), tc):
+        out, task_logits = model(mb)
+        answer_loss, id_loss = model.forward_task_loss(mb, out, task_logits)
+    return answer_loss + tc.task_id_weight * id_loss, answer_loss
+
+
+def pretrain_step(model: M3FM, optimizer: torch.optim.Optimizer, batch: PretrainBatch, tokenizer: TextTokenizer,
+                  tc: TrainConfig, step: int, generator: torch.Generator | None = None,
+                  before_step=None) -> dict[str, float]:
+    """One optimizer step of MIM on a CT batch plus MLM on its text. `generator` fixes the masks."""
+    model.train()
+    lr = set_lr(optimizer, step, tc)
+    batch = batch.to(model_device(model))
+    optimizer.zero_grad(set_to_none=True)
+    loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator)
     loss.backward()
     grad_norm = _optimizer_step(model, optimizer, tc, before_step)
     return {"loss": loss.item(), "mim": mim.item(), "mlm": mlm.item(), "lr": lr, "grad_norm": grad_norm}
@@ -161,11 +177,8 @@ def multitask_step(model: M3FM, optimizer: torch.optim.Optimizer, micro_batches:
     per_task: dict[str, list[float]] = {}
     total = 0.0
     for mb in micro_batches:
-        mb = mb.to(device)
-        with autocast(device, tc):
-            out, task_logits = model(mb)
-            answer_loss, id_loss = model.forward_task_loss(mb, out, task_logits)
-            loss = (answer_loss + tc.task_id_weight * id_loss) / len(micro_batches)
+        loss, answer_loss = qa_loss(model, mb.to(device), tc)
+        loss = loss / len(micro_batches)
         loss.backward()
         total += loss.item()
         per_task.setdefault(mb.task, []).append(answer_loss.item())

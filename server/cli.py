@@ -31,24 +31,34 @@ def run(
                                  "[run] database, else a SQLite file in [run] out_dir)"),
     host: str = typer.Option("127.0.0.1", help="address the SuperLink binds"),
     port: int = typer.Option(9092, help="the SuperLink's port (Fleet, Control and Runtime APIs)"),
+    tls: Path = typer.Option(None, "--tls", help="folder from `m3fm-server certs` (ca.crt, server.pem, server.key)"),
+    node_auth: bool = typer.Option(False, "--node-auth", help="admit only sites enrolled with `m3fm-server enroll`"),
+    insecure: bool = typer.Option(False, "--insecure", help="run without TLS (plaintext; for loopback tests)"),
 ) -> None:
     """Start a SuperLink, submit the federated run, show each round, exit non-zero if the run fails."""
     from server.config import ServerConfigError, load_server_config
-    from server.coordinator import Stopped, coordinate
+    from server.coordinator import Security, Stopped, coordinate
 
     console = Console()
+    if (tls is None) == (not insecure):
+        console.print("[red]error:[/red] give --tls DIR (made by `m3fm-server certs`) or, for plaintext, --insecure")
+        raise typer.Exit(2)
     try:
         cfg = load_server_config(config)
-    except ServerConfigError as e:
+        security = Security(tls_dir=tls, node_auth=node_auth)
+        security.check()
+    except (ServerConfigError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     if database:
         cfg.database = database
-    console.print(f"[yellow]warning:[/yellow] the SuperLink runs without TLS or node authentication on {host}:{port}")
+    if insecure:
+        console.print(f"[yellow]warning:[/yellow] the SuperLink runs without TLS on {host}:{port}"
+                      + ("" if node_auth else " and without node authentication"))
     console.print(f"run {cfg.name!r}: {cfg.total_rounds} rounds ({', '.join(f'{p.name} {p.rounds}' for p in cfg.phases)}),"
                   f" strategy {cfg.strategy.name}, model {cfg.model}, database {cfg.database_url}")
     try:
-        outcome = coordinate(cfg, resume, host, port, log=console.print)
+        outcome = coordinate(cfg, resume, host, port, log=console.print, security=security)
     except Stopped as e:
         console.print(f"stopped by {e}; the SuperLink was shut down. Continue later with --resume.")
         raise typer.Exit(130) from None
@@ -56,6 +66,63 @@ def run(
         console.print(f"[red]run failed[/red] ({outcome.status}): {outcome.error}")
         raise typer.Exit(1)
     console.print(f"[green]run {outcome.run_id} completed[/green]: checkpoints in {cfg.out_dir}")
+
+
+@app.command()
+def certs(
+    out: Path = typer.Option(..., "--out", help="folder for ca.crt, ca.key, server.pem, server.key (must not hold them)"),
+    host: list[str] = typer.Option(..., "--host", help="a name or IP address sites dial (repeat for several)"),
+    days: int = typer.Option(825, help="validity of both certificates"),
+) -> None:
+    """Make the coordinator's CA and its TLS certificate (SubjectAltName: every --host). Give ca.crt to the sites."""
+    from privacy.certs import KeyMaterialError, make_certificates
+
+    console = Console()
+    try:
+        paths = make_certificates(out, host, days)
+    except KeyMaterialError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}; sites need only {paths['ca.crt']} "
+                  f"(keep ca.key offline); run with `m3fm-server run --tls {out}`")
+
+
+@app.command()
+def enroll(
+    public_key: Path = typer.Argument(..., help="the site's public key (site.pub from `m3fm-client keys`)"),
+    name: str = typer.Option(..., "--name", help="the site's name (e.g. its site_id)"),
+    config: Path = typer.Option(None, "--config", help="server.toml (to find its database)"),
+    database: str = typer.Option(None, "--database", help="SQLAlchemy URL of the server database"),
+) -> None:
+    """Register a site's public key: with `m3fm-server run --node-auth` only enrolled sites can connect."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from privacy.certs import KeyMaterialError, read_site_public_key
+    from server.config import ServerConfigError, load_server_config
+    from server.store import EnrolledSite, open_server_store
+
+    console = Console()
+    try:
+        if database is None and config is None:
+            raise ServerConfigError("give --config server.toml or --database URL")
+        database = database or load_server_config(config).database_url
+        key, fingerprint = read_site_public_key(public_key)
+    except (ServerConfigError, KeyMaterialError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    engine = open_server_store(database)
+    with Session(engine) as s:
+        same = s.scalars(select(EnrolledSite).where((EnrolledSite.name == name) |
+                                                    (EnrolledSite.fingerprint == fingerprint))).first()
+        if same is not None:  # never replace a site's key silently
+            console.print(f"[red]error:[/red] {same.name!r} is already enrolled with key SHA-256 {same.fingerprint[:16]}"
+                          "...; a site and a key are enrolled once")
+            raise typer.Exit(2)
+        s.add(EnrolledSite(name=name, public_key=key, fingerprint=fingerprint))
+        s.commit()
+    engine.dispose()
+    console.print(f"enrolled {name!r} (key SHA-256 {fingerprint[:16]}...) in {database}")
 
 
 @app.command()

@@ -30,6 +30,19 @@
     batch_size = 4
     tasks = []                # empty: every task a site has labels for
     tasks_per_step = 0        # 0: one micro-batch of every task per optimizer step
+
+    [privacy.dp_sgd]          # sample-level DP-SGD at every site (Opacus); a site's own
+    noise_multiplier = 1.0    # [privacy] max_epsilon / delta in site.toml wins over these
+    # target_epsilon = 8.0    # instead of noise_multiplier: noise chosen for the whole run
+    max_grad_norm = 1.0
+    delta = 1e-5
+    physical_batch = 8
+
+    [privacy.central_dp]      # site-level DP at the server (Flower's DP strategy wrappers)
+    noise_multiplier = 1.0
+    clipping_norm = 10.0
+    clipping = "server"       # or "client" (Flower's fixedclipping_mod at each site)
+    delta = 1e-5
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ from pathlib import Path
 from m3fm.local import PhaseConfig
 from m3fm.model.configs import CONFIGS, get_config
 from m3fm.tasks import TASK_BY_NAME
+from privacy.dp_sgd import DPSGDConfig, PrivacyConfigError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PHASES = ("pretrain", "multitask")
@@ -64,6 +78,14 @@ class StrategyConfig:
 
 
 @dataclass
+class CentralDPConfig:
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 10.0
+    clipping: str = "server"
+    delta: float = 1e-5
+
+
+@dataclass
 class ServerConfig:
     path: Path
     name: str = "m3fm"
@@ -76,6 +98,8 @@ class ServerConfig:
     database: str = ""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     phases: list[PhaseConfig] = field(default_factory=list)
+    dp_sgd: DPSGDConfig | None = None
+    central_dp: CentralDPConfig | None = None
 
     @property
     def database_url(self) -> str:
@@ -101,8 +125,12 @@ class ServerConfig:
 
     def training_dict(self) -> dict:
         """What decides the training (not where files go): hashed, so a resume can refuse a changed run."""
-        return {"name": self.name, "model": self.model, "seed": self.seed, "strategy": asdict(self.strategy),
-                "phases": [asdict(p) for p in self.phases]}
+        d = {"name": self.name, "model": self.model, "seed": self.seed, "strategy": asdict(self.strategy),
+             "phases": [asdict(p) for p in self.phases]}
+        for key in ("dp_sgd", "central_dp"):  # only when set, so hashes of runs without DP do not change
+            if getattr(self, key) is not None:
+                d[key] = asdict(getattr(self, key))
+        return d
 
     @property
     def config_hash(self) -> str:
@@ -151,6 +179,33 @@ def _phase(d: dict, name: str, where: str, cfg_name: str) -> PhaseConfig:
     return pc
 
 
+def _privacy(d: dict, where: str) -> tuple[DPSGDConfig | None, CentralDPConfig | None]:
+    _known(d, {"dp_sgd", "central_dp"}, f"{where} [privacy]")
+    dp = central = None
+    if "dp_sgd" in d:
+        t, w = d["dp_sgd"], f"{where} [privacy.dp_sgd]"
+        _known(t, {"noise_multiplier", "target_epsilon", "max_grad_norm", "delta", "physical_batch"}, w)
+        positive = (lambda v: v > 0, "must be positive")
+        try:
+            dp = DPSGDConfig(noise_multiplier=_take(t, "noise_multiplier", float, 0.0, w, *positive),
+                             target_epsilon=_take(t, "target_epsilon", float, 0.0, w, *positive),
+                             max_grad_norm=_take(t, "max_grad_norm", float, 1.0, w, *positive),
+                             delta=_take(t, "delta", float, 1e-5, w, lambda v: 0 < v < 1, "must be in (0, 1)"),
+                             physical_batch=_take(t, "physical_batch", int, 8, w, *positive))
+        except PrivacyConfigError as e:
+            raise ServerConfigError(f"{w}: {e}") from None
+    if "central_dp" in d:
+        t, w = d["central_dp"], f"{where} [privacy.central_dp]"
+        _known(t, {"noise_multiplier", "clipping_norm", "clipping", "delta"}, w)
+        central = CentralDPConfig(
+            noise_multiplier=_take(t, "noise_multiplier", float, 1.0, w, lambda v: v > 0, "must be positive"),
+            clipping_norm=_take(t, "clipping_norm", float, 10.0, w, lambda v: v > 0, "must be positive"),
+            clipping=_take(t, "clipping", str, "server", w, lambda v: v in ("server", "client"),
+                           'must be "server" or "client"'),
+            delta=_take(t, "delta", float, 1e-5, w, lambda v: 0 < v < 1, "must be in (0, 1)"))
+    return dp, central
+
+
 def load_server_config(path: str | Path) -> ServerConfig:
     path = Path(path).resolve()
     if not path.is_file():
@@ -159,7 +214,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         d = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ServerConfigError(f"{path}: not valid TOML: {e}") from None
-    _known(d, {"run", "strategy", *PHASES}, str(path))
+    _known(d, {"run", "strategy", "privacy", *PHASES}, str(path))
     run, where = d.get("run", {}), f"{path} [run]"
     _known(run, {"name", "model", "min_sites", "round_timeout", "evaluate_every", "seed", "out_dir", "database"}, where)
     model = _take(run, "model", str, "tiny", where, lambda v: v in CONFIGS, f"must be one of {list(CONFIGS)}")
@@ -188,6 +243,10 @@ def load_server_config(path: str | Path) -> ServerConfig:
         strategy=strategy,
         phases=[_phase(d.get(p, {}), p, str(path), model) for p in PHASES],
     )
+    cfg.dp_sgd, cfg.central_dp = _privacy(d.get("privacy", {}), str(path))
+    if cfg.dp_sgd is not None and strategy.name == "fedprox":
+        raise ServerConfigError(f"{path}: [strategy] name = \"fedprox\" with [privacy.dp_sgd] is not supported: the "
+                                "proximal term would bypass DP-SGD's per-sample clipping; use fedavg or fedadam")
     if cfg.total_rounds == 0:
         raise ServerConfigError(f"{path}: [pretrain] and [multitask] both have 0 rounds; nothing to run")
     return cfg

@@ -11,16 +11,40 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.config import ServerConfig
-from server.flower import (flower_env, run_status, start_superlink, stop, submit_run, wait_for_port,
-                           write_app_dir, write_connection)
-from server.store import Round, Run, open_server_store
+from server.flower import (flower_env, register_supernode, run_status, start_superlink, stop, submit_run,
+                           wait_for_port, write_app_dir, write_connection)
+from server.store import EnrolledSite, Round, Run, open_server_store
 
 CONNECTION = "m3fm"
+
+
+@dataclass
+class Security:
+    """TLS (a folder made by `m3fm-server certs`: ca.crt, server.pem, server.key) and node authentication
+    (only sites enrolled with `m3fm-server enroll` may connect). Neither: plaintext, on request only."""
+    tls_dir: Path | None = None
+    node_auth: bool = False
+
+    def superlink_args(self) -> tuple[str, ...]:
+        args: tuple[str, ...] = ("--insecure",)
+        if self.tls_dir is not None:
+            d = self.tls_dir
+            args = ("--ssl-ca-certfile", str(d / "ca.crt"), "--ssl-certfile", str(d / "server.pem"),
+                    "--ssl-keyfile", str(d / "server.key"))
+        return args + (("--enable-supernode-auth",) if self.node_auth else ())
+
+    def check(self) -> None:
+        if self.tls_dir is not None:
+            missing = [f for f in ("ca.crt", "server.pem", "server.key") if not (self.tls_dir / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{self.tls_dir} lacks {', '.join(missing)} (make them with "
+                                        "`m3fm-server certs --out DIR --host NAME`)")
 
 
 @dataclass
@@ -53,21 +77,43 @@ def find_run(engine, flwr_run_id: int) -> Run | None:
     return None
 
 
+def register_enrolled(engine, home: Path, env: dict, log) -> int:
+    """Admit every enrolled site's key on the SuperLink just started; -> how many."""
+    with Session(engine) as s:
+        sites = [(e.name, e.public_key) for e in s.scalars(select(EnrolledSite).order_by(EnrolledSite.name))]
+    if not sites:
+        raise RuntimeError("node authentication is on but no site is enrolled; run `m3fm-server enroll SITE.pub "
+                           "--name SITE` for each site first")
+    for name, key in sites:
+        path = home / f"{name}.pub"
+        path.write_text(key + "\n")
+        register_supernode(path, name, CONNECTION, env)
+    log(f"node authentication: {len(sites)} enrolled site key(s) registered ({', '.join(n for n, _ in sites)})")
+    return len(sites)
+
+
 def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print, simulation: dict | None = None,
                run_config: dict | None = None, poll_s: float = 2.0, status_every_s: float = 10.0,
-               max_hours: float = 72.0) -> Outcome:
+               max_hours: float = 72.0, security: Security | None = None) -> Outcome:
     """Run the whole federated run; `simulation` (Flower's federation config: num-supernodes,
     client-resources-num-cpus, client-resources-num-gpus) runs it on Flower's simulation engine (Ray)."""
+    security = security or Security()
+    security.check()
     base = cfg.out_dir / "superlink"
     home = base / "flwr-home"
     env = flower_env(home)
-    write_connection(home, CONNECTION, f"{host}:{port}")
+    tls = security.tls_dir
+    write_connection(home, CONNECTION, f"{host}:{port}", insecure=tls is None,
+                     root_certificates=None if tls is None else (tls / "ca.crt").resolve())
     app_dir = write_app_dir(base / "app")
     engine = open_server_store(cfg.database_url)
     old = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
-    link = start_superlink(base, host, port, base / "superlink.log", simulation=simulation is not None, env=env)
+    link = start_superlink(base, host, port, base / "superlink.log", simulation=simulation is not None, env=env,
+                           extra_args=security.superlink_args())
     try:
         wait_for_port(host, port, link)
+        if security.node_auth:
+            register_enrolled(engine, home, env, log)
         log(f"SuperLink on {host}:{port} (pid {link.pid}, log {base / 'superlink.log'}); sites join with "
             f"`m3fm-client start --site SITE_DIR --superlink {host}:{port}`")
         rc = {"config": str(cfg.path), "resume": resume, "database": cfg.database_url, **(run_config or {})}

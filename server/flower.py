@@ -159,6 +159,15 @@ def submit_run(app_dir: Path, connection: str, run_config: dict, env: dict, fede
     raise RuntimeError(f"flwr run failed (exit {out.returncode}): {(out.stdout + out.stderr).strip()[-2000:]}")
 
 
+def register_supernode(public_key: Path, name: str, connection: str, env: dict, timeout: float = 60.0) -> None:
+    """`flwr supernode register`: the SuperLink (started with --enable-supernode-auth) admits this key."""
+    out = subprocess.run([flower_bin("flwr"), "supernode", "register", str(public_key), connection, "--name", name],
+                         capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"registering {name}'s key failed (exit {out.returncode}): "
+                           f"{(out.stdout + out.stderr).strip()[-1000:]}")
+
+
 def run_status(connection: str, run_id: int, env: dict, timeout: float = 60.0) -> str:
     """The run's status as Flower reports it, e.g. 'running' or 'finished:completed' / 'finished:failed'."""
     out = subprocess.run([flower_bin("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],

@@ -24,9 +24,11 @@ from m3fm.checkpoint import read_checkpoint, write_checkpoint
 from m3fm.model.configs import get_config
 from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.m3fm import M3FM
+from privacy.dp_sgd import epsilon_of
+from server.central_dp import TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
-from server.store import (Checkpoint, RejectedReply, Round, Run, SiteMetric, last_checkpoint, latest_run, now,
-                          open_server_store)
+from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, Run, SiteMetric, last_checkpoint,
+                          latest_run, now, open_server_store)
 from server.strategy import TaskAwareFedAvg, build_strategy
 
 
@@ -79,7 +81,16 @@ def phase_config(cfg: ServerConfig, server_round: int) -> ConfigRecord:
                          "local-steps": phase.local_steps, "lr": phase.lr, "batch-size": phase.batch_size,
                          "warmup-steps": phase.warmup_steps, "scales": ",".join(phase.scales),
                          "tasks": ",".join(phase.tasks), "tasks-per-step": phase.tasks_per_step,
-                         "model": cfg.model, "seed": cfg.seed})
+                         "model": cfg.model, "seed": cfg.seed, "run-name": cfg.name, "server-round": server_round,
+                         **dp_sgd_config(cfg)})
+
+
+def dp_sgd_config(cfg: ServerConfig) -> dict:
+    """The dp-* keys a site reads (privacy/dp_sgd.py); dp-plan is the run's steps and batch size per phase."""
+    if cfg.dp_sgd is None:
+        return {}
+    plan = ",".join(f"{p.name}:{p.rounds * p.local_steps}:{p.batch_size}" for p in cfg.phases if p.rounds)
+    return {**cfg.dp_sgd.to_config(), "dp-plan": plan}
 
 
 def _text(flwr_id: int | None) -> str | None:
@@ -128,6 +139,9 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
     sc = cfg.strategy
     strategy = build_strategy(sc.name, {group_of_packed(k) for k in packed}, cfg.min_sites, sc.max_update_norm,
                               sc.proximal_mu, sc.eta, sc.beta_1, sc.beta_2, sc.tau)
+    if cfg.central_dp is not None:
+        c = cfg.central_dp
+        strategy = wrap_central_dp(strategy, c.noise_multiplier, c.clipping_norm, c.clipping, cfg.min_sites, c.delta)
     strategy.load_state(strategy_state)
     shapes = weight_shapes(cfg)
     log(f"run {run_id} ({cfg.name}): rounds {first}..{cfg.total_rounds}, strategy {sc.name}, model {cfg.model}")
@@ -146,6 +160,25 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
         s.commit()
     engine.dispose()
     return run_id
+
+
+def privacy_rows(strategy, run_id: int, rnd: int) -> list[PrivacyLedger]:
+    """The round's ledger: each DP-SGD site's spend (from its reply), and central DP's release if any."""
+    rows = []
+    for a in strategy.accepted:
+        m = a["metrics"]
+        if "dp.epsilon" in m:
+            rows.append(PrivacyLedger(run_id=run_id, round=rnd, site_id=a["site_id"], mechanism="dp-sgd",
+                                      epsilon=m["dp.epsilon"], epsilon_round=m["dp.epsilon-round"], delta=m["dp.delta"],
+                                      noise_multiplier=m["dp.noise-multiplier"], sample_rate=m["dp.sample-rate"],
+                                      steps=int(m["dp.steps"])))
+    if isinstance(strategy, TaskAwareCentralDP) and strategy.releases:
+        eps = strategy.epsilon()
+        before = epsilon_of([(strategy.noise_multiplier, 1.0, strategy.releases - 1)], strategy.delta)
+        rows.append(PrivacyLedger(run_id=run_id, round=rnd, site_id="*", mechanism="central-dp", epsilon=eps,
+                                  epsilon_round=eps - before, delta=strategy.delta,
+                                  noise_multiplier=strategy.noise_multiplier, sample_rate=1.0, steps=strategy.releases))
+    return rows
 
 
 def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id: int, rnd: int,
@@ -182,6 +215,7 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
             else:
                 problems.append(RejectedReply(run_id=run_id, round=rnd, site_id=e["site_id"], node_id=e["node_id"],
                                               kind="evaluate", reason=e["error"]))
+    rows += privacy_rows(strategy, run_id, rnd)
     path = cfg.out_dir / f"run-{run_id:04d}" / f"round-{rnd:04d}.pt"
     state = unpack_state({k: a.numpy() for k, a in arrays.items()}, shapes)
     sha = save_round(path, cfg, rnd, state, strategy.state())

@@ -5,6 +5,10 @@
   site_metrics      per site and round: the metrics it sent with its training reply or its evaluation
   rejected_replies  every reply that did not count, and why (skips are rows with kind "skip")
   checkpoints       the checkpoint written after each round, with its SHA-256
+  enrolled_sites    sites whose public key `m3fm-server enroll` registered (node authentication)
+  privacy_ledger    epsilon per site per round (DP-SGD, the site's running total) and per round of
+                    the whole model (central DP); schema 2 added it and enrolled_sites (create_all adds the tables to a
+                    schema-1 database, nothing else changes)
 
 A round's rows and its checkpoint row are written in one transaction after the
 checkpoint file is in place, so the database never names a round whose
@@ -20,7 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from m3fm.data.store import now, open_versioned
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Base(DeclarativeBase):
@@ -89,6 +93,31 @@ class Checkpoint(Base):
     path: Mapped[str] = mapped_column(String)
     sha256: Mapped[str] = mapped_column(String)
     created_at: Mapped[datetime] = mapped_column(default=now)
+
+
+class PrivacyLedger(Base):
+    __tablename__ = "privacy_ledger"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    site_id: Mapped[str] = mapped_column(String)  # "*" for central DP (the released aggregate)
+    mechanism: Mapped[str] = mapped_column(String)  # dp-sgd | central-dp
+    epsilon: Mapped[float] = mapped_column(Float)  # total after this round
+    epsilon_round: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    sample_rate: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=now)
+
+
+class EnrolledSite(Base):
+    __tablename__ = "enrolled_sites"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    public_key: Mapped[str] = mapped_column(Text)  # OpenSSH text
+    fingerprint: Mapped[str] = mapped_column(String, unique=True)  # SHA-256 of the key text
+    enrolled_at: Mapped[datetime] = mapped_column(default=now)
 
 
 class Meta(Base):

@@ -54,22 +54,24 @@ def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], m
     return None
 
 
-def task_aware_average(reference: dict[str, np.ndarray], replies: list[tuple[dict[str, np.ndarray], dict[str, int]]]
-                       ) -> tuple[dict[str, np.ndarray], set[str]]:
+def task_aware_average(reference: dict[str, np.ndarray], replies: list[tuple[dict[str, np.ndarray], dict[str, int]]],
+                       uniform: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Packed weights (m3fm/model/packing.py): one vector per parameter group.
-    replies: (arrays, group -> sample count). -> new arrays, keys nobody trained (kept as they were)."""
-    out, untrained = {}, set()
+    replies: (arrays, group -> sample count); uniform: every site that trained a group counts once (central DP).
+    -> new arrays, and per key the number of sites that trained it (0: kept as it was)."""
+    out, contributors = {}, {}
     for key, ref in reference.items():
         group = group_of_packed(key)
-        weighted = [(arrays[key], counts.get(group, 0)) for arrays, counts in replies if counts.get(group, 0) > 0]
+        weighted = [(arrays[key], 1 if uniform else counts[group]) for arrays, counts in replies
+                    if counts.get(group, 0) > 0]
+        contributors[key] = len(weighted)
         if not weighted:
             out[key] = ref
-            untrained.add(key)
             continue
         total = sum(w for _, w in weighted)
         acc = sum(a.astype(np.float64) * (w / total) for a, w in weighted)
         out[key] = np.asarray(acc, dtype=ref.dtype)
-    return out, untrained
+    return out, contributors
 
 
 def weighted_metrics(replies: list[tuple[MetricRecord, int]]) -> MetricRecord:
@@ -78,7 +80,7 @@ def weighted_metrics(replies: list[tuple[MetricRecord, int]]) -> MetricRecord:
     sums, weights = defaultdict(float), defaultdict(float)
     for metrics, w in replies:
         for k, v in metrics.items():
-            if k.startswith(COUNT) or not isinstance(v, (int, float)):
+            if k.startswith((COUNT, "dp.")) or not isinstance(v, (int, float)):  # dp.*: per site, in the ledger
                 continue
             summed = k.startswith("items.") or k == "num-examples"
             sums[k] += float(v) * (1 if summed else w)
@@ -104,6 +106,8 @@ class TaskAwareFedAvg(FedAvg):
         self.accepted: list[dict] = []  # site, node, metrics of every reply that counted
         self.evaluations: list[dict] = []  # of the last evaluation: site, node, metrics or error
         self.untrained: set[str] = set()
+        self.contributors: dict[str, int] = {}  # packed key -> sites that trained it, last aggregation
+        self.uniform_weights = False  # central DP (server/central_dp.py): each site counts once per group
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         self.reference = {k: a.numpy() for k, a in arrays.items()}
@@ -134,7 +138,9 @@ class TaskAwareFedAvg(FedAvg):
             self.accepted.append({**who, "metrics": dict(metrics)})
         if not usable:
             return None, None
-        averaged, self.untrained = task_aware_average(self.reference, [(a, c) for a, c, _ in usable])
+        averaged, self.contributors = task_aware_average(self.reference, [(a, c) for a, c, _ in usable],
+                                                         self.uniform_weights)
+        self.untrained = {k for k, n in self.contributors.items() if n == 0}
         metrics = weighted_metrics([(m, c["shared"]) for _, c, m in usable])
         return ArrayRecord({k: Array(v) for k, v in averaged.items()}), metrics
 

@@ -2,17 +2,19 @@
 all on 127.0.0.1, and `m3fm-sim run --engine ray` inside a loopback-only network namespace."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
+from opacus.accountants import RDPAccountant
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.coordinator import free_port
 from server.flower import flower_bin, flower_env, stop
-from server.store import RejectedReply, Round, Run, SiteMetric, open_server_store
+from server.store import PrivacyLedger, RejectedReply, Round, Run, SiteMetric, open_server_store
 
 TOML = """
 [run]
@@ -72,23 +74,30 @@ def cluster(tmp_path):
 
 
 def test_loopback_run_survives_a_coordinator_crash_and_resumes(ingested, cluster):
+    """Under DP-SGD too: every message runs in a new flwr-clientapp process, so the epsilon of round 2 (after the
+    coordinator's crash) continuing round 1's is the accountant carried across client processes."""
     procs, tmp = cluster
     _, sites, _ = ingested
+    for site in sites[:2]:
+        shutil.rmtree(site.work_dir / "privacy", ignore_errors=True)
     toml = tmp / "server.toml"
-    toml.write_text(TOML.format(name="crash", timeout=300, multitask=1))
+    toml.write_text(TOML.format(name="crash", timeout=300, multitask=1) +
+                    "[privacy.dp_sgd]\nnoise_multiplier = 1.1\nmax_grad_norm = 1.0\ndelta = 1e-5\n")
     db = f"sqlite:///{tmp / 'runs' / 'server.db'}"
     port = free_port()
-    server = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port)], tmp / "server1.log")
+    server = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port), "--insecure"],
+                   tmp / "server1.log")
     procs.append(server)
     for site in sites[:2]:
         procs.append(start([flower_bin("m3fm-client"), "start", "--site", str(site.site_dir), "--superlink",
-                            f"127.0.0.1:{port}", "--port", str(free_port())], tmp / f"{site.site_id}.log"))
+                            f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure"], tmp / f"{site.site_id}.log"))
     wait_rounds(db, 1, server)
     os.killpg(server.pid, signal.SIGKILL)  # the coordinator machine dies: SuperLink and ServerApp with it
     server.wait(10)
     status, rounds, _, _ = rounds_and_metrics(db)
     assert status == "running" and [r[0] for r in rounds] == [1]
-    resumed = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port), "--resume"],
+    resumed = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port), "--resume",
+                     "--insecure"],
                     tmp / "server2.log")
     procs.append(resumed)
     assert resumed.wait(600) == 0, (tmp / "server2.log").read_text()[-3000:]
@@ -100,6 +109,18 @@ def test_loopback_run_survives_a_coordinator_crash_and_resumes(ingested, cluster
                                                   for k in ("train", "evaluate")}
     assert not rejected
     assert "round 2/2 multitask 1: 2/2 sites" in (tmp / "server2.log").read_text()
+    engine = open_server_store(db)
+    with Session(engine) as s:
+        ledger = {(r.site_id, r.round): r for r in s.scalars(select(PrivacyLedger))}
+    engine.dispose()
+    assert set(ledger) == {(s.site_id, r) for s in sites[:2] for r in (1, 2)}
+    for site in sites[:2]:
+        first, second = ledger[site.site_id, 1], ledger[site.site_id, 2]
+        accountant = RDPAccountant()
+        accountant.history = [(1.1, first.sample_rate, 1), (1.1, second.sample_rate, 1)]
+        assert second.epsilon == pytest.approx(accountant.get_epsilon(1e-5)) and second.epsilon > first.epsilon
+        assert second.epsilon_round == pytest.approx(second.epsilon - first.epsilon)
+        shutil.rmtree(site.work_dir / "privacy")
 
 
 def test_a_site_killed_mid_run_leaves_the_others_to_finish_the_round(ingested, cluster):
@@ -109,10 +130,11 @@ def test_a_site_killed_mid_run_leaves_the_others_to_finish_the_round(ingested, c
     toml.write_text(TOML.format(name="killed-site", timeout=120, multitask=1))
     db = f"sqlite:///{tmp / 'runs' / 'server.db'}"
     port = free_port()
-    server = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port)], tmp / "server.log")
+    server = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port), "--insecure"],
+                   tmp / "server.log")
     procs.append(server)
     clients = [start([flower_bin("m3fm-client"), "start", "--site", str(site.site_dir), "--superlink",
-                      f"127.0.0.1:{port}", "--port", str(free_port())], tmp / f"{site.site_id}.log") for site in sites]
+                      f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure"], tmp / f"{site.site_id}.log") for site in sites]
     procs.extend(clients)
     wait_rounds(db, 1, server)
     os.killpg(clients[2].pid, signal.SIGKILL)  # the third hospital's machine dies between rounds

@@ -47,14 +47,18 @@ def filled(**values):
 def test_each_group_is_averaged_over_the_sites_that_trained_it_weighted_by_their_counts():
     a = filled(shared=1.0, head_yes_no=2.0, scale_lung=4.0)
     b = filled(shared=3.0, head_yes_no=6.0, scale_lung=9.0)
-    out, untrained = task_aware_average(REF, [(a, {"shared": 10, "head:yes_no": 30, "scale:lung": 5}),
-                                              (b, {"shared": 30, "head:yes_no": 10})])
+    out, contributors = task_aware_average(REF, [(a, {"shared": 10, "head:yes_no": 30, "scale:lung": 5}),
+                                                 (b, {"shared": 30, "head:yes_no": 10})])
     np.testing.assert_allclose(out["shared"], 1.0 * 10 / 40 + 3.0 * 30 / 40)
     np.testing.assert_allclose(out["head:yes_no"], 2.0 * 30 / 40 + 6.0 * 10 / 40)
     np.testing.assert_allclose(out["scale:lung"], 4.0)  # only site a trained this scale; b's 9.0 is ignored
     np.testing.assert_array_equal(out["head:lung_rads"], REF["head:lung_rads"])  # nobody trained it
-    assert untrained == {"head:lung_rads"}
+    assert contributors == {"shared": 2, "head:yes_no": 2, "scale:lung": 1, "head:lung_rads": 0}
     assert all(out[k].dtype == np.float32 for k in out)
+    uniform, _ = task_aware_average(REF, [(a, {"shared": 10, "head:yes_no": 30, "scale:lung": 5}),
+                                          (b, {"shared": 30, "head:yes_no": 10})], uniform=True)
+    np.testing.assert_allclose(uniform["shared"], 2.0)  # central DP: each site once, whatever its count
+    np.testing.assert_allclose(uniform["scale:lung"], 4.0)
 
 
 def test_bad_replies_are_dropped_and_recorded_with_their_reason():

@@ -145,6 +145,9 @@ def open_versioned(url: str, base, meta, version: int, what: str):
             s.commit()
         elif int(row.value) > version:
             raise RuntimeError(f"{url}: {what} database schema {row.value} is newer than this m3fm-fed ({version})")
+        elif int(row.value) < version:  # migrations so far only add tables, which create_all just did
+            row.value = str(version)
+            s.commit()
     return engine
 
 

@@ -55,9 +55,13 @@ def hazard_targets(years_to_event: torch.Tensor, event: torch.Tensor, horizon: i
 
 
 def hazard_loss(cum_logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Censoring-masked BCE, averaged over known (patient, year) cells."""
-    loss = F.binary_cross_entropy_with_logits(cum_logits.float(), y.float(), weight=mask.float(), reduction="sum")
-    return loss / mask.sum().clamp(min=1)
+    """Censoring-masked BCE: each patient's mean over its known years, then the mean over patients.
+
+    Per-patient first, so one patient's loss (and gradient) never depends on who else is in the batch:
+    DP-SGD's sensitivity bound (privacy/dp_sgd.py) needs that."""
+    mask = mask.float()
+    cells = F.binary_cross_entropy_with_logits(cum_logits.float(), y.float(), reduction="none") * mask  # (B, Y)
+    return (cells.sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
 def task_loss(task: Task, out: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,8 +72,11 @@ def task_loss(task: Task, out: torch.Tensor, target: torch.Tensor, target_mask: 
         if target_mask is None:
             raise ValueError(f"task {task.name!r} needs a censoring mask with its targets")
         return hazard_loss(cumulative_hazard(out), target, target_mask)
-    if task.loss == "digits":
-        return F.cross_entropy(out.float().reshape(-1, 10), target.reshape(-1), ignore_index=-100)
+    if task.loss == "digits":  # (B, 3) digits; per-sample mean over its known digits, then over the batch
+        per_digit = F.cross_entropy(out.float().reshape(-1, 10), target.reshape(-1), ignore_index=-100,
+                                    reduction="none").reshape(target.shape)
+        known = (target != -100).float()
+        return ((per_digit * known).sum(1) / known.sum(1).clamp(min=1)).mean()
     raise ValueError(f"task {task.name!r} has unknown loss kind {task.loss!r}")
 
 

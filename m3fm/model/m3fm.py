@@ -97,10 +97,20 @@ class M3FM(nn.Module):
         return self.forward_loss(imgs, pred, mask, scale), pred, mask
 
     # ---- masked language modeling ----
-    def forward_mlm(self, input_ids: torch.Tensor, attn_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """input_ids, attn_mask, labels: (B, T); labels -100 where nothing is predicted."""
+    def forward_mlm(self, input_ids: torch.Tensor, attn_mask: torch.Tensor, labels: torch.Tensor,
+                    per_sample: bool = False) -> torch.Tensor:
+        """input_ids, attn_mask, labels: (B, T); labels -100 where nothing is predicted.
+
+        per_sample: each record's mean over its masked tokens, then the mean over records, with the vocabulary
+        layer run at every position so its batch dimension stays B. DP-SGD needs both (per-sample gradients,
+        no cross-sample normalisation); the default only sends the masked positions through the vocabulary layer.
+        """
         hidden = self.text_encoder(input_ids, attn_mask)  # (B, T, Dt)
         picked = labels != -100
+        if per_sample:
+            logits = self.mlm_head(hidden)  # (B, T, V)
+            tokens = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            return (tokens.sum(1) / picked.sum(1).clamp(min=1)).mean()  # (B, T) -> ()
         logits = self.mlm_head(hidden[picked])  # (N, V): only masked positions reach the vocabulary layer
         return F.cross_entropy(logits.float(), labels[picked])
 

@@ -72,4 +72,4 @@ class MIMDecoder(nn.Module):
         """MSE on per-cube normalized voxels, averaged over masked cubes only."""
         target = mim_target(imgs, self.cfg.scale(scale), self.slices[scale])
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, L)
-        return (loss * mask).sum() / mask.sum().clamp(min=1)
+        return ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()  # per sample first (see heads.hazard_loss)

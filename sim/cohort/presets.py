@@ -86,7 +86,8 @@ PRESETS = {
     # coarse voxels: about 2.1-2.5 mm in-plane (the field of view fits the body) and 5 mm slices
     # coarse presets keep shorter series: a 10 mm reconstruction of a tiny chest has about 30 slices
     "tiny": Preset("tiny", 3, 16, 128, None, (5.0,), enrichment=3.0, min_slices=16, model_config="tiny"),
-    "demo": Preset("demo", 4, 32, 192, None, (2.5, 3.0), enrichment=2.0, min_slices=32, model_config="small"),
+    # demo: sized so `m3fm-sim run` (generate, ingest, 2 federated rounds) stays within 10 minutes on 2 cores
+    "demo": Preset("demo", 4, 28, 192, None, (2.5, 3.0), enrichment=2.0, min_slices=32, model_config="small"),
     # clinical voxel sizes, full 512 x 512 slices
     "bench": Preset("bench", 10, 300, 512, (0.5, 0.9), (0.625, 1.0, 1.25, 2.0, 2.5)),
 }

@@ -1,0 +1,108 @@
+"""Site-level central DP: Flower's DP strategy wrappers around the task-aware average.
+
+Flower clips every site's whole update to `clipping_norm` (on the server, or at
+the site with `fixedclipping_mod`), the inner strategy averages, and the
+wrapper adds Gaussian noise. Two things change so the guarantee holds for a
+task-aware average:
+
+- Inside each parameter group the sites that trained it count equally (the
+  inner strategy runs with `uniform_weights`): sample-count weights would let
+  one large site move the average by more than clipping_norm / sites.
+- The noise is calibrated per group: a group averaged over k sites gets noise
+  of standard deviation noise_multiplier * clipping_norm / k. One site's clipped
+  update u moves group g by u_g / k_g, so the whole release is a Gaussian
+  mechanism of sensitivity-to-noise ratio ||u|| / (noise_multiplier *
+  clipping_norm) <= 1 / noise_multiplier, the same as Flower's uniform case.
+  Groups no site trained are released unchanged, so they get no noise.
+
+Which groups a site trains follows from its declared task list, not from
+patient data, so k_g is public (replace-one-site adjacency). Epsilon per round
+is accounted with Opacus's RDP accountant at sample rate 1 (every site, every
+round; no amplification), because Flower's own accountant requires plain
+FedAvg.aggregate_train.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
+                                     DifferentialPrivacyServerSideFixedClipping)
+
+from privacy.dp_sgd import epsilon_of
+from server.strategy import ARRAYS, TaskAwareFedAvg, site_of
+
+
+class TaskAwareCentralDP:
+    """Mixin over Flower's fixed-clipping wrappers; `self.strategy` is a TaskAwareFedAvg."""
+
+    delta: float = 1e-5
+    releases: int = 0  # aggregates released so far in this run (restored on resume)
+
+    def __getattr__(self, name):  # rejections, accepted, skips, ... live on the inner strategy
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def aggregate_train(self, server_round: int, replies):
+        inner: TaskAwareFedAvg = self.strategy
+        kept, dropped = [], []
+        for msg in replies:
+            # Flower's wrappers give up on a whole round when one reply is an error, and clip by array
+            # position: drop errors and foreign key sets here (recorded with the inner rejections), and put
+            # each reply's arrays in the global model's order
+            who = {"site_id": site_of(msg), "node_id": str(msg.metadata.src_node_id)}
+            if msg.has_error():
+                dropped.append({**who, "reason": f"site error: {msg.error.reason}"})
+                continue
+            if ARRAYS in msg.content.array_records:
+                arrays = msg.content.array_records[ARRAYS]
+                if set(arrays.keys()) != set(inner.reference):
+                    dropped.append({**who, "reason": "keys differ from the global model"})
+                    continue
+                msg.content[ARRAYS] = ArrayRecord({k: arrays[k] for k in inner.reference})
+            kept.append(msg)
+        self.num_sampled_clients = max(1, len(kept))
+        arrays, metrics = super().aggregate_train(server_round, kept)
+        inner.rejections = dropped + inner.rejections
+        if arrays is not None:
+            self.releases += 1
+        return arrays, metrics
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        rng = np.random.default_rng()
+        out = {}
+        for key, a in aggregated.items():
+            x, k = a.numpy(), self.strategy.contributors.get(key, 0)
+            if k > 0:
+                std = self.noise_multiplier * self.clipping_norm / k
+                x = (x + rng.normal(0.0, std, x.shape)).astype(x.dtype)
+            out[key] = Array(x)
+        return ArrayRecord(out)
+
+    def epsilon(self) -> float:
+        return epsilon_of([(self.noise_multiplier, 1.0, self.releases)] if self.releases else [], self.delta)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**self.strategy.state(), "central_dp/releases": np.array([self.releases], dtype=np.int64)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.releases = int(state.get("central_dp/releases", np.zeros(1))[0])
+        self.strategy.load_state({k: v for k, v in state.items() if not k.startswith("central_dp/")})
+
+
+class ServerClippingDP(TaskAwareCentralDP, DifferentialPrivacyServerSideFixedClipping):
+    pass
+
+
+class ClientClippingDP(TaskAwareCentralDP, DifferentialPrivacyClientSideFixedClipping):
+    pass
+
+
+def wrap_central_dp(strategy: TaskAwareFedAvg, noise_multiplier: float, clipping_norm: float, clipping: str,
+                    num_sites: int, delta: float):
+    strategy.uniform_weights = True
+    cls = {"server": ServerClippingDP, "client": ClientClippingDP}[clipping]
+    wrapped = cls(strategy, noise_multiplier, clipping_norm, num_sites)
+    wrapped.delta = delta
+    return wrapped

@@ -1,0 +1,233 @@
+"""Sample-level DP-SGD at a site and site-level central DP at the server (in-process; the real processes:
+test_deployment.py)."""
+
+import dataclasses
+import math
+import shutil
+import tomllib
+
+import numpy as np
+import pytest
+import tomli_w
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import RDPAccountant
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from client.app import app as client_app
+from client.federated import train_round
+from fake_grid import InProcessGrid
+from m3fm.model.packing import pack_state
+from privacy.dp_sgd import PrivacyLedger, epsilon_of, noise_for_target
+from server.central_dp import wrap_central_dp
+from server.config import ServerConfigError, load_server_config
+from server.rounds import phase_config, run_federation
+from server.store import PrivacyLedger as LedgerRow, RejectedReply, open_server_store
+from server.strategy import build_strategy
+from test_strategy import REF, filled, reply
+
+PRIVATE_TOML = """
+[run]
+name = "{name}"
+model = "tiny"
+min_sites = {min_sites}
+round_timeout = 30
+out_dir = "runs"
+[pretrain]
+rounds = 1
+local_steps = 2
+[multitask]
+rounds = 1
+local_steps = 2
+{privacy}
+"""
+DP_SGD = "[privacy.dp_sgd]\nnoise_multiplier = 1.3\nmax_grad_norm = 1.0\ndelta = 1e-5\nphysical_batch = 4\n"
+
+
+def private_toml(tmp_path, privacy=DP_SGD, name="dp", min_sites=2):
+    path = tmp_path / "server.toml"
+    path.write_text(PRIVATE_TOML.format(name=name, min_sites=min_sites, privacy=privacy))
+    return load_server_config(path)
+
+
+@pytest.fixture
+def fresh_ledgers(ingested):
+    """Each test starts with sites that never spent any privacy budget, and leaves them so."""
+    _, sites, _ = ingested
+    clear = lambda: [shutil.rmtree(s.work_dir / "privacy", ignore_errors=True) for s in sites]  # noqa: E731
+    clear()
+    yield sites
+    clear()
+
+
+def opacus_epsilon(history, delta):
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return accountant.get_epsilon(delta)
+
+
+def test_site_epsilon_is_opacus_accountant_and_accumulates_over_rounds_and_processes(fresh_ledgers, tiny_model,
+                                                                                    tmp_path):
+    site = fresh_ledgers[0]
+    cfg = private_toml(tmp_path)
+    packed = pack_state(tiny_model.state_dict())
+    history = []
+    for rnd in (1, 2):  # pretraining, then multitask: each call builds a new PrivacyEngine from the site's disk
+        weights, metrics, skipped = train_round(site, packed, dict(phase_config(cfg, rnd)))
+        assert skipped is None and weights is not None
+        items = sum(v for k, v in metrics.items() if k.startswith("items."))
+        q = 1 / math.ceil(items / 4)  # batch_size 4: Opacus's Poisson rate for that many items
+        assert metrics["dp.sample-rate"] == pytest.approx(q)
+        history.append((1.3, q, 2))
+        assert metrics["dp.noise-multiplier"] == 1.3 and metrics["dp.steps"] == 2
+        assert metrics["dp.epsilon"] == pytest.approx(opacus_epsilon(history, 1e-5), rel=1e-9)
+        assert metrics["dp.epsilon-round"] > 0
+    ledger = PrivacyLedger(site.work_dir)  # what the next client process will load
+    assert sum(h[2] for h in ledger.history) == 4
+    assert [r["round"] for r in ledger.rounds] == [1, 2]
+    assert ledger.epsilon(1e-5) == pytest.approx(opacus_epsilon(history, 1e-5))
+
+
+def test_dp_sgd_changes_the_weights_within_the_clipped_noisy_step(fresh_ledgers, tiny_model, tmp_path):
+    site = fresh_ledgers[1]
+    cfg = private_toml(tmp_path)
+    packed = pack_state(tiny_model.state_dict())
+    weights, metrics, _ = train_round(site, packed, dict(phase_config(cfg, 2)))  # multitask round
+    moved = {k for k in packed if not np.array_equal(packed[k], weights[k])}
+    assert "shared" in moved and any(k.startswith("head:") for k in moved)
+    assert not moved & {"mim", "mlm"}  # frozen outside their phase: no noise on weights no data touched
+    assert all(np.isfinite(w).all() for w in weights.values())
+
+
+def test_a_site_at_its_ceiling_refuses_and_its_own_delta_wins(fresh_ledgers, tiny_model, tmp_path):
+    site = dataclasses.replace(fresh_ledgers[0], privacy={"max_epsilon": 0.05, "delta": 1e-7})
+    cfg = private_toml(tmp_path)
+    packed = pack_state(tiny_model.state_dict())
+    weights, metrics, skipped = train_round(site, packed, dict(phase_config(cfg, 1)))
+    assert weights is None and "past the site's max_epsilon 0.05" in skipped and "delta 1e-07" in skipped
+    assert not (site.work_dir / "privacy" / "accountant.json").exists()  # nothing spent
+    strict = dataclasses.replace(fresh_ledgers[0], privacy={"require_dp": True})
+    plain = load_server_config(private_toml(tmp_path, privacy="", name="plain").path)
+    _, _, skipped = train_round(strict, packed, dict(phase_config(plain, 1)))
+    assert "trains only under DP-SGD" in skipped
+
+
+def test_server_records_a_skipping_site_continues_and_fills_the_ledger(fresh_ledgers, tmp_path):
+    sites = fresh_ledgers
+    capped = tmp_path / "capped"  # the third site with a tight ceiling of its own
+    capped.mkdir()
+    doc = tomllib.loads((sites[2].site_dir / "site.toml").read_text())
+    doc["privacy"] = {"max_epsilon": 0.05}
+    doc["storage"] = {"work_dir": str(sites[2].work_dir)}
+    (capped / "site.toml").write_text(tomli_w.dumps(doc))
+    nodes = {1: {"site-dir": str(sites[0].site_dir)}, 2: {"site-dir": str(sites[1].site_dir)},
+             3: {"site-dir": str(capped)}}
+    cfg = private_toml(tmp_path, min_sites=2)
+    run_id = run_federation(InProcessGrid(client_app, nodes), cfg, log=lambda *_: None)
+    engine = open_server_store(cfg.database_url)
+    with Session(engine) as s:
+        skips = s.scalars(select(RejectedReply).where(RejectedReply.run_id == run_id)).all()
+        rows = s.scalars(select(LedgerRow).where(LedgerRow.run_id == run_id)).all()
+    assert {(r.round, r.site_id, r.kind) for r in skips} == {(1, sites[2].site_id, "skip"), (2, sites[2].site_id, "skip")}
+    assert all("max_epsilon" in r.reason for r in skips)
+    assert {(r.round, r.site_id) for r in rows} == {(1, sites[0].site_id), (1, sites[1].site_id),
+                                                    (2, sites[0].site_id), (2, sites[1].site_id)}
+    for site in sites[:2]:  # the ledger's last row is the site's own accountant on its disk
+        last = max((r for r in rows if r.site_id == site.site_id), key=lambda r: r.round)
+        assert last.epsilon == pytest.approx(PrivacyLedger(site.work_dir).epsilon(1e-5))
+        assert last.mechanism == "dp-sgd" and last.steps == 2
+
+
+def test_noise_for_a_target_epsilon_meets_it_over_the_plan():
+    plan = [(0.25, 10), (0.1, 20)]
+    sigma = noise_for_target(3.0, 1e-5, plan)
+    assert epsilon_of([(sigma, q, n) for q, n in plan], 1e-5) <= 3.0
+    assert epsilon_of([(sigma - 0.01, q, n) for q, n in plan], 1e-5) > 3.0
+
+
+def test_privacy_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ServerConfigError, match=r"\[privacy.dp_sgd\].*exactly one of"):
+        private_toml(tmp_path, privacy="[privacy.dp_sgd]\nnoise_multiplier = 1.0\ntarget_epsilon = 2.0\n")
+    with pytest.raises(ServerConfigError, match=r"\[privacy.central_dp\]: field 'clipping'"):
+        private_toml(tmp_path, privacy='[privacy.central_dp]\nclipping = "both"\n')
+
+
+# ---- central DP ----
+
+def central(noise=1.0, clip=1.0, clipping="server"):
+    s = build_strategy("fedavg", {"shared", "head:yes_no", "head:lung_rads", "scale:lung"}, 1, 1e9)
+    dp = wrap_central_dp(s, noise, clip, clipping, num_sites=3, delta=1e-5)
+    dp.current_arrays = ArrayRecord({k: Array(v.copy()) for k, v in REF.items()})  # what configure_train sets
+    s.reference = {k: v.copy() for k, v in REF.items()}
+    return dp
+
+
+def test_central_dp_clips_every_reply_and_adds_noise_calibrated_per_group():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    big = {k: np.zeros(20_000, np.float32) for k in REF}
+    ref = {k: np.zeros(20_000, np.float32) for k in REF}
+    ref["head:lung_rads"] += 5.0
+    dp = central(noise=0.5, clip=2.0)
+    dp.current_arrays = ArrayRecord({k: Array(v.copy()) for k, v in ref.items()})
+    dp.strategy.reference = ref
+    updates = [{k: v + 3.0 for k, v in ref.items()}, {k: v - 1.0 for k, v in ref.items()},
+               {k: v + 0.001 for k, v in ref.items()}]
+    counts = [{"shared": 5, "head:yes_no": 5}, {"shared": 50, "head:yes_no": 50}, {"shared": 1, "scale:lung": 1}]
+    replies = [reply(i + 1, u, c) for i, (u, c) in enumerate(zip(updates, counts))]
+    out, _ = dp.aggregate_train(1, replies)
+    clipped = []
+    for r in replies:  # Flower's wrapper replaced each reply's arrays by the clipped ones
+        delta = np.concatenate([r.content["arrays"][k].numpy() - ref[k] for k in ref])
+        assert np.linalg.norm(delta) <= 2.0 * (1 + 1e-5)
+        clipped.append({k: r.content["arrays"][k].numpy() - ref[k] for k in ref})
+    out = {k: a.numpy() for k, a in out.items()}
+    for key, sites in (("shared", [0, 1, 2]), ("head:yes_no", [0, 1]), ("scale:lung", [2])):
+        mean = ref[key] + sum(clipped[i][key] for i in sites) / len(sites)  # each site once, whatever its count
+        noise = out[key] - mean
+        assert noise.std() == pytest.approx(0.5 * 2.0 / len(sites), rel=0.05)  # sigma * C / sites that trained it
+        assert abs(noise.mean()) < 0.05
+    np.testing.assert_array_equal(out["head:lung_rads"], ref["head:lung_rads"])  # nobody trained it: no noise
+    assert dp.releases == 1 and dp.epsilon() == pytest.approx(opacus_epsilon([(0.5, 1.0, 1)], 1e-5))
+    resumed = central(noise=0.5, clip=2.0)
+    resumed.load_state(dp.state())  # the round checkpoint carries the release count
+    assert resumed.releases == 1
+
+
+def test_central_dp_drops_error_replies_instead_of_the_whole_round():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    dp = central()
+    good = filled(shared=0.1, head_yes_no=0.1)
+    out, _ = dp.aggregate_train(1, [reply(1, good, {"shared": 4, "head:yes_no": 4}), reply(2, None, {}, error="boom")])
+    assert out is not None and [r["site_id"] for r in dp.rejections] == ["node-2"]  # an error names no site
+    assert [a["site_id"] for a in dp.accepted] == ["site-1"]
+
+
+def test_client_side_clipping_bounds_the_sites_update(fresh_ledgers, tiny_model, tmp_path):
+    site = fresh_ledgers[0]
+    cfg = private_toml(tmp_path, privacy='[privacy.central_dp]\nclipping = "client"\nclipping_norm = 0.01\n')
+    packed = pack_state(tiny_model.state_dict())
+    config = dict(phase_config(cfg, 1))
+    config["clipping_norm"] = 0.01  # what DifferentialPrivacyClientSideFixedClipping.configure_train adds
+    grid = InProcessGrid(client_app, {1: {"site-dir": str(site.site_dir)}})
+    msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in packed.items()}),
+                              "config": ConfigRecord(config)}), dst_node_id=1, message_type="train.pretrain")
+    out = grid.send_and_receive([msg])[0]
+    assert not out.has_error(), out.error.reason if out.has_error() else ""
+    update = np.concatenate([out.content["arrays"][k].numpy() - packed[k] for k in packed])
+    assert 0 < np.linalg.norm(update) <= 0.01 * (1 + 1e-5)
+
+
+def test_central_dp_run_writes_epsilon_per_round_to_the_ledger(ingested, tmp_path):
+    _, sites, _ = ingested
+    nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites[:2])}
+    cfg = private_toml(tmp_path, privacy="[privacy.central_dp]\nnoise_multiplier = 2.0\nclipping_norm = 5.0\n",
+                       name="cdp")
+    run_id = run_federation(InProcessGrid(client_app, nodes), cfg, log=lambda *_: None)
+    with Session(open_server_store(cfg.database_url)) as s:
+        rows = s.scalars(select(LedgerRow).where(LedgerRow.run_id == run_id).order_by(LedgerRow.round)).all()
+    assert [(r.round, r.site_id, r.mechanism, r.steps) for r in rows] == [(1, "*", "central-dp", 1),
+                                                                         (2, "*", "central-dp", 2)]
+    for r in rows:
+        assert r.epsilon == pytest.approx(opacus_epsilon([(2.0, 1.0, r.steps)], 1e-5))
+    assert rows[1].epsilon_round == pytest.approx(rows[1].epsilon - rows[0].epsilon)
