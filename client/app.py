@@ -1,31 +1,38 @@
 """The site's Flower ClientApp: routes the coordinator's messages to client/federated.py.
 
-Message types: `train.pretrain`, `train.multitask` and `evaluate`. Weights travel
+Message types: `train.pretrain`, `train.multitask` and `evaluate`; plain `train`
+messages are SecAgg+ rounds (server/secure.py), whose protocol stages
+`secaggplus_mod` answers before `secure_train` is called. Weights travel
 packed, one vector per parameter group (m3fm/model/packing.py). Replies carry
 them ("arrays"), counts and metrics ("metrics") and the site's id
 ("site"); a site that did not train says why in "site" and sends no weights.
 """
 
+import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, clip_inputs_inplace
 
-from client.federated import evaluate_round, site_for, train_round
+from client.federated import evaluate_round, secure_update, site_for, train_round
+from m3fm.model.packing import PACKED_ORDER_KEY
 
 
 def clip_for_central_dp(msg: Message, context: Context, call_next) -> Message:
     """Flower's fixedclipping_mod when the server asks for client-side clipping (central DP); a reply without
     weights (the site skipped the round) passes as it is, where the mod would turn it into an error."""
-    if not msg.metadata.message_type.startswith("train") or KEY_CLIPPING_NORM not in msg.content["config"]:
-        return call_next(msg, context)
+    if not msg.metadata.message_type.startswith("train.") or KEY_CLIPPING_NORM not in msg.content["config"]:
+        return call_next(msg, context)  # SecAgg+ rounds ("train") clip inside secure_train
     reply = call_next(msg, context)
     if reply.has_error() or "arrays" not in reply.content.array_records:
         return reply
     return fixedclipping_mod(msg, context, lambda m, c: reply)
 
 
-app = ClientApp(mods=[clip_for_central_dp])
+# secaggplus_mod runs the SecAgg+ stages of plain "train" messages (server/secure.py) and passes the others on
+app = ClientApp(mods=[clip_for_central_dp, secaggplus_mod])
 
 
 def _arrays(msg: Message) -> dict:
@@ -51,6 +58,20 @@ def pretrain(msg: Message, context: Context) -> Message:
 @app.train("multitask")
 def multitask(msg: Message, context: Context) -> Message:
     return _train(msg, context)
+
+
+@app.train()
+def secure_train(msg: Message, context: Context) -> Message:
+    """A SecAgg+ round (legacy fit messages): the site's update and trained-group indicators, masked by the mod."""
+    site = site_for(context.node_config, context.run_config)
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = dict(fitins.config)
+    packed = dict(zip(str(config[PACKED_ORDER_KEY]).split(","), parameters_to_ndarrays(fitins.parameters)))
+    updates, indicators, metrics = secure_update(site, packed, config)
+    if KEY_CLIPPING_NORM in config:  # central DP with client-side clipping: bound the update before masking
+        clip_inputs_inplace(updates, float(config[KEY_CLIPPING_NORM]))
+    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(updates + indicators), 1, metrics)
+    return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
 @app.evaluate()

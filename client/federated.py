@@ -25,7 +25,7 @@ from m3fm.local import (PhaseConfig, local_evaluate, local_multitask, local_pret
                         pretrain_population)
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
-from m3fm.model.packing import pack_state, unpack_state
+from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.text import TextTokenizer, load_tokenizer
 from privacy.dp_local import private_multitask, private_pretrain, run_plan
 from privacy.dp_sgd import DPSGDConfig, PrivacyLedger, SiteBudget
@@ -124,6 +124,20 @@ def train_round(site: SiteConfig, packed: dict[str, np.ndarray], config: dict):
     metrics.update({f"items.{k}": n for k, n in out["items"].items()})
     metrics.update({f"loss.{k}": v for k, v in out["loss"].items()})
     return pack_state(o.model.state_dict()), metrics, None
+
+
+def secure_update(site: SiteConfig, packed: dict[str, np.ndarray], config: dict
+                  ) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+    """What a site sends into SecAgg+ (server/secure.py): its update per packed group, zero for groups it did not
+    train, then one 0/mark "trained it" indicator per group. -> (updates, indicators) in the order of `packed`,
+    clear metrics."""
+    weights, metrics, skipped = train_round(site, packed, config)
+    trained = {k[len("n."):] for k, v in metrics.items() if k.startswith("n.") and v > 0}
+    updates = [(weights[k] - v) if weights is not None and group_of_packed(k) in trained else np.zeros_like(v)
+               for k, v in packed.items()]
+    mark = float(config.get("secure-mark", 1.0))  # within SecAgg+'s clipping range, or it would be clipped
+    indicators = [np.array([mark if group_of_packed(k) in trained else 0.0], dtype=np.float32) for k in packed]
+    return updates, indicators, {**metrics, "site_id": site.site_id, "skipped": skipped or ""}
 
 
 def dp_plan(o: OpenSite, config: dict, min_items: int) -> list[tuple[float, int]] | None:

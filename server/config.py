@@ -38,6 +38,13 @@
     delta = 1e-5
     physical_batch = 8
 
+    [privacy.secagg]          # secure aggregation (Flower's SecAgg+ workflow; fedavg only)
+    num_shares = 1.0          # fraction of the round's sites (or a count > 1) holding each secret's shares
+    reconstruction_threshold = 0.67
+    clipping_range = 1.0      # update values are clipped to +-this before quantization
+    quantization_range = 4194304
+    timeout = 600
+
     [privacy.central_dp]      # site-level DP at the server (Flower's DP strategy wrappers)
     noise_multiplier = 1.0
     clipping_norm = 10.0
@@ -57,6 +64,7 @@ from m3fm.local import PhaseConfig
 from m3fm.model.configs import CONFIGS, get_config
 from m3fm.tasks import TASK_BY_NAME
 from privacy.dp_sgd import DPSGDConfig, PrivacyConfigError
+from server.secure import SecAggConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PHASES = ("pretrain", "multitask")
@@ -100,6 +108,7 @@ class ServerConfig:
     phases: list[PhaseConfig] = field(default_factory=list)
     dp_sgd: DPSGDConfig | None = None
     central_dp: CentralDPConfig | None = None
+    secagg: SecAggConfig | None = None
 
     @property
     def database_url(self) -> str:
@@ -127,7 +136,7 @@ class ServerConfig:
         """What decides the training (not where files go): hashed, so a resume can refuse a changed run."""
         d = {"name": self.name, "model": self.model, "seed": self.seed, "strategy": asdict(self.strategy),
              "phases": [asdict(p) for p in self.phases]}
-        for key in ("dp_sgd", "central_dp"):  # only when set, so hashes of runs without DP do not change
+        for key in ("dp_sgd", "central_dp", "secagg"):  # only when set, so hashes of runs without DP do not change
             if getattr(self, key) is not None:
                 d[key] = asdict(getattr(self, key))
         return d
@@ -179,8 +188,19 @@ def _phase(d: dict, name: str, where: str, cfg_name: str) -> PhaseConfig:
     return pc
 
 
+def _secagg(t: dict, w: str) -> SecAggConfig:
+    _known(t, {"num_shares", "reconstruction_threshold", "clipping_range", "quantization_range", "timeout"}, w)
+    positive = (lambda v: v > 0, "must be positive")
+    return SecAggConfig(num_shares=_take(t, "num_shares", float, 1.0, w, *positive),
+                        reconstruction_threshold=_take(t, "reconstruction_threshold", float, 0.67, w, *positive),
+                        clipping_range=_take(t, "clipping_range", float, 1.0, w, *positive),
+                        quantization_range=_take(t, "quantization_range", int, 2**22, w,
+                                                 lambda v: 0 < v < 2**32, "must be in (0, 2**32)"),
+                        timeout=_take(t, "timeout", float, 600.0, w, *positive))
+
+
 def _privacy(d: dict, where: str) -> tuple[DPSGDConfig | None, CentralDPConfig | None]:
-    _known(d, {"dp_sgd", "central_dp"}, f"{where} [privacy]")
+    _known(d, {"dp_sgd", "central_dp", "secagg"}, f"{where} [privacy]")
     dp = central = None
     if "dp_sgd" in d:
         t, w = d["dp_sgd"], f"{where} [privacy.dp_sgd]"
@@ -244,6 +264,16 @@ def load_server_config(path: str | Path) -> ServerConfig:
         phases=[_phase(d.get(p, {}), p, str(path), model) for p in PHASES],
     )
     cfg.dp_sgd, cfg.central_dp = _privacy(d.get("privacy", {}), str(path))
+    if "secagg" in d.get("privacy", {}):
+        cfg.secagg = _secagg(d["privacy"]["secagg"], f"{path} [privacy.secagg]")
+        if strategy.name != "fedavg":
+            raise ServerConfigError(f"{path}: [privacy.secagg] works with [strategy] name = \"fedavg\" only (the server "
+                                    "sees the sum of the updates, not the replies FedProx and FedAdam act on)")
+        if cfg.central_dp is not None and cfg.central_dp.clipping != "client":
+            raise ServerConfigError(f"{path}: [privacy.central_dp] with [privacy.secagg] needs clipping = \"client\" "
+                                    "(the server never sees a single site's update to clip it)")
+        if cfg.min_sites < 2:
+            raise ServerConfigError(f"{path} [run]: min_sites must be at least 2 with [privacy.secagg]")
     if cfg.dp_sgd is not None and strategy.name == "fedprox":
         raise ServerConfigError(f"{path}: [strategy] name = \"fedprox\" with [privacy.dp_sgd] is not supported: the "
                                 "proximal term would bypass DP-SGD's per-sample clipping; use fedavg or fedadam")

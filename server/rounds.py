@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from sqlalchemy.orm import Session
 
 from m3fm.checkpoint import read_checkpoint, write_checkpoint
@@ -29,7 +30,8 @@ from server.central_dp import TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
 from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, Run, SiteMetric, last_checkpoint,
                           latest_run, now, open_server_store)
-from server.strategy import TaskAwareFedAvg, build_strategy
+from server.secure import as_array_record, secure_train_round
+from server.strategy import TaskAwareFedAvg, build_strategy, weighted_metrics
 
 
 class RunError(RuntimeError):
@@ -162,6 +164,33 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
     return run_id
 
 
+def train_securely(grid, cfg: ServerConfig, strategy, arrays: ArrayRecord, rnd: int, nodes: list[int]):
+    """A SecAgg+ training round (server/secure.py) -> (new arrays or None, aggregated clear metrics); fills the
+    strategy's accepted/skips/rejections as aggregate_train would, and releases central DP's noisy mean."""
+    inner: TaskAwareFedAvg = getattr(strategy, "strategy", strategy)
+    config = dict(phase_config(cfg, rnd))
+    if isinstance(strategy, TaskAwareCentralDP):
+        config[KEY_CLIPPING_NORM] = strategy.clipping_norm
+    packed, contributors, done = secure_train_round(grid, cfg.secagg, arrays, config, rnd, nodes)
+    inner.rejections = [{"site_id": "unknown", "node_id": "", "reason": f"SecAgg+ failure: {e}"} for e in done.failures]
+    inner.skips, inner.accepted, usable = [], [], []
+    for node, metrics in done.site_metrics:
+        who = {"site_id": str(metrics.pop("site_id", f"node-{node}")), "node_id": str(node)}
+        if skipped := metrics.pop("skipped", ""):
+            inner.skips.append({**who, "reason": str(skipped)})
+        else:
+            inner.accepted.append({**who, "metrics": metrics})
+            usable.append((metrics, int(metrics.get("n.shared", 1))))
+    if packed is None:
+        return None, None
+    inner.contributors, inner.untrained = contributors, {k for k, n in contributors.items() if n == 0}
+    new_arrays = as_array_record(packed)
+    if isinstance(strategy, TaskAwareCentralDP):
+        new_arrays = strategy._add_noise_to_aggregated_arrays(new_arrays)
+        strategy.releases += 1
+    return new_arrays, weighted_metrics(usable) if usable else None
+
+
 def privacy_rows(strategy, run_id: int, rnd: int) -> list[PrivacyLedger]:
     """The round's ledger: each DP-SGD site's spend (from its reply), and central DP's release if any."""
     rows = []
@@ -185,10 +214,13 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
               arrays: ArrayRecord, shapes: dict[str, torch.Tensor], flwr_run_id: int | None, log) -> ArrayRecord:
     t0 = time.perf_counter()
     phase, phase_round = cfg.phase_of(rnd)
-    wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
-    replies = list(grid.send_and_receive(strategy.configure_train(rnd, arrays, phase_config(cfg, rnd), grid),
-                                         timeout=cfg.round_timeout))
-    new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+    nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
+    if cfg.secagg is not None:
+        replies, (new_arrays, train_metrics) = nodes, train_securely(grid, cfg, strategy, arrays, rnd, nodes)
+    else:
+        replies = list(grid.send_and_receive(strategy.configure_train(rnd, arrays, phase_config(cfg, rnd), grid),
+                                             timeout=cfg.round_timeout))
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
     problems = [RejectedReply(run_id=run_id, round=rnd, kind="rejected", **r) for r in strategy.rejections]
     problems += [RejectedReply(run_id=run_id, round=rnd, kind="skip", **r) for r in strategy.skips]
     if len(strategy.accepted) < cfg.min_sites:

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from client.app import app as client_app
-from fake_grid import InProcessGrid
+from sim.inprocess_grid import InProcessGrid
 from m3fm.model.groups import parameter_group
 from m3fm.model.packing import pack_state
 from server.config import ServerConfigError, load_server_config

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from client.app import app as client_app
 from client.federated import train_round
-from fake_grid import InProcessGrid
+from sim.inprocess_grid import InProcessGrid
 from m3fm.model.packing import pack_state
 from privacy.dp_sgd import PrivacyLedger, epsilon_of, noise_for_target
 from server.central_dp import wrap_central_dp
@@ -165,7 +165,6 @@ def central(noise=1.0, clip=1.0, clipping="server"):
 
 def test_central_dp_clips_every_reply_and_adds_noise_calibrated_per_group():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    big = {k: np.zeros(20_000, np.float32) for k in REF}
     ref = {k: np.zeros(20_000, np.float32) for k in REF}
     ref["head:lung_rads"] += 5.0
     dp = central(noise=0.5, clip=2.0)

@@ -65,3 +65,7 @@ def unpack_state(packed: dict[str, np.ndarray], reference: dict[str, torch.Tenso
             out[n] = flat[offset:offset + k].view(reference[n].shape).clone()
             offset += k
     return {n: out[n] for n in reference}
+
+
+# config key naming the packed groups in order, where weights travel as a bare list (SecAgg+ rounds)
+PACKED_ORDER_KEY = "packed-keys"

@@ -1,0 +1,122 @@
+"""Secure aggregation: a training round through Flower's SecAgg+ workflow, task-aware.
+
+SecAgg+ exists only on Flower's legacy API (LegacyContext, legacy Strategy,
+`secaggplus_mod` at the sites), as in Flower's `fl-dp-sa` example. The server
+learns only the sum of what the sites send, so each site sends (client/app.py)
+its update per parameter group, zeroed for groups it did not train, followed by
+one "trained it" indicator per group (0, or clipping_range: SecAgg+ clips every
+value to that range), all with weight 1. The unmasked mean
+over K sites then gives, per group, mean(update) and k/K (k sites trained it):
+the group moves by mean(update) * K / k, the uniform task-aware average of
+server/central_dp.py, and stays where it was when k = 0. Sites never reveal
+their own update or which groups they trained; only per-site counts and losses
+(aggregates the site chose to report) travel in clear.
+
+Updates, not weights, are quantized: SecAgg+ clips every value to
+[-clipping_range, clipping_range] before quantizing, and updates are small.
+Combined with central DP (client-side clipping, `fl-dp-sa`'s pattern), each
+site clips its update to clipping_norm before masking and the server adds the
+per-group noise of server/central_dp.py to the unmasked mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import ServerConfig as LegacyServerConfig
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+from m3fm.model.packing import PACKED_ORDER_KEY
+
+
+
+@dataclass
+class SecAggConfig:
+    """[privacy.secagg] of server.toml (Flower's SecAggPlusWorkflow arguments)."""
+    num_shares: float = 1.0  # fraction of the round's sites (or a count > 1) each secret is shared with
+    reconstruction_threshold: float = 0.67
+    clipping_range: float = 1.0  # every update value is clipped to +-this before quantization
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    timeout: float = 600.0
+
+    def workflow(self) -> SecAggPlusWorkflow:
+        shares = int(self.num_shares) if self.num_shares > 1 else self.num_shares
+        threshold = int(self.reconstruction_threshold) if self.reconstruction_threshold > 1 \
+            else self.reconstruction_threshold
+        return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold, max_weight=1.0,
+                                  clipping_range=self.clipping_range, quantization_range=self.quantization_range,
+                                  modulus_range=self.modulus_range, timeout=self.timeout)
+
+
+class SecureRound(LegacyStrategy):
+    """The legacy strategy SecAggPlusWorkflow drives for one round: every given node trains; the workflow hands
+    aggregate_fit the unmasked mean (as every result's parameters) and each site's clear metrics."""
+
+    def __init__(self, grid, node_ids: list[int], parameters, config: dict):
+        super().__init__()
+        self.grid, self.node_ids, self.fit_ins = grid, node_ids, FitIns(parameters, config)
+        self.mean: list[np.ndarray] | None = None
+        self.site_metrics: list[tuple[int, dict]] = []
+        self.failures = []
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        run_id = self.grid.run.run_id
+        return [(GridClientProxy(node_id=n, grid=self.grid, run_id=run_id), self.fit_ins) for n in self.node_ids]
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.failures = list(failures)
+        self.site_metrics = [(proxy.node_id, dict(res.metrics)) for proxy, res in results]
+        if results:
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def secure_train_round(grid, secagg: SecAggConfig, arrays: ArrayRecord, config: dict, server_round: int,
+                       node_ids: list[int]) -> tuple[dict[str, np.ndarray] | None, dict[str, int], SecureRound]:
+    """One SecAgg+ round -> (new packed weights or None if the protocol failed, per key how many sites trained it,
+    the round's strategy with each site's clear metrics)."""
+    reference = {k: a.numpy() for k, a in arrays.items()}
+    keys = list(reference)
+    # sites name the vectors by the packed order, and mark a trained group with the largest value SecAgg+ keeps
+    config = {**config, PACKED_ORDER_KEY: ",".join(keys), "secure-mark": secagg.clipping_range}
+    strategy = SecureRound(grid, node_ids, ndarrays_to_parameters([reference[k] for k in keys]), config)
+    context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                                    run_config={}), config=LegacyServerConfig(num_rounds=1), strategy=strategy)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([reference[k] for k in keys])
+    secagg.workflow()(grid, context)
+    if strategy.mean is None:
+        return None, {}, strategy
+    mean_update, trained = strategy.mean[:len(keys)], strategy.mean[len(keys):]
+    sites = len(strategy.site_metrics)
+    out, contributors = {}, {}
+    for key, update, share in zip(keys, mean_update, trained):
+        k = int(round(float(share[0]) / secagg.clipping_range * sites))  # mean mark = mark * k / K (quantized)
+        contributors[key] = k
+        ref = reference[key]
+        out[key] = ref if k == 0 else (ref + update.astype(np.float64) * sites / k).astype(ref.dtype)
+    return out, contributors, strategy
+
+
+def as_array_record(packed: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in packed.items()})
