@@ -71,75 +71,77 @@ def run_plan(config_plan: str, sizes: dict[str, tuple[int, int]]) -> list[tuple[
     return plan
 
 
-def private_pretrain(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int, min_items: int,
-                     dp: DPSGDConfig, budget: SiteBudget, ledger: PrivacyLedger, where: tuple[str, int],
-                     seed: int = 0, plan=None) -> dict:
+def _private_round(model: M3FM, phase: str, ds, per_key: dict[str, int], pc: PhaseConfig, phase_round: int,
+                   dp: DPSGDConfig, budget: SiteBudget, ledger: PrivacyLedger, where: tuple[str, int], seed: int,
+                   plan, make_loss) -> dict:
+    """The private local round both phases share: ceiling check, Opacus wrapping, Poisson-sampled steps, ledger.
+    make_loss(items, tc, rng) -> (loss_of(key, rows) -> loss tensor, losses recorded per key)."""
     t0 = time.perf_counter()
-    ds, per_scale = pretrain_population(data, pc, model, phase_round, min_items, seed)
-    if not per_scale:
-        return {"trained": False, "reason": f"fewer than {min_items} training crops at every scale", "counts": {}}
-    items = [i for i, k in enumerate(ds.keys) if k in per_scale]
+    items = [i for i, k in enumerate(ds.keys) if k in per_key]
     keys = [ds.keys[i] for i in items]
     planned, refusal = plan_round(dp, budget, ledger, len(items), pc.batch_size, pc.local_steps, plan)
     if refusal:
         return {"trained": False, "reason": refusal, "counts": {}}
-    freeze_outside_phase(model, "pretrain")
+    freeze_outside_phase(model, phase)
     tc = pc.train_config()
-    rng = random.Random(f"{seed}|dp-pretrain|{phase_round}")
+    rng = random.Random(f"{seed}|dp-{phase}|{phase_round}")
     dp_optimizer, next_indices, finish = private_training(model, build_optimizer(model, tc), len(items),
                                                           pc.batch_size, planned, dp, ledger, rng.randrange(2**31))
-    generator = torch.Generator().manual_seed(rng.randrange(2**31))
-    device, losses = model_device(model), defaultdict(list)
-
-    def loss_of(scale, rows):
-        batch = collate_pretrain([ds[items[i]] for i in rows], tokenizer, model.cfg).to(device)
-        loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator, per_sample=True)
-        losses["mim"].append(mim.item())
-        losses["mlm"].append(mlm.item())
-        return loss
-
+    loss_of, losses = make_loss(items, tc, rng)
     model.train()
     for i in range(pc.local_steps):
         set_lr(dp_optimizer, (phase_round - 1) * pc.local_steps + i, tc)
         private_step(dp_optimizer, micro_batches(next_indices(), keys, dp.physical_batch), loss_of)
-    spent = finish(*where, "pretrain")
-    return {"trained": True, "counts": pretrain_group_counts(per_scale, text_items(data, ds, per_scale)),
-            "items": {f"scale:{s}": n for s, n in per_scale.items()}, "steps": pc.local_steps,
-            "loss": {k: float(np.mean(v)) for k, v in losses.items()}, "seconds": time.perf_counter() - t0,
-            "privacy": spent.metrics()}
+    return {"trained": True, "steps": pc.local_steps, "loss": {k: float(np.mean(v)) for k, v in losses.items()},
+            "seconds": time.perf_counter() - t0, "privacy": finish(*where, phase).metrics()}
+
+
+def private_pretrain(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int, min_items: int,
+                     dp: DPSGDConfig, budget: SiteBudget, ledger: PrivacyLedger, where: tuple[str, int],
+                     seed: int = 0, plan=None) -> dict:
+    ds, per_scale = pretrain_population(data, pc, model, phase_round, min_items, seed)
+    if not per_scale:
+        return {"trained": False, "reason": f"fewer than {min_items} training crops at every scale", "counts": {}}
+    device = model_device(model)
+
+    def make_loss(items, tc, rng):
+        generator, losses = torch.Generator().manual_seed(rng.randrange(2**31)), defaultdict(list)
+
+        def loss_of(scale, rows):
+            batch = collate_pretrain([ds[items[i]] for i in rows], tokenizer, model.cfg).to(device)
+            loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator, per_sample=True)
+            losses["mim"].append(mim.item())
+            losses["mlm"].append(mlm.item())
+            return loss
+        return loss_of, losses
+
+    out = _private_round(model, "pretrain", ds, per_scale, pc, phase_round, dp, budget, ledger, where, seed, plan,
+                         make_loss)
+    if out["trained"]:
+        out.update(counts=pretrain_group_counts(per_scale, text_items(data, ds, per_scale)),
+                   items={f"scale:{s}": n for s, n in per_scale.items()})
+    return out
 
 
 def private_multitask(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int, min_items: int,
                       dp: DPSGDConfig, budget: SiteBudget, ledger: PrivacyLedger, where: tuple[str, int],
                       seed: int = 0, plan=None) -> dict:
-    t0 = time.perf_counter()
     ds, per_task = multitask_population(data, pc, phase_round, min_items, seed)
     if not per_task:
         return {"trained": False, "reason": f"fewer than {min_items} training items for every task", "counts": {}}
-    items = [i for i, k in enumerate(ds.keys) if k in per_task]
-    keys = [ds.keys[i] for i in items]
-    planned, refusal = plan_round(dp, budget, ledger, len(items), pc.batch_size, pc.local_steps, plan)
-    if refusal:
-        return {"trained": False, "reason": refusal, "counts": {}}
-    freeze_outside_phase(model, "multitask")
-    tc = pc.train_config()
-    rng = random.Random(f"{seed}|dp-multitask|{phase_round}")
-    dp_optimizer, next_indices, finish = private_training(model, build_optimizer(model, tc), len(items),
-                                                          pc.batch_size, planned, dp, ledger, rng.randrange(2**31))
-    collate = partial(collate_qa, tokenizer=tokenizer, cfg=model.cfg, rng=rng)
-    device, losses = model_device(model), defaultdict(list)
+    device = model_device(model)
 
-    def loss_of(task, rows):
-        loss, answer_loss = qa_loss(model, collate([ds[items[i]] for i in rows]).to(device), tc)
-        losses[task].append(answer_loss.item())
-        return loss
+    def make_loss(items, tc, rng):
+        collate, losses = partial(collate_qa, tokenizer=tokenizer, cfg=model.cfg, rng=rng), defaultdict(list)
 
-    model.train()
-    for i in range(pc.local_steps):
-        set_lr(dp_optimizer, (phase_round - 1) * pc.local_steps + i, tc)
-        private_step(dp_optimizer, micro_batches(next_indices(), keys, dp.physical_batch), loss_of)
-    spent = finish(*where, "multitask")
-    return {"trained": True, "counts": multitask_group_counts(per_task),
-            "items": {f"task:{t}": n for t, n in per_task.items()}, "steps": pc.local_steps,
-            "loss": {t: float(np.mean(v)) for t, v in losses.items()}, "seconds": time.perf_counter() - t0,
-            "privacy": spent.metrics()}
+        def loss_of(task, rows):
+            loss, answer_loss = qa_loss(model, collate([ds[items[i]] for i in rows]).to(device), tc)
+            losses[task].append(answer_loss.item())
+            return loss
+        return loss_of, losses
+
+    out = _private_round(model, "multitask", ds, per_task, pc, phase_round, dp, budget, ledger, where, seed, plan,
+                         make_loss)
+    if out["trained"]:
+        out.update(counts=multitask_group_counts(per_task), items={f"task:{t}": n for t, n in per_task.items()})
+    return out

@@ -137,7 +137,7 @@ def status(
     from sqlalchemy.orm import Session
 
     from server.config import ServerConfigError, load_server_config
-    from server.store import RejectedReply, Round, Run, SiteMetric, open_server_store
+    from server.store import PrivacyLedger, RejectedReply, Round, Run, SiteMetric, open_server_store
 
     console = Console()
     if database is None:
@@ -171,6 +171,17 @@ def status(
             t.add_row(str(r.round), f"{r.phase} {r.phase_round}", f"{r.sites_accepted}/{r.sites_replied}",
                       f"{r.seconds:.0f}", f"{sum(losses) / len(losses):.3f}" if losses else "-", ev[:60] or "-")
         console.print(t)
+        ledger = s.scalars(select(PrivacyLedger).where(PrivacyLedger.run_id == run_row.id)
+                           .order_by(PrivacyLedger.round)).all()
+        if ledger:
+            last = {r.site_id: r for r in ledger}  # the latest row per site (or "*": central DP)
+            pt = Table(title="privacy spent (latest round per site; * = central DP on the aggregate)")
+            for col in ("site", "mechanism", "round", "epsilon", "delta", "noise multiplier"):
+                pt.add_column(col)
+            for r in last.values():
+                pt.add_row(r.site_id, r.mechanism, str(r.round), f"{r.epsilon:.3f}", f"{r.delta:g}",
+                           f"{r.noise_multiplier:g}")
+            console.print(pt)
         if rejected:
             rt = Table(title="replies that did not count")
             for col in ("round", "site", "kind", "reason"):

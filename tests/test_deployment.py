@@ -144,13 +144,45 @@ def test_a_site_killed_mid_run_leaves_the_others_to_finish_the_round(ingested, c
     assert {s for r, s, k in metrics if r == 2 and k == "train"} == {sites[0].site_id, sites[1].site_id}
 
 
-def test_ray_engine_runs_the_tiny_run_in_a_loopback_only_namespace(cohort, ingested, tmp_path):
+SECURE_TOML = """
+[run]
+name = "ray-secure"
+model = "tiny"
+min_sites = 3
+round_timeout = 300
+out_dir = "runs"
+[pretrain]
+rounds = 1
+local_steps = 2
+[multitask]
+rounds = 1
+local_steps = 2
+[privacy.secagg]
+clipping_range = 0.5
+[privacy.central_dp]
+clipping = "client"
+noise_multiplier = 0.5
+clipping_norm = 1.0
+"""
+
+
+def test_ray_engine_runs_secure_aggregation_with_central_dp_in_a_loopback_only_namespace(cohort, ingested, tmp_path):
+    """The tiny run on Flower's simulation engine, every training round through SecAgg+ (sites clip, mask; the
+    server unmasks only the sum and adds the central noise), all traffic on a loopback-only network namespace."""
     out_dir, _ = cohort
+    toml = tmp_path / "server.toml"
+    toml.write_text(SECURE_TOML)
     cmd = (f"ip link set lo up; exec {flower_bin('m3fm-sim')} run --cohort {out_dir} --preset tiny --engine ray "
-           f"--out {tmp_path / 'out'}")
+           f"--out {tmp_path / 'out'} --server-config {toml}")
     done = subprocess.run(["unshare", "-n", "sh", "-c", cmd], capture_output=True, text=True, env=flower_env(),
                           timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "round 2/2 multitask 1: 3/3 sites" in done.stdout
     for site in ("site-01", "site-02", "site-03"):
         assert (tmp_path / "out" / "metrics" / f"{site}.json").is_file()
+    engine = open_server_store(f"sqlite:///{tmp_path / 'runs' / 'server.db'}")
+    with Session(engine) as s:
+        assert [(r.round, r.sites_accepted) for r in s.scalars(select(Round).order_by(Round.round))] == [(1, 3), (2, 3)]
+        assert [(r.round, r.mechanism) for r in s.scalars(select(PrivacyLedger).order_by(PrivacyLedger.round))] == \
+            [(1, "central-dp"), (2, "central-dp")]
+    engine.dispose()

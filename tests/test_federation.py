@@ -7,13 +7,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from client.app import app as client_app
-from sim.inprocess_grid import InProcessGrid
 from m3fm.model.groups import parameter_group
 from m3fm.model.packing import pack_state
 from server.config import ServerConfigError, load_server_config
 from server.rounds import RunError, phase_config, run_federation
 from server.store import Checkpoint, RejectedReply, Round, Run, SiteMetric, open_server_store
 from server.strategy import reply_problem
+from sim.inprocess_grid import InProcessGrid
 
 SERVER_TOML = """
 [run]

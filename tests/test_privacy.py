@@ -14,17 +14,19 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from typer.testing import CliRunner
 
 from client.app import app as client_app
 from client.federated import train_round
-from sim.inprocess_grid import InProcessGrid
 from m3fm.model.packing import pack_state
 from privacy.dp_sgd import PrivacyLedger, epsilon_of, noise_for_target
 from server.central_dp import wrap_central_dp
+from server.cli import app as server_cli
 from server.config import ServerConfigError, load_server_config
 from server.rounds import phase_config, run_federation
 from server.store import PrivacyLedger as LedgerRow, RejectedReply, open_server_store
 from server.strategy import build_strategy
+from sim.inprocess_grid import InProcessGrid
 from test_strategy import REF, filled, reply
 
 PRIVATE_TOML = """
@@ -137,6 +139,9 @@ def test_server_records_a_skipping_site_continues_and_fills_the_ledger(fresh_led
         last = max((r for r in rows if r.site_id == site.site_id), key=lambda r: r.round)
         assert last.epsilon == pytest.approx(PrivacyLedger(site.work_dir).epsilon(1e-5))
         assert last.mechanism == "dp-sgd" and last.steps == 2
+    shown = CliRunner().invoke(server_cli, ["status", "--database", cfg.database_url], terminal_width=200)
+    assert shown.exit_code == 0 and "privacy spent" in shown.stdout
+    assert all(s.site_id in shown.stdout for s in sites)  # the capped site appears among the skips
 
 
 def test_noise_for_a_target_epsilon_meets_it_over_the_plan():

@@ -11,12 +11,12 @@ from sqlalchemy.orm import Session
 
 from client.app import app as client_app
 from client.federated import secure_update
-from sim.inprocess_grid import InProcessGrid
 from m3fm.model.packing import PACKED_ORDER_KEY, pack_state
 from server.config import ServerConfigError, load_server_config
 from server.rounds import phase_config, run_federation
 from server.secure import secure_train_round
 from server.store import PrivacyLedger, Round, SiteMetric, open_server_store
+from sim.inprocess_grid import InProcessGrid
 
 TOML = """
 [run]
