@@ -31,15 +31,12 @@ RESULTS = Path(__file__).parent / "results" / "secagg.json"
 def one(size: int, sites: int, secure: bool) -> dict:
     import flwr.compat.common.recorddict_compat as compat
     import numpy as np
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import Context, Message
     from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
     from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server import ServerConfig
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-    from server.secure import SecAggConfig, SecureRound
+    from server.secure import SecAggConfig, run_secagg
     from sim.inprocess_grid import InProcessGrid
 
     rng = np.random.default_rng(0)
@@ -70,13 +67,7 @@ def one(size: int, sites: int, secure: bool) -> dict:
     tracemalloc.start()
     t0 = time.perf_counter()
     if secure:
-        strategy = SecureRound(grid, list(range(1, sites + 1)), parameters, {})
-        context = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-                                config=ServerConfig(num_rounds=1), strategy=strategy)
-        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 1})
-        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([weights])
-        SecAggConfig(clipping_range=0.1).workflow()(grid, context)
-        mean = strategy.mean
+        mean = run_secagg(grid, SecAggConfig(clipping_range=0.1), list(range(1, sites + 1)), [weights], {}).mean
     else:
         content = compat.fitins_to_recorddict(FitIns(parameters, {}), keep_input=True)
         replies = grid.send_and_receive([Message(content, dst_node_id=n, message_type="train")

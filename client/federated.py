@@ -25,10 +25,11 @@ from m3fm.local import (PhaseConfig, local_evaluate, local_multitask, local_pret
                         pretrain_population)
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
-from m3fm.model.packing import group_of_packed, pack_state, unpack_state
+from m3fm.model.packing import TRAINED_MARK_KEY, group_of_packed, pack_state, unpack_state
 from m3fm.model.text import TextTokenizer, load_tokenizer
-from privacy.dp_local import private_multitask, private_pretrain, run_plan
-from privacy.dp_sgd import DPSGDConfig, PrivacyLedger, SiteBudget
+from privacy.dp_local import private_multitask, private_pretrain
+from privacy.budget import DPSGDConfig, SiteBudget
+from privacy.dp_sgd import PrivacyLedger, sample_rate
 
 
 class SiteNotReady(RuntimeError):
@@ -133,25 +134,27 @@ def secure_update(site: SiteConfig, packed: dict[str, np.ndarray], config: dict
     clear metrics."""
     weights, metrics, skipped = train_round(site, packed, config)
     trained = {k[len("n."):] for k, v in metrics.items() if k.startswith("n.") and v > 0}
-    updates = [(weights[k] - v) if weights is not None and group_of_packed(k) in trained else np.zeros_like(v)
+    updates = [weights[k] - v if group_of_packed(k) in trained else np.zeros_like(v)  # skipped: nothing trained
                for k, v in packed.items()]
-    mark = float(config.get("secure-mark", 1.0))  # within SecAgg+'s clipping range, or it would be clipped
+    mark = float(config.get(TRAINED_MARK_KEY, 1.0))  # within SecAgg+'s clipping range, or it would be clipped
     indicators = [np.array([mark if group_of_packed(k) in trained else 0.0], dtype=np.float32) for k in packed]
     return updates, indicators, {**metrics, "site_id": site.site_id, "skipped": skipped or ""}
 
 
 def dp_plan(o: OpenSite, config: dict, min_items: int) -> list[tuple[float, int]] | None:
-    """For noise derived from a target epsilon: this site's (sample rate, steps) over the run's whole plan."""
+    """For noise derived from a target epsilon: this site's (sample rate, steps) over the run's whole plan
+    (`dp-plan`: PHASE:STEPS:BATCH per phase)."""
     if not float(config.get("dp-target-epsilon", 0)) or not config.get("dp-plan"):
         return None
-    sizes = {}
+    plan, scales = [], phase_from(config).scales if config["phase"] == "pretrain" else ()
     for part in str(config["dp-plan"]).split(","):
-        phase, _, batch = part.split(":")
-        pc = PhaseConfig(phase, batch_size=int(batch), scales=phase_from(config).scales if phase == "pretrain" else ())
+        phase, steps, batch = part.split(":")
+        pc = PhaseConfig(phase, batch_size=int(batch), scales=scales if phase == "pretrain" else ())
         _, per_key = (pretrain_population(o.data, pc, o.model, 1, min_items) if phase == "pretrain"
                       else multitask_population(o.data, pc, 1, min_items))
-        sizes[phase] = (sum(per_key.values()), int(batch))
-    return run_plan(",".join(p.rsplit(":", 1)[0] for p in str(config["dp-plan"]).split(",")), sizes)
+        if items := sum(per_key.values()):
+            plan.append((sample_rate(items, int(batch)), int(steps)))
+    return plan
 
 
 def evaluate_round(site: SiteConfig, packed: dict[str, np.ndarray], config: dict) -> dict:

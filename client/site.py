@@ -12,6 +12,7 @@ from pathlib import Path
 
 from m3fm.model.configs import CONFIGS
 from m3fm.tasks import TASK_BY_NAME
+from privacy.budget import PrivacyConfigError, SiteBudget
 
 
 class SiteConfigError(ValueError):
@@ -80,10 +81,15 @@ def load_site(site_dir: Path) -> SiteConfig:
     min_slices = ingest.get("min_slices", 64)
     if not isinstance(min_slices, int) or min_slices < 1:
         raise SiteConfigError(f"{where}: ingest.min_slices must be a positive integer, got {min_slices!r}")
+    privacy = d.get("privacy", {})
+    try:
+        SiteBudget.from_site(privacy, where)  # checked at load, so `m3fm-client start` refuses a bad ceiling
+    except PrivacyConfigError as e:
+        raise SiteConfigError(str(e)) from None
     min_cell = d.get("min_cell_size", 5)
     if not isinstance(min_cell, int) or min_cell < 1:
         raise SiteConfigError(f"{where}: min_cell_size must be a positive integer, got {min_cell!r}")
     return SiteConfig(site_dir=site_dir, site_id=_need(d, "site_id", str, where), name=d.get("name", d["site_id"]),
                       tasks=tasks, min_cell_size=min_cell, work_dir=work_dir, min_slices=min_slices,
                       model_config=model_config, dicom_dir=ingest.get("dicom_dir", "dicom"), splits=splits,
-                      privacy=d.get("privacy", {}), device=d.get("device", {}))
+                      privacy=privacy, device=d.get("device", {}))

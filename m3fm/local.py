@@ -70,6 +70,15 @@ def proximal_hook(model: M3FM, mu: float):
     return add_proximal_gradient
 
 
+TOO_FEW = {"pretrain": "fewer than {} training crops at every scale",
+           "multitask": "fewer than {} training items for every task"}
+
+
+def too_few(phase: str, min_items: int) -> dict:
+    """The answer of a round with nothing the site may train (every scale or task under min_items)."""
+    return {"trained": False, "reason": TOO_FEW[phase].format(min_items), "counts": {}}
+
+
 def _counted(items: dict[str, int], min_items: int) -> dict[str, int]:
     return {k: n for k, n in sorted(items.items()) if n >= min_items}
 
@@ -102,7 +111,7 @@ def local_pretrain(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: Ph
     t0 = time.perf_counter()
     ds, per_scale = pretrain_population(data, pc, model, phase_round, min_items, seed)
     if not per_scale:
-        return {"trained": False, "reason": f"fewer than {min_items} training crops at every scale", "counts": {}}
+        return too_few("pretrain", min_items)
     rng = random.Random(f"{seed}|pretrain|{phase_round}")
     streams = {s: _cycle([b for b in batches_by_key(ds.keys, pc.batch_size, seed=rng.randrange(2**31))
                           if ds.keys[b[0]] == s], rng) for s in per_scale}
@@ -136,7 +145,7 @@ def local_multitask(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: P
     t0 = time.perf_counter()
     ds, per_task = multitask_population(data, pc, phase_round, min_items, seed)
     if not per_task:
-        return {"trained": False, "reason": f"fewer than {min_items} training items for every task", "counts": {}}
+        return too_few("multitask", min_items)
     rng = random.Random(f"{seed}|multitask|{phase_round}")
     all_batches = batches_by_key(ds.keys, pc.batch_size, seed=rng.randrange(2**31))
     streams = {t: _cycle([b for b in all_batches if ds.keys[b[0]] == t], rng) for t in per_task}

@@ -126,12 +126,14 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, tc: Trai
 
 def pretrain_loss(model: M3FM, batch: PretrainBatch, tokenizer: TextTokenizer, tc: TrainConfig,
                   generator: torch.Generator | None = None, per_sample: bool = False):
-    """MIM on a CT batch plus MLM on its text -> (loss, mim, mlm); the batch already on the model's device.
+    """MIM on a CT batch plus MLM on its text -> (loss, mim, mlm); the batch is moved to the model's device here,
+    after the MLM masks are drawn on its CPU copy (`generator` is a CPU generator).
     per_sample: the MLM form DP-SGD needs (M3FM.forward_mlm)."""
     device = model_device(model)
     mlm_inputs = None
     if batch.text_ids is not None:
-        mlm_inputs = mask_for_mlm(batch.text_ids.cpu(), tokenizer, tc.mlm_prob, generator)
+        mlm_inputs = mask_for_mlm(batch.text_ids, tokenizer, tc.mlm_prob, generator)
+    batch = batch.to(device)
     with autocast(device, tc):
         mim, _, _ = model.forward_mim(batch.image, batch.voxel_size, batch.scale, tc.mask_ratio, generator)
         loss = mim
@@ -157,7 +159,6 @@ def pretrain_step(model: M3FM, optimizer: torch.optim.Optimizer, batch: Pretrain
     """One optimizer step of MIM on a CT batch plus MLM on its text. `generator` fixes the masks."""
     model.train()
     lr = set_lr(optimizer, step, tc)
-    batch = batch.to(model_device(model))
     optimizer.zero_grad(set_to_none=True)
     loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator)
     loss.backward()

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from m3fm.data.collate import collate_pretrain, collate_qa
-from m3fm.local import PhaseConfig, multitask_population, pretrain_population, text_items
+from m3fm.local import PhaseConfig, multitask_population, pretrain_population, text_items, too_few
 from m3fm.model.groups import multitask_group_counts, pretrain_group_counts
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer
 from m3fm.train import build_optimizer, model_device, pretrain_loss, qa_loss, set_lr
-from privacy.dp_sgd import (DPSGDConfig, PrivacyLedger, SiteBudget, fill_missing_grad_samples, plan_round,
-                            private_training, sample_rate)
+from privacy.budget import DPSGDConfig, SiteBudget
+from privacy.dp_sgd import PrivacyLedger, fill_missing_grad_samples, plan_round, private_training
 
 UNTRAINED_BY_PHASE = {"pretrain": ("heads.", "task_id_head.", "task_encoder."),
                       "multitask": ("mim_decoder.", "mlm_head.")}
@@ -48,6 +48,8 @@ def private_step(dp_optimizer, micro: list[tuple[str, list[int]]], loss_of) -> N
     An empty Poisson sample still takes a (noise-only) step: skipping it would reveal the batch was empty."""
     if not micro:
         fill_missing_grad_samples(dp_optimizer, 0)
+        dp_optimizer.step()
+        dp_optimizer.zero_grad(set_to_none=True)
     for j, (key, rows) in enumerate(micro):
         loss_of(key, rows).backward()
         fill_missing_grad_samples(dp_optimizer, len(rows))
@@ -55,20 +57,6 @@ def private_step(dp_optimizer, micro: list[tuple[str, list[int]]], loss_of) -> N
             dp_optimizer.signal_skip_step(True)  # Opacus: clip and accumulate only
         dp_optimizer.step()
         dp_optimizer.zero_grad(set_to_none=True)
-    if not micro:
-        dp_optimizer.step()
-        dp_optimizer.zero_grad(set_to_none=True)
-
-
-def run_plan(config_plan: str, sizes: dict[str, tuple[int, int]]) -> list[tuple[float, int]]:
-    """`pretrain:STEPS,multitask:STEPS` (the run's total steps per phase) -> [(sample rate, steps)] at this site,
-    given each phase's (items, batch size); for noise derived from a target epsilon over the whole run."""
-    plan = []
-    for part in filter(None, config_plan.split(",")):
-        phase, steps = part.split(":")
-        if phase in sizes and sizes[phase][0] > 0:
-            plan.append((sample_rate(*sizes[phase]), int(steps)))
-    return plan
 
 
 def _private_round(model: M3FM, phase: str, ds, per_key: dict[str, int], pc: PhaseConfig, phase_round: int,
@@ -101,14 +89,13 @@ def private_pretrain(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfi
                      seed: int = 0, plan=None) -> dict:
     ds, per_scale = pretrain_population(data, pc, model, phase_round, min_items, seed)
     if not per_scale:
-        return {"trained": False, "reason": f"fewer than {min_items} training crops at every scale", "counts": {}}
-    device = model_device(model)
+        return too_few("pretrain", min_items)
 
     def make_loss(items, tc, rng):
         generator, losses = torch.Generator().manual_seed(rng.randrange(2**31)), defaultdict(list)
 
         def loss_of(scale, rows):
-            batch = collate_pretrain([ds[items[i]] for i in rows], tokenizer, model.cfg).to(device)
+            batch = collate_pretrain([ds[items[i]] for i in rows], tokenizer, model.cfg)
             loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator, per_sample=True)
             losses["mim"].append(mim.item())
             losses["mlm"].append(mlm.item())
@@ -128,7 +115,7 @@ def private_multitask(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConf
                       seed: int = 0, plan=None) -> dict:
     ds, per_task = multitask_population(data, pc, phase_round, min_items, seed)
     if not per_task:
-        return {"trained": False, "reason": f"fewer than {min_items} training items for every task", "counts": {}}
+        return too_few("multitask", min_items)
     device = model_device(model)
 
     def make_loss(items, tc, rng):

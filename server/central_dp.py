@@ -65,9 +65,16 @@ class TaskAwareCentralDP:
         self.num_sampled_clients = max(1, len(kept))
         arrays, metrics = super().aggregate_train(server_round, kept)
         inner.rejections = dropped + inner.rejections
-        if arrays is not None:
-            self.releases += 1
         return arrays, metrics
+
+    def _compose_release(self, event) -> None:  # Flower calls it once per released (noised) aggregate
+        self.releases += 1
+
+    def release(self, aggregated: ArrayRecord) -> ArrayRecord:
+        """Noise an aggregate made elsewhere (a SecAgg+ round's unmasked mean) and count the release."""
+        noisy = self._add_noise_to_aggregated_arrays(aggregated)
+        self._compose_release(None)
+        return noisy
 
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
         rng = np.random.default_rng()
@@ -80,8 +87,9 @@ class TaskAwareCentralDP:
             out[key] = Array(x)
         return ArrayRecord(out)
 
-    def epsilon(self) -> float:
-        return epsilon_of([(self.noise_multiplier, 1.0, self.releases)] if self.releases else [], self.delta)
+    def epsilon(self, releases: int | None = None) -> float:
+        """After `releases` aggregates (default: all so far); Opacus's RDP at sample rate 1."""
+        return epsilon_of([(self.noise_multiplier, 1.0, self.releases if releases is None else releases)], self.delta)
 
     def state(self) -> dict[str, np.ndarray]:
         return {**self.strategy.state(), "central_dp/releases": np.array([self.releases], dtype=np.int64)}

@@ -1,5 +1,6 @@
 """`m3fm-server`: what the coordinator runs. Run, status, certificates and enrollment join here."""
 
+import re
 from pathlib import Path
 
 import typer
@@ -21,6 +22,25 @@ def info() -> None:
     from m3fm.model.configs import CONFIGS
 
     Console().print(environment_table("m3fm-server environment", {"model configurations": ", ".join(CONFIGS)}))
+
+
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # it names files and SuperNodes
+
+
+def _database_url(config: Path | None, database: str | None, console: Console) -> str:
+    """--database, else the database of --config's server.toml; exit 2 naming what is wrong."""
+    from server.config import ServerConfigError, load_server_config
+
+    if database:
+        return database
+    if config is None:
+        console.print("[red]error:[/red] give --config server.toml or --database URL")
+        raise typer.Exit(2)
+    try:
+        return load_server_config(config).database_url
+    except ServerConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -46,7 +66,6 @@ def run(
     try:
         cfg = load_server_config(config)
         security = Security(tls_dir=tls, node_auth=node_auth)
-        security.check()
     except (ServerConfigError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -99,16 +118,16 @@ def enroll(
     from sqlalchemy.orm import Session
 
     from privacy.certs import KeyMaterialError, read_site_public_key
-    from server.config import ServerConfigError, load_server_config
     from server.store import EnrolledSite, open_server_store
 
     console = Console()
+    if not SITE_NAME.fullmatch(name):
+        console.print(f"[red]error:[/red] --name {name!r}: use letters, digits, '.', '_' and '-' (it names files)")
+        raise typer.Exit(2)
+    database = _database_url(config, database, console)
     try:
-        if database is None and config is None:
-            raise ServerConfigError("give --config server.toml or --database URL")
-        database = database or load_server_config(config).database_url
         key, fingerprint = read_site_public_key(public_key)
-    except (ServerConfigError, KeyMaterialError) as e:
+    except KeyMaterialError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     engine = open_server_store(database)
@@ -136,19 +155,10 @@ def status(
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from server.config import ServerConfigError, load_server_config
     from server.store import PrivacyLedger, RejectedReply, Round, Run, SiteMetric, open_server_store
 
     console = Console()
-    if database is None:
-        if config is None:
-            console.print("[red]error:[/red] give --config server.toml or --database URL")
-            raise typer.Exit(2)
-        try:
-            database = load_server_config(config).database_url
-        except ServerConfigError as e:
-            console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(2) from None
+    database = _database_url(config, database, console)
     engine = open_server_store(database)
     with Session(engine) as s:
         run_row = s.get(Run, run_id) if run_id is not None else s.scalars(select(Run).order_by(Run.id.desc())).first()

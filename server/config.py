@@ -63,7 +63,7 @@ from pathlib import Path
 from m3fm.local import PhaseConfig
 from m3fm.model.configs import CONFIGS, get_config
 from m3fm.tasks import TASK_BY_NAME
-from privacy.dp_sgd import DPSGDConfig, PrivacyConfigError
+from privacy.budget import DPSGDConfig, PrivacyConfigError
 from server.secure import SecAggConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")

@@ -39,7 +39,7 @@ class Security:
                     "--ssl-keyfile", str(d / "server.key"))
         return args + (("--enable-supernode-auth",) if self.node_auth else ())
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:  # checked once, where it is made
         if self.tls_dir is not None:
             missing = [f for f in ("ca.crt", "server.pem", "server.key") if not (self.tls_dir / f).is_file()]
             if missing:
@@ -98,7 +98,6 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
     """Run the whole federated run; `simulation` (Flower's federation config: num-supernodes,
     client-resources-num-cpus, client-resources-num-gpus) runs it on Flower's simulation engine (Ray)."""
     security = security or Security()
-    security.check()
     base = cfg.out_dir / "superlink"
     home = base / "flwr-home"
     env = flower_env(home)

@@ -69,7 +69,7 @@ def write_connection(flwr_home: Path, name: str, address: str, insecure: bool = 
 
 
 def start_superlink(state_dir: Path, host: str, port: int, log_path: Path, simulation: bool = False,
-                    extra_args: tuple[str, ...] = ("--insecure",), env: dict | None = None) -> subprocess.Popen:
+                    extra_args: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
     state_dir.mkdir(parents=True, exist_ok=True)
     args = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--database",
             str(state_dir / "superlink.db"), "--disable-runtime-dependency-installation", *extra_args]
@@ -81,7 +81,7 @@ def start_superlink(state_dir: Path, host: str, port: int, log_path: Path, simul
 
 
 def start_supernode(superlink: str, port: int, node_config: str, log_path: Path,
-                    extra_args: tuple[str, ...] = ("--insecure",), env: dict | None = None) -> subprocess.Popen:
+                    extra_args: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
     args = [flower_bin("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
             "--node-config", node_config, *extra_args]
     log = open(log_path, "ab")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from sqlalchemy.orm import Session
 
@@ -25,13 +25,12 @@ from m3fm.checkpoint import read_checkpoint, write_checkpoint
 from m3fm.model.configs import get_config
 from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.m3fm import M3FM
-from privacy.dp_sgd import epsilon_of
 from server.central_dp import TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
 from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, Run, SiteMetric, last_checkpoint,
                           latest_run, now, open_server_store)
-from server.secure import as_array_record, secure_train_round
-from server.strategy import TaskAwareFedAvg, build_strategy, weighted_metrics
+from server.secure import secure_train_round
+from server.strategy import TaskAwareFedAvg, array_record, build_strategy, weighted_metrics
 
 
 class RunError(RuntimeError):
@@ -137,7 +136,7 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
         run, first, weights, strategy_state = start_or_resume(s, cfg, resume, flwr_run_id)
         run_id = run.id
     packed = pack_state(weights)
-    arrays = ArrayRecord({k: Array(v) for k, v in packed.items()})
+    arrays = array_record(packed)
     sc = cfg.strategy
     strategy = build_strategy(sc.name, {group_of_packed(k) for k in packed}, cfg.min_sites, sc.max_update_norm,
                               sc.proximal_mu, sc.eta, sc.beta_1, sc.beta_2, sc.tau)
@@ -184,10 +183,9 @@ def train_securely(grid, cfg: ServerConfig, strategy, arrays: ArrayRecord, rnd: 
     if packed is None:
         return None, None
     inner.contributors, inner.untrained = contributors, {k for k, n in contributors.items() if n == 0}
-    new_arrays = as_array_record(packed)
+    new_arrays = array_record(packed)
     if isinstance(strategy, TaskAwareCentralDP):
-        new_arrays = strategy._add_noise_to_aggregated_arrays(new_arrays)
-        strategy.releases += 1
+        new_arrays = strategy.release(new_arrays)
     return new_arrays, weighted_metrics(usable) if usable else None
 
 
@@ -202,8 +200,7 @@ def privacy_rows(strategy, run_id: int, rnd: int) -> list[PrivacyLedger]:
                                       noise_multiplier=m["dp.noise-multiplier"], sample_rate=m["dp.sample-rate"],
                                       steps=int(m["dp.steps"])))
     if isinstance(strategy, TaskAwareCentralDP) and strategy.releases:
-        eps = strategy.epsilon()
-        before = epsilon_of([(strategy.noise_multiplier, 1.0, strategy.releases - 1)], strategy.delta)
+        eps, before = strategy.epsilon(), strategy.epsilon(strategy.releases - 1)
         rows.append(PrivacyLedger(run_id=run_id, round=rnd, site_id="*", mechanism="central-dp", epsilon=eps,
                                   epsilon_round=eps - before, delta=strategy.delta,
                                   noise_multiplier=strategy.noise_multiplier, sample_rate=1.0, steps=strategy.releases))

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import ServerConfig as LegacyServerConfig
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -33,7 +33,7 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-from m3fm.model.packing import PACKED_ORDER_KEY
+from m3fm.model.packing import PACKED_ORDER_KEY, TRAINED_MARK_KEY
 
 
 
@@ -91,6 +91,19 @@ class SecureRound(LegacyStrategy):
         return None
 
 
+def run_secagg(grid, secagg: SecAggConfig, node_ids: list[int], weights: list[np.ndarray], config: dict,
+               server_round: int = 1) -> SecureRound:
+    """Flower's SecAgg+ workflow for one round over `node_ids`, through the legacy context it needs;
+    -> the round's strategy (the unmasked mean, or None if the protocol halted; each site's clear metrics)."""
+    strategy = SecureRound(grid, node_ids, ndarrays_to_parameters(weights), config)
+    context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                                    run_config={}), config=LegacyServerConfig(num_rounds=1), strategy=strategy)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(weights)
+    secagg.workflow()(grid, context)
+    return strategy
+
+
 def secure_train_round(grid, secagg: SecAggConfig, arrays: ArrayRecord, config: dict, server_round: int,
                        node_ids: list[int]) -> tuple[dict[str, np.ndarray] | None, dict[str, int], SecureRound]:
     """One SecAgg+ round -> (new packed weights or None if the protocol failed, per key how many sites trained it,
@@ -98,13 +111,8 @@ def secure_train_round(grid, secagg: SecAggConfig, arrays: ArrayRecord, config: 
     reference = {k: a.numpy() for k, a in arrays.items()}
     keys = list(reference)
     # sites name the vectors by the packed order, and mark a trained group with the largest value SecAgg+ keeps
-    config = {**config, PACKED_ORDER_KEY: ",".join(keys), "secure-mark": secagg.clipping_range}
-    strategy = SecureRound(grid, node_ids, ndarrays_to_parameters([reference[k] for k in keys]), config)
-    context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                                    run_config={}), config=LegacyServerConfig(num_rounds=1), strategy=strategy)
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
-    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([reference[k] for k in keys])
-    secagg.workflow()(grid, context)
+    config = {**config, PACKED_ORDER_KEY: ",".join(keys), TRAINED_MARK_KEY: secagg.clipping_range}
+    strategy = run_secagg(grid, secagg, node_ids, [reference[k] for k in keys], config, server_round)
     if strategy.mean is None:
         return None, {}, strategy
     mean_update, trained = strategy.mean[:len(keys)], strategy.mean[len(keys):]
@@ -117,6 +125,3 @@ def secure_train_round(grid, secagg: SecAggConfig, arrays: ArrayRecord, config: 
         out[key] = ref if k == 0 else (ref + update.astype(np.float64) * sites / k).astype(ref.dtype)
     return out, contributors, strategy
 
-
-def as_array_record(packed: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in packed.items()})

@@ -25,6 +25,10 @@ COUNT = "n."  # metric keys "n.<group>": the site's sample count for a parameter
 SITE_RECORD, ARRAYS, METRICS = "site", "arrays", "metrics"
 
 
+def array_record(packed: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in packed.items()})
+
+
 def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], max_update_norm: float) -> str | None:
     """Why a train reply cannot be aggregated, or None when it can."""
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
@@ -142,7 +146,7 @@ class TaskAwareFedAvg(FedAvg):
                                                          self.uniform_weights)
         self.untrained = {k for k, n in self.contributors.items() if n == 0}
         metrics = weighted_metrics([(m, c["shared"]) for _, c, m in usable])
-        return ArrayRecord({k: Array(v) for k, v in averaged.items()}), metrics
+        return array_record(averaged), metrics
 
     def aggregate_evaluate(self, server_round: int, replies):
         self.evaluations = []

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from client.app import app as client_app
 from client.federated import secure_update
-from m3fm.model.packing import PACKED_ORDER_KEY, pack_state
+from m3fm.model.packing import PACKED_ORDER_KEY, TRAINED_MARK_KEY, pack_state
 from server.config import ServerConfigError, load_server_config
 from server.rounds import phase_config, run_federation
 from server.secure import secure_train_round
@@ -57,7 +57,7 @@ def test_secagg_round_equals_the_plain_task_aware_mean_and_the_server_never_sees
                                                  config, 2, list(nodes))
     assert out is not None and len(done.site_metrics) == 3 and not done.failures
     # what each site computed, replayed in the clear (training is deterministic for a given config)
-    plain = [secure_update(site, packed, {**config, PACKED_ORDER_KEY: ",".join(packed), "secure-mark": 0.5})[:2]
+    plain = [secure_update(site, packed, {**config, PACKED_ORDER_KEY: ",".join(packed), TRAINED_MARK_KEY: 0.5})[:2]
              for site in sites]
     step = 2 * 0.5 / 2**22  # SecAgg+ quantization step at clipping_range 0.5
     for i, key in enumerate(packed):

@@ -67,5 +67,7 @@ def unpack_state(packed: dict[str, np.ndarray], reference: dict[str, torch.Tenso
     return {n: out[n] for n in reference}
 
 
-# config key naming the packed groups in order, where weights travel as a bare list (SecAgg+ rounds)
+# SecAgg+ rounds (server/secure.py), where weights travel as a bare list: the config key naming the packed
+# groups in order, and the one giving the value a site sends for "I trained this group"
 PACKED_ORDER_KEY = "packed-keys"
+TRAINED_MARK_KEY = "trained-mark"
