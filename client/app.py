@@ -1,12 +1,15 @@
 """The site's Flower ClientApp: routes the coordinator's messages to client/federated.py.
 
-Message types: `train.pretrain`, `train.multitask` and `evaluate`; plain `train`
+Message types: `train.pretrain`, `train.multitask`, `evaluate` and, after the
+last round, `query.report`; plain `train`
 messages are SecAgg+ rounds (server/secure.py), whose protocol stages
 `secaggplus_mod` answers before `secure_train` is called. Weights travel
 packed, one vector per parameter group (m3fm/model/packing.py). Replies carry
 them ("arrays"), counts and metrics ("metrics") and the site's id
 ("site"); a site that did not train says why in "site" and sends no weights.
 """
+
+import json
 
 import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -72,6 +75,16 @@ def secure_train(msg: Message, context: Context) -> Message:
         clip_inputs_inplace(updates, float(config[KEY_CLIPPING_NORM]))
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(updates + indicators), 1, metrics)
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+@app.query("report")
+def report(msg: Message, context: Context) -> Message:
+    """After the run: keep the final model, write the site's report, send back its aggregates (client/report.py)."""
+    from client.report import report_round  # matplotlib and scipy: only the process that writes a report
+
+    site = site_for(context.node_config, context.run_config)
+    shared = report_round(site, _arrays(msg), dict(msg.content["config"]))
+    return Message(RecordDict({"report": ConfigRecord({"json": json.dumps(shared)})}), reply_to=msg)
 
 
 @app.evaluate()

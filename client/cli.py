@@ -171,3 +171,46 @@ def start(
         return
     console.print(f"[red]the SuperNode exited with code {node.returncode}[/red]; see {log_path}")
     raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    site_dir: Path = typer.Option(..., "--site", help="the site folder (site.toml)"),
+    model: Path = typer.Option(None, "--model", help="an m3fm checkpoint; default: the last model a run sent here"),
+    out: Path = typer.Option(None, "--out", help="folder for report.json and report.html; default: "
+                                                "WORK_DIR/reports/<model>-<split>-<time>"),
+    split: str = typer.Option("test", help="train, val or test"),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="probability threshold of sensitivity/specificity"),
+) -> None:
+    """Evaluate a model on the site's split and write report.json and a self-contained report.html."""
+    import time
+
+    from rich.table import Table
+
+    from client.federated import SiteNotReady
+    from client.report import ReportError, build_report, latest_model, load_model, write_report
+    from client.site import SiteConfigError, load_site
+
+    console = Console()
+    if split not in ("train", "val", "test"):
+        console.print(f"[red]error:[/red] --split must be train, val or test, got {split!r}")
+        raise typer.Exit(2)
+    try:
+        site = load_site(site_dir)
+        path = model or latest_model(site)
+        net, source = load_model(path)
+        out = out or site.work_dir / "reports" / f"{path.stem}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+        rep = build_report(site, net, source, split, threshold)
+        json_path, html_path = write_report(rep, out)
+    except (SiteConfigError, SiteNotReady, ReportError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"{site.site_id}: {split} split, model {path.name}")
+    for col in ("task", "n", "AUC", "95% CI"):
+        table.add_column(col)
+    for name, m in rep["tasks"].items():
+        ci = m.get("auc_ci", "")
+        table.add_row(name, str(m["n"]), f"{m['auc']:.3f}" if isinstance(m.get("auc"), float) else str(m.get("auc", "")),
+                      f"{ci[0]:.3f}-{ci[1]:.3f}" if isinstance(ci, list) else str(ci))
+    console.print(table)
+    console.print(f"wrote {json_path} and {html_path}")

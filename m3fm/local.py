@@ -26,8 +26,9 @@ import torch
 
 from m3fm.data.collate import collate_pretrain, collate_qa
 from m3fm.data.datasets import PretrainDataset, QADataset, SiteData, batches_by_key
+from m3fm.evaluation import collect_predictions
+from m3fm.metrics import delong
 from m3fm.model.groups import multitask_group_counts, pretrain_group_counts
-from m3fm.model.heads import task_probabilities
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer, mask_for_mlm
 from m3fm.tasks import YES_NO, get_task
@@ -195,29 +196,15 @@ def local_evaluate(model: M3FM, data: SiteData, tokenizer: TextTokenizer, phase:
                 metrics[f"mlm:{scale}"] = float(np.mean(mlm))
             n[f"scale:{scale}"] = len(idx)
         return {"metrics": metrics, "items": n}
-    ds = QADataset(data, split, tasks=tasks, train=False)
     metrics, n = {}, {}
-    for name in sorted(set(ds.keys)):
-        idx = [i for i, k in enumerate(ds.keys) if k == name]
-        if len(idx) < min_items:
-            continue
+    for name, p in collect_predictions(model, data, tokenizer, split, tasks, batch_size, min_items).items():
+        metrics[f"loss:{name}"] = p.loss_sum / p.n
+        n[f"task:{name}"] = p.n
         task = get_task(name)
-        losses, probs, answers = [], [], []
-        for j in range(0, len(idx), batch_size):
-            samples = [ds[i] for i in idx[j:j + batch_size]]
-            batch = collate_qa(samples, tokenizer, model.cfg).to(device)
-            out, task_logits = model(batch)
-            losses.append(model.forward_task_loss(batch, out, task_logits)[0].item() * len(samples))
-            probs.append(task_probabilities(task, out).float().cpu().numpy())
-            answers += [s["answer"] for s in samples]
-        metrics[f"loss:{name}"] = sum(losses) / len(idx)
-        n[f"task:{name}"] = len(idx)
         if task.loss == "ce":
-            p = np.concatenate(probs)
-            metrics[f"accuracy:{name}"] = float(np.mean(p.argmax(1) == np.asarray(answers)))
-            y = np.asarray(answers) == 0
+            answers = np.asarray(p.answers)
+            metrics[f"accuracy:{name}"] = float(np.mean(p.probs.argmax(1) == answers))
+            y = answers == 0
             if task.answers == YES_NO and min(y.sum(), (~y).sum()) >= min_items:  # both classes big enough
-                from sklearn.metrics import roc_auc_score  # here: 1 s of import, paid by every ClientApp process
-
-                metrics[f"auc:{name}"] = float(roc_auc_score(y, p[:, 0]))
+                metrics[f"auc:{name}"] = delong(y, p.probs[:, 0])[0]
     return {"metrics": {k: v for k, v in metrics.items() if math.isfinite(v)}, "items": n}

@@ -200,3 +200,49 @@ def status(
                 rt.add_row(str(r.round), r.site_id, r.kind, r.reason[:100])
             console.print(rt)
     engine.dispose()
+
+
+@app.command()
+def report(
+    run_id: int = typer.Argument(None, help="the run's id in the server database (default: the latest)"),
+    config: Path = typer.Option(None, "--config", help="server.toml (to find its database and out_dir)"),
+    database: str = typer.Option(None, "--database", help="SQLAlchemy URL of the server database"),
+    out: Path = typer.Option(None, "--out", help="folder for report.json and report.html (default: the run's "
+                                                "checkpoint folder, OUT_DIR/run-NNNN)"),
+) -> None:
+    """The run report: site x task AUC (from the sites' reports), learning curves, epsilon per site, replies that
+    did not count; as report.json and a self-contained report.html."""
+    from rich.table import Table
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from server.config import load_server_config
+    from server.report import shown_auc, write_run_report
+    from server.store import Run, open_server_store
+
+    console = Console()
+    database = _database_url(config, database, console)
+    engine = open_server_store(database)
+    with Session(engine) as s:
+        row = s.get(Run, run_id) if run_id is not None else s.scalars(select(Run).order_by(Run.id.desc())).first()
+        if row is None:
+            console.print(f"no run {'with id ' + str(run_id) if run_id is not None else ''} in {database}")
+            raise typer.Exit(1)
+        run_id = row.id
+    if out is None:
+        if config is None:
+            console.print("[red]error:[/red] give --out FOLDER (or --config, whose out_dir holds the run's folder)")
+            raise typer.Exit(2)
+        out = load_server_config(config).out_dir / f"run-{run_id:04d}"
+    json_path, html_path, summary = write_run_report(engine, run_id, out)
+    engine.dispose()
+    t = Table(title=f"run {run_id} {summary['name']!r} ({summary['status']}): AUC per task and site, test split")
+    t.add_column("task")  # tasks down, sites across: 19 tasks would not fit across a terminal
+    for site in summary["auc"]:
+        t.add_column(site)
+    for task in summary["tasks"]:
+        t.add_row(task, *[shown_auc(row.get(task)) for row in summary["auc"].values()])
+    console.print(t if summary["auc"] else "no site reports for this run")
+    for site, e in summary["epsilon"].items():
+        console.print(f"epsilon {site}: {e['epsilon']:.3f} ({e['mechanism']}, delta {e['delta']:g})")
+    console.print(f"{len(summary['rejected'])} replies did not count; wrote {json_path} and {html_path}")

@@ -6,6 +6,8 @@
     min_sites = 2             # fewer accepted replies than this fails the round
     round_timeout = 600       # seconds to wait for the sites' replies
     evaluate_every = 1        # federated evaluation every N rounds (0: never; the last round always)
+    site_reports = true       # after the last round every site evaluates the final model on its test split
+                              # and sends its report (aggregates only); the run report follows
     seed = 0
     out_dir = "runs"          # checkpoints; relative paths are relative to this file
     database = ""             # SQLAlchemy URL; empty: a SQLite file in out_dir
@@ -101,6 +103,7 @@ class ServerConfig:
     min_sites: int = 2
     round_timeout: float = 600.0
     evaluate_every: int = 1
+    site_reports: bool = True
     seed: int = 0
     out_dir: Path = Path("runs")
     database: str = ""
@@ -236,7 +239,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
         raise ServerConfigError(f"{path}: not valid TOML: {e}") from None
     _known(d, {"run", "strategy", "privacy", *PHASES}, str(path))
     run, where = d.get("run", {}), f"{path} [run]"
-    _known(run, {"name", "model", "min_sites", "round_timeout", "evaluate_every", "seed", "out_dir", "database"}, where)
+    _known(run, {"name", "model", "min_sites", "round_timeout", "evaluate_every", "site_reports", "seed", "out_dir",
+                "database"}, where)
     model = _take(run, "model", str, "tiny", where, lambda v: v in CONFIGS, f"must be one of {list(CONFIGS)}")
     out_dir = Path(_take(run, "out_dir", str, "runs", where))
     st, swhere = d.get("strategy", {}), f"{path} [strategy]"
@@ -257,6 +261,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         min_sites=_take(run, "min_sites", int, 2, where, lambda v: v >= 1, "must be at least 1"),
         round_timeout=_take(run, "round_timeout", float, 600.0, where, lambda v: v > 0, "must be positive"),
         evaluate_every=_take(run, "evaluate_every", int, 1, where, lambda v: v >= 0, "must be 0 or more"),
+        site_reports=_take(run, "site_reports", bool, True, where),
         seed=_take(run, "seed", int, 0, where),
         out_dir=out_dir if out_dir.is_absolute() else (path.parent / out_dir).resolve(),
         database=_take(run, "database", str, "", where),

@@ -12,12 +12,13 @@ round in flight, and `--resume` starts after the last checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from sqlalchemy.orm import Session
 
@@ -27,8 +28,9 @@ from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.m3fm import M3FM
 from server.central_dp import TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
-from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, Run, SiteMetric, last_checkpoint,
-                          latest_run, now, open_server_store)
+from server.report import write_run_report
+from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, Run, SiteMetric, SiteReport,
+                          last_checkpoint, latest_run, now, open_server_store)
 from server.secure import secure_train_round
 from server.strategy import TaskAwareFedAvg, array_record, build_strategy, weighted_metrics
 
@@ -159,8 +161,37 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
         run = s.get(Run, run_id)
         run.status, run.updated_at = "completed", now()
         s.commit()
+    if cfg.site_reports:  # after "completed": a failure here never makes a trained run look unfinished
+        collect_site_reports(grid, cfg, engine, run_id, arrays, log)
+        html = write_run_report(engine, run_id, cfg.out_dir / f"run-{run_id:04d}")[1]
+        log(f"run report: {html}")
     engine.dispose()
     return run_id
+
+
+def collect_site_reports(grid, cfg: ServerConfig, engine, run_id: int, arrays: ArrayRecord, log) -> int:
+    """Send the final weights to every site as a `query.report` message; each keeps the model, writes its own
+    report (client/report.py) and answers with its aggregates, stored in site_reports. -> reports received."""
+    config = ConfigRecord({"model": cfg.model, "run-name": cfg.name, "server-round": cfg.total_rounds,
+                           "split": "test", "threshold": 0.5})
+    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type="query.report")
+                for node in grid.get_node_ids()]
+    rows = []
+    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+        node = str(reply.metadata.src_node_id)
+        if reply.has_error():
+            rows.append(RejectedReply(run_id=run_id, round=cfg.total_rounds, site_id=f"node-{node}", node_id=node,
+                                      kind="report", reason=reply.error.reason))
+            continue
+        report = json.loads(str(reply.content["report"]["json"]))
+        rows.append(SiteReport(run_id=run_id, round=cfg.total_rounds, site_id=str(report["site_id"]), node_id=node,
+                               report=report))
+    with Session(engine) as s:
+        s.add_all(rows)
+        s.commit()
+    got = sum(isinstance(r, SiteReport) for r in rows)
+    log(f"site reports: {got} of {len(messages)} sites")
+    return got
 
 
 def train_securely(grid, cfg: ServerConfig, strategy, arrays: ArrayRecord, rnd: int, nodes: list[int]):

@@ -9,6 +9,8 @@
   privacy_ledger    epsilon per site per round (DP-SGD, the site's running total) and per round of
                     the whole model (central DP); schema 2 added it and enrolled_sites (create_all adds the tables to a
                     schema-1 database, nothing else changes)
+  site_reports      each site's evaluation report after the run (aggregates only, small groups suppressed;
+                    schema 3)
 
 A round's rows and its checkpoint row are written in one transaction after the
 checkpoint file is in place, so the database never names a round whose
@@ -24,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from m3fm.data.store import now, open_versioned
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Base(DeclarativeBase):
@@ -108,6 +110,17 @@ class PrivacyLedger(Base):
     noise_multiplier: Mapped[float] = mapped_column(Float)
     sample_rate: Mapped[float] = mapped_column(Float)
     steps: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=now)
+
+
+class SiteReport(Base):
+    __tablename__ = "site_reports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)  # the round whose weights were evaluated
+    site_id: Mapped[str] = mapped_column(String)
+    node_id: Mapped[str] = mapped_column(String)
+    report: Mapped[dict] = mapped_column(JSON)  # client/report.shareable
     created_at: Mapped[datetime] = mapped_column(default=now)
 
 
