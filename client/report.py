@@ -132,18 +132,25 @@ def latest_model(site: SiteConfig) -> Path:
 
 def report_round(site: SiteConfig, packed: dict, config: dict) -> dict:
     """The coordinator's end-of-run request: keep the final model, write the site's report, return what is shared.
-    Asked twice (a resumed run), the site answers with the report it already wrote."""
-    name = f"{config.get('run-name', 'run')}-round-{int(config.get('server-round', 0)):04d}"
-    out_dir = site.work_dir / "reports" / name
-    if (out_dir / "report.json").is_file():
-        return shareable(json.loads((out_dir / "report.json").read_text(encoding="utf-8")))
+    Asked again (a resumed run, another coordinator's run of the same name), the site writes beside, never over."""
+    name = (f"{config.get('run-name', 'run')}-{int(config.get('run-id', 0)):04d}"
+            f"-round-{int(config.get('server-round', 0)):04d}")
+    out_dir = unused(site.work_dir / "reports" / name)
     o = open_site(site, str(config["model"]), packed)
-    model_path = site.work_dir / "models" / f"{name}.pt"
-    if not model_path.exists():
-        write_checkpoint(model_path, o.model.state_dict(), o.model.cfg, step=int(config.get("server-round", 0)),
-                         extra={"run_name": config.get("run-name", ""), "round": int(config.get("server-round", 0))})
+    model_path = unused(site.work_dir / "models" / f"{name}.pt")
+    write_checkpoint(model_path, o.model.state_dict(), o.model.cfg, step=int(config.get("server-round", 0)),
+                     extra={"run_name": config.get("run-name", ""), "round": int(config.get("server-round", 0))})
     source = {"checkpoint": str(model_path), "config": o.model.cfg.name, "run": config.get("run-name", ""),
               "round": int(config.get("server-round", 0))}
     report = build_report(site, o.model, source, str(config.get("split", "test")), float(config.get("threshold", 0.5)))
     write_report(report, out_dir)
     return shareable(report)
+
+
+def unused(path: Path) -> Path:
+    """path, or path-2, path-3, ... : the first that does not exist yet."""
+    n, candidate = 1, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate

@@ -172,7 +172,7 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
 def collect_site_reports(grid, cfg: ServerConfig, engine, run_id: int, arrays: ArrayRecord, log) -> int:
     """Send the final weights to every site as a `query.report` message; each keeps the model, writes its own
     report (client/report.py) and answers with its aggregates, stored in site_reports. -> reports received."""
-    config = ConfigRecord({"model": cfg.model, "run-name": cfg.name, "server-round": cfg.total_rounds,
+    config = ConfigRecord({"model": cfg.model, "run-name": cfg.name, "run-id": run_id, "server-round": cfg.total_rounds,
                            "split": "test", "threshold": 0.5})
     messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type="query.report")
                 for node in grid.get_node_ids()]

@@ -107,8 +107,8 @@ def run(
     """Federated pretraining then multitask training of every site of a cohort, on this machine."""
     import time
 
-    from sim.federation import (RUN_PLANS, ingest_all, prepare_cohort, run_deployment, run_ray, write_server_toml,
-                                write_site_metrics)
+    from sim.federation import (RUN_PLANS, gather_reports, ingest_all, prepare_cohort, run_deployment, run_ray,
+                                write_server_toml, write_site_metrics)
 
     console = Console()
     if engine not in ("deployment", "ray"):
@@ -135,6 +135,10 @@ def run(
             console.print(f"[red]run failed[/red] ({outcome.status}): {outcome.error}")
     written = write_site_metrics(toml, out)
     console.print(f"site metrics: {', '.join(str(p) for p in written.values()) or 'none'}")
+    reports = gather_reports(toml, sites, out)
+    html = [p for p in reports if p.suffix == ".html"]
+    console.print(f"reports ({len(html)}: the run's and one per site that answered): "
+                  f"{', '.join(str(p) for p in html) or 'none'}")
     console.print(f"{'[green]done[/green]' if ok else '[red]failed[/red]'} in {time.perf_counter() - t0:.0f}s")
     if not ok:
         raise typer.Exit(1)

@@ -11,6 +11,7 @@ traffic on loopback, run it inside `unshare -n sh -c 'ip link set lo up; exec CM
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -151,3 +152,31 @@ def write_site_metrics(server_toml: Path, out: Path) -> dict[str, Path]:
         written[site_id].write_text(json.dumps(data, indent=1), encoding="utf-8")
     (out / "metrics" / "run.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return written
+
+
+def gather_reports(server_toml: Path, sites: list[Path], out: Path) -> list[Path]:
+    """Copies of the run report and of each site's report of the latest run into out/reports/run-NNNN/ (the
+    originals stay where they were written: the coordinator's out_dir and each site's work folder)."""
+    cfg = load_server_config(server_toml)
+    engine = open_server_store(cfg.database_url)
+    with Session(engine) as s:
+        run = s.scalars(select(Run).where(Run.name == cfg.name).order_by(Run.id.desc())).first()
+    engine.dispose()
+    if run is None:
+        return []
+    dest = out / "reports" / f"run-{run.id:04d}"
+    sources = {"run": cfg.out_dir / f"run-{run.id:04d}"}
+    for path in sites:
+        site = load_site(path)
+        name = f"{cfg.name}-{run.id:04d}-round-{cfg.total_rounds:04d}"
+        written = sorted((site.work_dir / "reports").glob(f"{name}*"), key=lambda p: p.stat().st_mtime)
+        if written:  # the newest: a site asked twice writes beside its first report
+            sources[site.site_id] = written[-1]
+    copied = []
+    for name, folder in sources.items():
+        for f in ("report.json", "report.html"):
+            if (folder / f).is_file():
+                (dest / name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(folder / f, dest / name / f)
+                copied.append(dest / name / f)
+    return copied

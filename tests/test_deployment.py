@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from server.coordinator import free_port
 from server.flower import flower_bin, flower_env, stop
 from privacy.dp_sgd import PrivacyLedger as SiteLedger
-from server.store import PrivacyLedger, RejectedReply, Round, Run, SiteMetric, open_server_store
+from server.store import PrivacyLedger, RejectedReply, Round, Run, SiteMetric, SiteReport, open_server_store
 
 TOML = """
 [run]
@@ -25,6 +25,7 @@ model = "tiny"
 min_sites = 2
 round_timeout = {timeout}
 out_dir = "runs"
+site_reports = false
 [pretrain]
 rounds = 1
 local_steps = 1
@@ -194,9 +195,13 @@ def test_ray_engine_runs_secure_aggregation_with_central_dp_in_a_loopback_only_n
     assert "round 2/2 multitask 1: 3/3 sites" in done.stdout
     for site in ("site-01", "site-02", "site-03"):
         assert (tmp_path / "out" / "metrics" / f"{site}.json").is_file()
+        # after the run each site wrote its report and m3fm-sim copied it beside the run report
+        assert (tmp_path / "out" / "reports" / "run-0001" / site / "report.html").is_file()
+    assert (tmp_path / "out" / "reports" / "run-0001" / "run" / "report.html").is_file()
     engine = open_server_store(f"sqlite:///{tmp_path / 'runs' / 'server.db'}")
     with Session(engine) as s:
         assert [(r.round, r.sites_accepted) for r in s.scalars(select(Round).order_by(Round.round))] == [(1, 3), (2, 3)]
         assert [(r.round, r.mechanism) for r in s.scalars(select(PrivacyLedger).order_by(PrivacyLedger.round))] == \
             [(1, "central-dp"), (2, "central-dp")]
+        assert sorted(r.site_id for r in s.scalars(select(SiteReport))) == ["site-01", "site-02", "site-03"]
     engine.dispose()

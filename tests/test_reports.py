@@ -94,10 +94,10 @@ local_steps = 2
 
     images_total = 0
     for site in sites:
-        folder = site.work_dir / "reports" / "rep-round-0002"
+        folder = site.work_dir / "reports" / f"rep-{run_id:04d}-round-0002"
         report = json.loads((folder / "report.json").read_text())
         assert report["split"] == "test" and report["min_cell_size"] == 3
-        assert (site.work_dir / "models" / "rep-round-0002.pt").is_file()  # the site keeps the final model
+        assert (site.work_dir / "models" / f"rep-{run_id:04d}-round-0002.pt").is_file()  # the site keeps the final model
         with_curves = [t for t, m in report["tasks"].items() if roc_views(m)]
         page = parse_html(folder / "report.html")
         assert len(page.images) == len(with_curves)  # one ROC figure per evaluated task
