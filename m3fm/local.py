@@ -113,26 +113,33 @@ def local_pretrain(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: Ph
     ds, per_scale = pretrain_population(data, pc, model, phase_round, min_items, seed)
     if not per_scale:
         return too_few("pretrain", min_items)
+    losses, trained = pretrain_steps(model, ds, sorted(per_scale), tokenizer, pc, phase_round, seed,
+                                     proximal_hook(model, proximal_mu))
+    scale_items = {s: n for s, n in per_scale.items() if trained[s]}
+    return {"trained": True, "counts": pretrain_group_counts(scale_items, text_items(data, ds, scale_items)),
+            "items": {f"scale:{s}": n for s, n in scale_items.items()}, "steps": pc.local_steps,
+            "loss": {k: float(np.mean(v)) for k, v in losses.items()}, "seconds": time.perf_counter() - t0}
+
+
+def pretrain_steps(model: M3FM, ds, scales: list[str], tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int,
+                   seed: int = 0, hook=None) -> tuple[dict[str, list], dict[str, int]]:
+    """The optimizer steps of local_pretrain over any dataset with `keys` (one site's, or sites pooled)."""
     rng = random.Random(f"{seed}|pretrain|{phase_round}")
     streams = {s: _cycle([b for b in batches_by_key(ds.keys, pc.batch_size, seed=rng.randrange(2**31))
-                          if ds.keys[b[0]] == s], rng) for s in per_scale}
-    order = sorted(per_scale)
-    tc, hook = pc.train_config(), proximal_hook(model, proximal_mu)
+                          if ds.keys[b[0]] == s], rng) for s in scales}
+    tc = pc.train_config()
     optimizer = build_optimizer(model, tc)
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
     losses, trained = defaultdict(list), defaultdict(int)
     for i in range(pc.local_steps):
         step = (phase_round - 1) * pc.local_steps + i
-        scale = order[step % len(order)]
+        scale = scales[step % len(scales)]
         batch = collate_pretrain([ds[j] for j in next(streams[scale])], tokenizer, model.cfg)
         out = pretrain_step(model, optimizer, batch, tokenizer, tc, step, generator, before_step=hook)
         losses["mim"].append(out["mim"])
         losses["mlm"].append(out["mlm"])
         trained[scale] += 1
-    scale_items = {s: n for s, n in per_scale.items() if trained[s]}
-    return {"trained": True, "counts": pretrain_group_counts(scale_items, text_items(data, ds, scale_items)),
-            "items": {f"scale:{s}": n for s, n in scale_items.items()}, "steps": pc.local_steps,
-            "loss": {k: float(np.mean(v)) for k, v in losses.items()}, "seconds": time.perf_counter() - t0}
+    return losses, trained
 
 
 def _has_text(data: SiteData, exam_id: str) -> bool:
@@ -147,27 +154,34 @@ def local_multitask(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: P
     ds, per_task = multitask_population(data, pc, phase_round, min_items, seed)
     if not per_task:
         return too_few("multitask", min_items)
-    rng = random.Random(f"{seed}|multitask|{phase_round}")
-    all_batches = batches_by_key(ds.keys, pc.batch_size, seed=rng.randrange(2**31))
-    streams = {t: _cycle([b for b in all_batches if ds.keys[b[0]] == t], rng) for t in per_task}
-    order = sorted(per_task)
-    k = pc.tasks_per_step or len(order)
-    collate = partial(collate_qa, tokenizer=tokenizer, cfg=model.cfg, rng=rng)
-    tc, hook = pc.train_config(), proximal_hook(model, proximal_mu)
-    optimizer = build_optimizer(model, tc)
-    losses, trained = defaultdict(list), defaultdict(int)
-    for i in range(pc.local_steps):
-        step = (phase_round - 1) * pc.local_steps + i
-        tasks = [order[(step * k + j) % len(order)] for j in range(min(k, len(order)))]
-        micro = [collate([ds[j] for j in next(streams[t])]) for t in tasks]
-        out = multitask_step(model, optimizer, micro, tc, step, before_step=hook)
-        for t, v in out["tasks"].items():
-            losses[t].append(v)
-            trained[t] += 1
+    losses, trained = multitask_steps(model, ds, sorted(per_task), tokenizer, pc, phase_round, seed,
+                                      proximal_hook(model, proximal_mu))
     task_items = {t: n for t, n in per_task.items() if trained[t]}
     return {"trained": True, "counts": multitask_group_counts(task_items),
             "items": {f"task:{t}": n for t, n in task_items.items()}, "steps": pc.local_steps,
             "loss": {t: float(np.mean(v)) for t, v in losses.items()}, "seconds": time.perf_counter() - t0}
+
+
+def multitask_steps(model: M3FM, ds, tasks: list[str], tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int,
+                    seed: int = 0, hook=None) -> tuple[dict[str, list], dict[str, int]]:
+    """The optimizer steps of local_multitask over any dataset with `keys` (one site's, or sites pooled)."""
+    rng = random.Random(f"{seed}|multitask|{phase_round}")
+    all_batches = batches_by_key(ds.keys, pc.batch_size, seed=rng.randrange(2**31))
+    streams = {t: _cycle([b for b in all_batches if ds.keys[b[0]] == t], rng) for t in tasks}
+    k = pc.tasks_per_step or len(tasks)
+    collate = partial(collate_qa, tokenizer=tokenizer, cfg=model.cfg, rng=rng)
+    tc = pc.train_config()
+    optimizer = build_optimizer(model, tc)
+    losses, trained = defaultdict(list), defaultdict(int)
+    for i in range(pc.local_steps):
+        step = (phase_round - 1) * pc.local_steps + i
+        chosen = [tasks[(step * k + j) % len(tasks)] for j in range(min(k, len(tasks)))]
+        micro = [collate([ds[j] for j in next(streams[t])]) for t in chosen]
+        out = multitask_step(model, optimizer, micro, tc, step, before_step=hook)
+        for t, v in out["tasks"].items():
+            losses[t].append(v)
+            trained[t] += 1
+    return losses, trained
 
 
 @torch.no_grad()

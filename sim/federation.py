@@ -71,10 +71,11 @@ def ingest_all(sites: list[Path], log=print) -> str:
     return configs.pop()
 
 
-def write_server_toml(path: Path, name: str, model: str, n_sites: int, plan: dict) -> Path:
+def write_server_toml(path: Path, name: str, model: str, n_sites: int, plan: dict, out_dir: str = "runs",
+                      site_reports: bool = True) -> Path:
     plan = dict(plan)
     doc = {"run": {"name": name, "model": model, "min_sites": n_sites, "round_timeout": 900.0,
-                   "evaluate_every": plan.pop("evaluate_every", 1), "out_dir": "runs"},
+                   "evaluate_every": plan.pop("evaluate_every", 1), "out_dir": out_dir, "site_reports": site_reports},
            "strategy": {"name": "fedavg"}, **plan}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(doc), encoding="utf-8")

@@ -144,3 +144,20 @@ local_steps = 2
     assert server.returncode == 0, server.stdout + server.stderr
     assert sites[0].site_id in server.stdout and re.search(r"nodule_presence .*\d\.\d{3}", server.stdout)
     assert "report.html" in server.stdout.replace("\n", "")
+
+
+def test_sim_compare_prints_and_saves_mean_auc_per_task_group_for_every_arm(report_cohort, tmp_path):
+    cohort_dir, sites = report_cohort
+    done = subprocess.run([flower_bin("m3fm-sim"), "compare", "--cohort", str(cohort_dir), "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=flower_env(), timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    assert list(summary["arms"]) == ["federated", "federated-scratch", "centralized", "local-only"]
+    for arm, result in summary["arms"].items():
+        assert re.search(rf"{arm}\s.*\d\.\d{{3}}", done.stdout), arm  # a row with numbers in the printed table
+        assert set(result["sites"]) == {s.site_id for s in sites}
+        assert isinstance(result["groups"]["nodule"], float) and 0 <= result["groups"]["mean"] <= 1
+    # the federated arms ran the real round loop; the scratch arm had no pretraining round
+    assert (tmp_path / "runs-federated" / "run-0001" / "round-0002.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs-federated-scratch" / "run-0001").glob("round-*.pt")) == ["round-0001.pt"]
+    assert (tmp_path / "compare.md").read_text().count("\n") == 6
