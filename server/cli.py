@@ -43,6 +43,19 @@ def _database_url(config: Path | None, database: str | None, console: Console) -
         raise typer.Exit(2) from None
 
 
+def _find_run(s, run_id: int | None, database: str, console: Console):
+    """The run with that id, or the latest; exit 1 saying so when there is none."""
+    from sqlalchemy import select
+
+    from server.store import Run
+
+    row = s.get(Run, run_id) if run_id is not None else s.scalars(select(Run).order_by(Run.id.desc())).first()
+    if row is None:
+        console.print(f"no run {'with id ' + str(run_id) if run_id is not None else ''} in {database}")
+        raise typer.Exit(1)
+    return row
+
+
 @app.command()
 def run(
     config: Path = typer.Option(..., "--config", help="the run's server.toml"),
@@ -155,16 +168,13 @@ def status(
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from server.store import PrivacyLedger, RejectedReply, Round, Run, SiteMetric, open_server_store
+    from server.store import PrivacyLedger, RejectedReply, Round, SiteMetric, open_server_store
 
     console = Console()
     database = _database_url(config, database, console)
     engine = open_server_store(database)
     with Session(engine) as s:
-        run_row = s.get(Run, run_id) if run_id is not None else s.scalars(select(Run).order_by(Run.id.desc())).first()
-        if run_row is None:
-            console.print(f"no run {'with id ' + str(run_id) if run_id is not None else ''} in {database}")
-            raise typer.Exit(1)
+        run_row = _find_run(s, run_id, database, console)
         rounds = s.scalars(select(Round).where(Round.run_id == run_row.id).order_by(Round.round)).all()
         sites = sorted(set(s.scalars(select(SiteMetric.site_id).where(SiteMetric.run_id == run_row.id))))
         rejected = s.scalars(select(RejectedReply).where(RejectedReply.run_id == run_row.id)).all()
@@ -213,22 +223,17 @@ def report(
     """The run report: site x task AUC (from the sites' reports), learning curves, epsilon per site, replies that
     did not count; as report.json and a self-contained report.html."""
     from rich.table import Table
-    from sqlalchemy import select
     from sqlalchemy.orm import Session
 
     from server.config import load_server_config
     from server.report import shown_auc, write_run_report
-    from server.store import Run, open_server_store
+    from server.store import open_server_store
 
     console = Console()
     database = _database_url(config, database, console)
     engine = open_server_store(database)
     with Session(engine) as s:
-        row = s.get(Run, run_id) if run_id is not None else s.scalars(select(Run).order_by(Run.id.desc())).first()
-        if row is None:
-            console.print(f"no run {'with id ' + str(run_id) if run_id is not None else ''} in {database}")
-            raise typer.Exit(1)
-        run_id = row.id
+        run_id = _find_run(s, run_id, database, console).id
     if out is None:
         if config is None:
             console.print("[red]error:[/red] give --out FOLDER (or --config, whose out_dir holds the run's folder)")
