@@ -70,7 +70,11 @@ def curve_png(summary: dict, kind: str) -> str | None:
     for site, kinds in sorted(summary["site_curves"].items()):
         if kinds.get(kind):
             ax.plot([int(r) for r in kinds[kind]], list(kinds[kind].values()), marker=".", lw=1, label=site)
-    ax.set(xlabel="round", ylabel=f"mean {kind} loss", title=f"{kind} loss per round")
+    for a, b in zip(summary["rounds"], summary["rounds"][1:]):
+        if a["phase"] != b["phase"]:  # pretraining (MIM + MLM) and multitask (QA) losses are not comparable
+            ax.axvline(a["round"] + 0.5, color="#999", ls=":", lw=1)
+    ax.set(xlabel="round", ylabel=f"mean {kind} loss", title=f"{kind} loss per round (dotted: next phase)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     return png(fig)
 
