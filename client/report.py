@@ -9,20 +9,19 @@ minimum cell size already shows "suppressed" (m3fm/metrics.py).
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from client.federated import ensure_ingested, open_site
-from client.site import SiteConfig
+from client.site import SiteConfig, report_name
 from m3fm.checkpoint import load_checkpoint, read_checkpoint, write_checkpoint
 from m3fm.data.datasets import SiteData
 from m3fm.evaluation import evaluate_tasks
-from m3fm.metrics import SUPPRESSED, roc_views, without_curves
+from m3fm.metrics import SUPPRESSED, binary_views, roc_views, without_curves
 from m3fm.model.configs import M3FMConfig
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer
-from m3fm.report_html import figure, page, roc_png, table
+from m3fm.report_html import figure, page, roc_png, table, write_text_atomic
 from m3fm.tasks import TASK_INDEX
 from privacy.dp_sgd import PrivacyLedger
 
@@ -41,10 +40,11 @@ def privacy_spent(site: SiteConfig) -> dict:
             "private_rounds": len(ledger.rounds), "runs": sorted({str(r["run"]) for r in ledger.rounds})}
 
 
-def build_report(site: SiteConfig, model: M3FM, model_source: dict, split: str = "test",
-                 threshold: float = 0.5) -> dict:
+def build_report(site: SiteConfig, model: M3FM, model_source: dict, split: str = "test", threshold: float = 0.5,
+                 data: SiteData | None = None) -> dict:
+    """data: the site's datasets when the caller has them open already (they are read from its database)."""
     summary = ensure_ingested(site)
-    data = SiteData(site.database_url, site.work_dir, model.cfg)
+    data = data or SiteData(site.database_url, site.work_dir, model.cfg)
     tasks = evaluate_tasks(model, data, load_tokenizer(model.cfg), site.min_cell_size, split, threshold, roc=True)
     return {"site_id": site.site_id, "site_name": site.name, "created_at": datetime.now(timezone.utc).isoformat(),
             "model": model_source, "split": split, "min_cell_size": site.min_cell_size, "threshold": threshold,
@@ -62,7 +62,7 @@ def task_rows(tasks: dict) -> list[list]:
     """One row per binary view: task, view, n, positives, AUC, 95% CI, calibration, sensitivity, specificity."""
     rows = []
     for name, m in tasks.items():
-        views = {"": m} if "auc_ci" in m else (m.get("answers") or {f"{y} y": v for y, v in m.get("years", {}).items()})
+        views = binary_views(m)
         if not views:  # the numeric retrieval task: no AUC
             rows.append([name, "MAE " + (f"{m['mean_absolute_error']:.1f}" if m["mean_absolute_error"] != SUPPRESSED
                                         else SUPPRESSED), m["n"], "", "", "", "", "", ""])
@@ -102,9 +102,7 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
             raise ReportError(f"{p} already exists; choose another --out folder (reports are never overwritten)")
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, text in ((json_path, json.dumps(report, indent=1)), (html_path, render_html(report))):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return json_path, html_path
 
 
@@ -118,8 +116,13 @@ def load_model(path: Path) -> tuple[M3FM, dict]:
     model = M3FM(cfg)
     load_checkpoint(path, model)
     extra = payload.get("extra") or {}
-    return model, {"checkpoint": str(path), "config": cfg.name, "run": extra.get("run_name", ""),
-                   "round": extra.get("round", payload.get("step", 0))}
+    return model, model_source(path, cfg.name, extra.get("run_name", ""), extra.get("round", payload.get("step", 0)))
+
+
+def model_source(path: Path, config: str, run: str, server_round: int) -> dict:
+    """Which model a report evaluated."""
+    return {"checkpoint": str(path), "config": config, "run": run, "round": server_round}
+
 
 
 def latest_model(site: SiteConfig) -> Path:
@@ -133,16 +136,15 @@ def latest_model(site: SiteConfig) -> Path:
 def report_round(site: SiteConfig, packed: dict, config: dict) -> dict:
     """The coordinator's end-of-run request: keep the final model, write the site's report, return what is shared.
     Asked again (a resumed run, another coordinator's run of the same name), the site writes beside, never over."""
-    name = (f"{config.get('run-name', 'run')}-{int(config.get('run-id', 0)):04d}"
-            f"-round-{int(config.get('server-round', 0)):04d}")
+    run_name, server_round = str(config.get("run-name", "run")), int(config.get("server-round", 0))
+    name = report_name(run_name, int(config.get("run-id", 0)), server_round)
     out_dir = unused(site.work_dir / "reports" / name)
     o = open_site(site, str(config["model"]), packed)
     model_path = unused(site.work_dir / "models" / f"{name}.pt")
-    write_checkpoint(model_path, o.model.state_dict(), o.model.cfg, step=int(config.get("server-round", 0)),
-                     extra={"run_name": config.get("run-name", ""), "round": int(config.get("server-round", 0))})
-    source = {"checkpoint": str(model_path), "config": o.model.cfg.name, "run": config.get("run-name", ""),
-              "round": int(config.get("server-round", 0))}
-    report = build_report(site, o.model, source, str(config.get("split", "test")), float(config.get("threshold", 0.5)))
+    write_checkpoint(model_path, o.model.state_dict(), o.model.cfg, step=server_round,
+                     extra={"run_name": run_name, "round": server_round})
+    report = build_report(site, o.model, model_source(model_path, o.model.cfg.name, run_name, server_round),
+                          str(config.get("split", "test")), float(config.get("threshold", 0.5)), data=o.data)
     write_report(report, out_dir)
     return shareable(report)
 

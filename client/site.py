@@ -93,3 +93,8 @@ def load_site(site_dir: Path) -> SiteConfig:
                       tasks=tasks, min_cell_size=min_cell, work_dir=work_dir, min_slices=min_slices,
                       model_config=model_config, dicom_dir=ingest.get("dicom_dir", "dicom"), splits=splits,
                       privacy=privacy, device=d.get("device", {}))
+
+
+def report_name(run_name: str, run_id: int, server_round: int) -> str:
+    """The folder (under WORK_DIR/reports) and model file stem of a run's end-of-run report (client/report.py)."""
+    return f"{run_name}-{run_id:04d}-round-{server_round:04d}"

@@ -15,7 +15,7 @@ import torch
 
 from m3fm.data.collate import collate_qa
 from m3fm.data.datasets import QADataset, SiteData
-from m3fm.metrics import task_metrics
+from m3fm.metrics import SUPPRESSED, task_metrics
 from m3fm.model.heads import task_probabilities
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer
@@ -65,5 +65,5 @@ def evaluate_tasks(model: M3FM, data: SiteData, tokenizer: TextTokenizer, min_ce
     """task -> metrics (m3fm/metrics.task_metrics) on the split; roc=True keeps the curve points."""
     preds = collect_predictions(model, data, tokenizer, split, tasks)
     return {name: {**task_metrics(get_task(name), p.probs, p.answers, min_cell, threshold, p.exam_ids, roc),
-                   "loss": p.loss_sum / p.n if p.n >= min_cell else "suppressed"}
+                   "loss": p.loss_sum / p.n if p.n >= min_cell else SUPPRESSED}
             for name, p in preds.items()}

@@ -155,12 +155,17 @@ def task_metrics(task: Task, probs: np.ndarray, answers: list, min_cell: int, th
     return out
 
 
+def binary_views(metrics: dict) -> dict[str, dict]:
+    """A task's binary views by label: "" for a yes/no task, one per answer, one per horizon ("3 y"); none for
+    the numeric retrieval task."""
+    if "auc_ci" in metrics:
+        return {"": metrics}
+    return metrics.get("answers") or {f"{y} y": v for y, v in metrics.get("years", {}).items()}
+
+
 def roc_views(metrics: dict) -> dict[str, dict]:
-    """The ROC curves a task's metrics hold, by label ("" for a yes/no task)."""
-    if "roc" in metrics:
-        return {"": metrics["roc"]}
-    views = metrics.get("answers") or {f"{y} y": v for y, v in metrics.get("years", {}).items()}
-    return {k: v["roc"] for k, v in views.items() if "roc" in v}
+    """The ROC curves a task's metrics hold, by label."""
+    return {k: v["roc"] for k, v in binary_views(metrics).items() if "roc" in v}
 
 
 def without_curves(metrics: dict) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
+from pathlib import Path
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -66,6 +68,13 @@ def roc_png(title: str, curves: dict[str, dict]) -> str:
     if any(curves):
         ax.legend(fontsize=7, loc="lower right")
     return png(fig)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a reader never sees half a report."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def page(title: str, sections: list[tuple[str, str]]) -> str:

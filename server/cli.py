@@ -238,7 +238,7 @@ def report(
         if config is None:
             console.print("[red]error:[/red] give --out FOLDER (or --config, whose out_dir holds the run's folder)")
             raise typer.Exit(2)
-        out = load_server_config(config).out_dir / f"run-{run_id:04d}"
+        out = load_server_config(config).run_dir(run_id)
     json_path, html_path, summary = write_run_report(engine, run_id, out)
     engine.dispose()
     t = Table(title=f"run {run_id} {summary['name']!r} ({summary['status']}): AUC per task and site, test split")

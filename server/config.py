@@ -117,6 +117,10 @@ class ServerConfig:
     def database_url(self) -> str:
         return self.database or f"sqlite:///{self.out_dir / 'server.db'}"
 
+    def run_dir(self, run_id: int) -> Path:
+        """Where a run's round checkpoints and its run report go."""
+        return self.out_dir / f"run-{run_id:04d}"
+
     @property
     def total_rounds(self) -> int:
         return sum(p.rounds for p in self.phases)

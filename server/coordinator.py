@@ -143,7 +143,7 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         error = run.error if run is not None and run.status != "completed" else None
         if error is None and status != "finished:completed":
             error = f"Flower reports the run as {status}; see {base / 'superlink.log'}"
-        if run is not None and (report := cfg.out_dir / f"run-{run.id:04d}" / "report.html").is_file():
+        if run is not None and (report := cfg.run_dir(run.id) / "report.html").is_file():
             log(f"run report: {report} (m3fm-server report {run.id} --config {cfg.path} writes it again)")
         return Outcome(flwr_id, status, run.id if run else None, sorted(shown), error)
     finally:

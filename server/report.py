@@ -10,7 +10,6 @@ where a group was under the site's minimum cell size.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from m3fm.metrics import SUPPRESSED
-from m3fm.report_html import figure, new_axes, page, png, table
+from m3fm.report_html import figure, new_axes, page, png, table, write_text_atomic
 from m3fm.tasks import TASK_INDEX
 from server.store import PrivacyLedger, RejectedReply, Round, Run, SiteMetric, SiteReport
 
@@ -106,9 +105,7 @@ def write_run_report(engine, run_id: int, out_dir: Path) -> tuple[Path, Path, di
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = out_dir / "report.json", out_dir / "report.html"
     for path, text in zip(paths, (json.dumps(summary, indent=1, default=str), render_html(summary))):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return *paths, summary
 
 

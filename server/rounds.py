@@ -163,7 +163,7 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
         s.commit()
     if cfg.site_reports:  # after "completed": a failure here never makes a trained run look unfinished
         collect_site_reports(grid, cfg, engine, run_id, arrays, log)
-        html = write_run_report(engine, run_id, cfg.out_dir / f"run-{run_id:04d}")[1]
+        html = write_run_report(engine, run_id, cfg.run_dir(run_id))[1]
         log(f"run report: {html}")
     engine.dispose()
     return run_id
@@ -276,7 +276,7 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
                 problems.append(RejectedReply(run_id=run_id, round=rnd, site_id=e["site_id"], node_id=e["node_id"],
                                               kind="evaluate", reason=e["error"]))
     rows += privacy_rows(strategy, run_id, rnd)
-    path = cfg.out_dir / f"run-{run_id:04d}" / f"round-{rnd:04d}.pt"
+    path = cfg.run_dir(run_id) / f"round-{rnd:04d}.pt"
     state = unpack_state({k: a.numpy() for k, a in arrays.items()}, shapes)
     sha = save_round(path, cfg, rnd, state, strategy.state())
     seconds = time.perf_counter() - t0

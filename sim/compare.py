@@ -58,7 +58,7 @@ class Pooled:
 
 
 def phases(plan: dict) -> list[PhaseConfig]:
-    return [PhaseConfig(name, **{k: v for k, v in plan[name].items()}) for name in ("pretrain", "multitask")]
+    return [PhaseConfig(name, **plan[name]) for name in ("pretrain", "multitask")]
 
 
 def train_alone(model: M3FM, datas: list[SiteData], plan: dict, steps_per_round_scale: int, seed: int = 0) -> M3FM:
@@ -114,21 +114,23 @@ def compare(site_dirs: list[Path], plan: dict, out: Path, min_cell: int | None =
     cfg = get_config(model_name)
     datas = [SiteData(s.database_url, s.work_dir, cfg) for s in sites]
     init = initial_weights(ServerConfig(path=out, model=model_name))  # what the federated arms start from
+
+    def start() -> M3FM:
+        model = M3FM(cfg)
+        model.load_state_dict(init)
+        return model
+
     results, seconds = {}, {}
     for arm in ARMS:
         t0 = time.perf_counter()
         if arm == "local-only":
             per_site = {}
             for site, data in zip(sites, datas):
-                model = M3FM(cfg)
-                model.load_state_dict(init)
-                train_alone(model, [data], plan, 1)
+                model = train_alone(start(), [data], plan, 1)
                 per_site[site.site_id] = evaluate(model, site, data, min_cell)
         else:
             if arm == "centralized":
-                model = M3FM(cfg)
-                model.load_state_dict(init)
-                train_alone(model, datas, plan, len(sites))
+                model = train_alone(start(), datas, plan, len(sites))
             else:
                 arm_plan = plan if arm == "federated" else {**plan, "pretrain": {**plan["pretrain"], "rounds": 0}}
                 model = train_federated(sites, arm_plan, model_name, out, arm)

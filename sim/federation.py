@@ -22,11 +22,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from client.ingest import ingest_site
-from client.site import load_site
+from client.site import load_site, report_name
 from server.config import load_server_config
 from server.coordinator import coordinate, free_port
 from server.flower import flower_bin, flower_env, stop, wait_for_port
-from server.store import RejectedReply, Round, Run, SiteMetric, open_server_store
+from server.store import RejectedReply, Round, SiteMetric, latest_run, open_server_store
 
 # rounds per preset: small enough for the README's 10-minute run on 2 cores. Every Flower message starts a
 # ClientApp process (about 10 s of imports), so a round costs about a minute there whatever its steps: the demo
@@ -131,7 +131,7 @@ def write_site_metrics(server_toml: Path, out: Path) -> dict[str, Path]:
     engine = open_server_store(cfg.database_url)
     written = {}
     with Session(engine) as s:
-        run = s.scalars(select(Run).where(Run.name == cfg.name).order_by(Run.id.desc())).first()
+        run = latest_run(s, cfg.name)
         if run is None:
             return {}
         per_site: dict[str, dict] = {}
@@ -161,15 +161,15 @@ def gather_reports(server_toml: Path, sites: list[Path], out: Path) -> list[Path
     cfg = load_server_config(server_toml)
     engine = open_server_store(cfg.database_url)
     with Session(engine) as s:
-        run = s.scalars(select(Run).where(Run.name == cfg.name).order_by(Run.id.desc())).first()
+        run = latest_run(s, cfg.name)
     engine.dispose()
     if run is None:
         return []
     dest = out / "reports" / f"run-{run.id:04d}"
-    sources = {"run": cfg.out_dir / f"run-{run.id:04d}"}
+    sources = {"run": cfg.run_dir(run.id)}
     for path in sites:
         site = load_site(path)
-        name = f"{cfg.name}-{run.id:04d}-round-{cfg.total_rounds:04d}"
+        name = report_name(cfg.name, run.id, cfg.total_rounds)
         written = sorted((site.work_dir / "reports").glob(f"{name}*"), key=lambda p: p.stat().st_mtime)
         if written:  # the newest: a site asked twice writes beside its first report
             sources[site.site_id] = written[-1]
