@@ -183,7 +183,13 @@ def collect_site_reports(grid, cfg: ServerConfig, engine, run_id: int, arrays: A
             rows.append(RejectedReply(run_id=run_id, round=cfg.total_rounds, site_id=f"node-{node}", node_id=node,
                                       kind="report", reason=reply.error.reason))
             continue
-        report = json.loads(str(reply.content["report"]["json"]))
+        try:
+            report = json.loads(str(reply.content["report"]["json"]))
+            report["site_id"], report["tasks"]  # what the run report reads
+        except (ValueError, KeyError, TypeError) as e:  # one malformed reply is recorded; the others still count
+            rows.append(RejectedReply(run_id=run_id, round=cfg.total_rounds, site_id=f"node-{node}", node_id=node,
+                                      kind="report", reason=f"malformed report reply ({type(e).__name__}: {e})"))
+            continue
         rows.append(SiteReport(run_id=run_id, round=cfg.total_rounds, site_id=str(report["site_id"]), node_id=node,
                                report=report))
     with Session(engine) as s:

@@ -166,8 +166,12 @@ def compare(
         raise typer.BadParameter(f"choose one of {', '.join(RUN_PLANS)}", param_hint="--preset")
     t0 = time.perf_counter()
     out = out.resolve()
-    sites = prepare_cohort(out, cohort_dir, preset, log=console.print)
-    ingest_all(sites, log=console.print)
+    try:
+        sites = prepare_cohort(out, cohort_dir, preset, log=console.print)
+        ingest_all(sites, log=console.print)
+    except (FileNotFoundError, ValueError) as e:  # no site folders, a bad site.toml, sites cut for different models
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     budget = {k: v for k, v in (("rounds", rounds), ("local_steps", local_steps)) if v is not None}
     plan = {k: {**v, **budget} for k, v in RUN_PLANS[preset].items() if k != "evaluate_every"}
     summary = run_compare(sites, plan, out, min_cell, log=console.print)
