@@ -121,26 +121,32 @@ def start(
     key: Path = typer.Option(None, "--key", help="this site's private key from `m3fm-client keys` (node auth)"),
     insecure: bool = typer.Option(False, "--insecure", help="connect without TLS (plaintext; for loopback tests)"),
     max_retries: int = typer.Option(None, "--max-retries", help="give up after this many failed connection attempts"),
+    offline_limit: float = typer.Option(120.0, "--offline-limit", min=1.0,
+                                        help="report when the SuperNode has not reached the SuperLink for this long (s)"),
+    restarts: int = typer.Option(3, "--restarts", min=0,
+                                 help="restart a SuperNode that exits after it had connected, at most this often"),
 ) -> None:
-    """Join the federation: run a Flower SuperNode for this site until Ctrl-C or SIGTERM."""
+    """Join the federation: run a Flower SuperNode for this site, and keep it healthy, until Ctrl-C or SIGTERM."""
     import signal
-    import time
 
     from client.federated import SiteNotReady, ensure_ingested
     from client.site import SiteConfigError, load_site
-    from server.flower import flower_env, start_supernode, stop
+    from client.supervise import supervise
+    from privacy.certs import KeyMaterialError, check_root_certificate, check_site_private_key
+    from transport.flower import flower_env, start_supernode, stop
 
     console = Console()
     if (root_cert is None) == (not insecure):
         console.print("[red]error:[/red] give --root-cert CA.crt (TLS, from the coordinator) or, for plaintext, --insecure")
         raise typer.Exit(2)
-    try:
+    try:  # before anything starts: a bad file is named here, not found dead in a SuperNode log later
+        if root_cert is not None:
+            check_root_certificate(root_cert)
+        if key is not None:
+            check_site_private_key(key)
         site = load_site(site_dir)
         summary = ensure_ingested(site)
-        for path in (root_cert, key):
-            if path is not None and not path.is_file():
-                raise SiteConfigError(f"{path}: not found")
-    except (SiteConfigError, SiteNotReady) as e:
+    except (SiteConfigError, SiteNotReady, KeyMaterialError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     args: list[str] = ["--insecure"] if insecure else ["--root-certificates", str(root_cert.resolve())]
@@ -152,25 +158,24 @@ def start(
         console.print(f"[yellow]warning:[/yellow] connecting to {superlink} without TLS"
                       + ("" if key else " or node authentication"))
     log_path = site.work_dir / "supernode.log"
-    node = start_supernode(superlink, port, f'site-dir="{site.site_dir}"', log_path, env=flower_env(),
-                           extra_args=tuple(args))
-    console.print(f"{site.site_id}: SuperNode pid {node.pid} serving {summary.get('series_accepted', 0)} series, "
-                  f"{summary.get('exams', 0)} exams; log {log_path}")
-    stopping = {}
+
+    def launch():
+        node = start_supernode(superlink, port, f'site-dir="{site.site_dir}"', log_path, env=flower_env(),
+                               extra_args=tuple(args))
+        console.print(f"{site.site_id}: SuperNode pid {node.pid} serving {summary.get('series_accepted', 0)} series, "
+                      f"{summary.get('exams', 0)} exams; log {log_path}")
+        return node
+
+    stopping: dict = {}
 
     def on_signal(signum, frame):
         stopping["by"] = signal.Signals(signum).name
 
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, on_signal)
-    while node.poll() is None and not stopping:
-        time.sleep(0.5)
-    if stopping:
-        code = stop(node)
-        console.print(f"stopped by {stopping['by']}: SuperNode exited with code {code}")
-        return
-    console.print(f"[red]the SuperNode exited with code {node.returncode}[/red]; see {log_path}")
-    raise typer.Exit(1)
+    code = supervise(launch, log_path, superlink, offline_limit, restarts, console.print, stopping, stop)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

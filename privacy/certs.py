@@ -123,3 +123,59 @@ def read_site_public_key(path: Path) -> tuple[str, str]:
                                "elliptic-curve (ECDSA) key, as `m3fm-client keys` writes")
     text = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_root_certificate(path: Path) -> None:
+    """The CA file a SuperNode trusts: PEM with at least one X.509 certificate, none expired or not yet valid.
+    A clear error naming the file otherwise (Flower would fail later, inside the SuperNode, without naming it)."""
+    path = Path(path)
+    data = _read_key_material(path, "the coordinator's ca.crt")
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise KeyMaterialError(f"{path}: not a PEM certificate file ({_truncated_hint(data)}; "
+                               f"{str(e).split('details.')[-1].strip()})") from None
+    now = dt.datetime.now(dt.timezone.utc)
+    for cert in certs:
+        if cert.not_valid_after_utc < now:
+            raise KeyMaterialError(f"{path}: the certificate {cert.subject.rfc4514_string()} expired on "
+                                   f"{cert.not_valid_after_utc:%Y-%m-%d}; ask the coordinator for a new ca.crt")
+        if cert.not_valid_before_utc > now:
+            raise KeyMaterialError(f"{path}: the certificate {cert.subject.rfc4514_string()} is not valid before "
+                                   f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this machine's clock)")
+
+
+def check_site_private_key(path: Path) -> None:
+    """The site's node-authentication key: an OpenSSH elliptic-curve private key, as `m3fm-client keys` writes."""
+    path = Path(path)
+    data = _read_key_material(path, "this site's private key from `m3fm-client keys`")
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise KeyMaterialError(f"{path}: not an unencrypted OpenSSH private key ({_truncated_hint(data)}; {e}); "
+                               "make one with `m3fm-client keys --out DIR`") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise KeyMaterialError(f"{path}: a {type(key).__name__}; Flower's node authentication needs an "
+                               "elliptic-curve (ECDSA) key, as `m3fm-client keys` writes")
+
+
+def _read_key_material(path: Path, what: str) -> bytes:
+    if not path.is_file():
+        raise KeyMaterialError(f"{path}: not found ({what})")
+    data = path.read_bytes()
+    if not data.strip():
+        raise KeyMaterialError(f"{path}: empty ({what})")
+    return data
+
+
+def _truncated_hint(data: bytes) -> str:
+    text = data.decode("ascii", errors="replace")
+    if "-----BEGIN" in text and "-----END" not in text:
+        return "it begins a PEM block that never ends: truncated?"
+    if "PRIVATE KEY-----" in text and "CERTIFICATE-----" not in text:
+        return "it holds a private key"
+    if "CERTIFICATE-----" in text and "PRIVATE KEY-----" not in text:
+        return "it holds a certificate"
+    if "-----BEGIN" not in text:
+        return "no '-----BEGIN' line" + (": binary data" if b"\0" in data or "\ufffd" in text else "")
+    return "a PEM block that does not parse"

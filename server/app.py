@@ -2,13 +2,15 @@
 
 Run config keys (set by `m3fm-server run` / `m3fm-sim run`): `config` (path to
 server.toml), `resume` (continue the run of that name), `database` (overrides
-the URL in server.toml).
+the URL in server.toml), `coordinator` (the submitting `m3fm-server run` process as
+"pid:start"; this ServerApp ends when it is gone, server/lifecycle.py).
 """
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.config import load_server_config
+from server.lifecycle import watch_coordinator
 from server.rounds import run_federation
 
 app = ServerApp()
@@ -17,6 +19,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
+    if rc.get("coordinator"):
+        watch_coordinator(str(rc["coordinator"]))
     cfg = load_server_config(str(rc["config"]))
     if rc.get("database"):
         cfg.database = str(rc["database"])

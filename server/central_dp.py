@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
 
 from privacy.dp_sgd import epsilon_of
-from server.strategy import ARRAYS, TaskAwareFedAvg, site_of
+from server.strategy import ARRAYS, TaskAwareFedAvg
 
 
 class TaskAwareCentralDP:
@@ -51,7 +51,7 @@ class TaskAwareCentralDP:
             # Flower's wrappers give up on a whole round when one reply is an error, and clip by array
             # position: drop errors and foreign key sets here (recorded with the inner rejections), and put
             # each reply's arrays in the global model's order
-            who = {"site_id": site_of(msg), "node_id": str(msg.metadata.src_node_id)}
+            who = inner.who(msg)
             if msg.has_error():
                 dropped.append({**who, "reason": f"site error: {msg.error.reason}"})
                 continue

@@ -71,6 +71,7 @@ def run(
     """Start a SuperLink, submit the federated run, show each round, exit non-zero if the run fails."""
     from server.config import ServerConfigError, load_server_config
     from server.coordinator import Security, Stopped, coordinate
+    from server.lifecycle import CoordinatorBusy
 
     console = Console()
     if (tls is None) == (not insecure):
@@ -91,6 +92,9 @@ def run(
                   f" strategy {cfg.strategy.name}, model {cfg.model}, database {cfg.database_url}")
     try:
         outcome = coordinate(cfg, resume, host, port, log=console.print, security=security)
+    except CoordinatorBusy as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     except Stopped as e:
         console.print(f"stopped by {e}; the SuperLink was shut down. Continue later with --resume.")
         raise typer.Exit(130) from None
@@ -168,28 +172,39 @@ def status(
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from server.store import PrivacyLedger, RejectedReply, Round, SiteMetric, open_server_store
+    from server.coordinator import settle_dead_coordinators
+    from server.store import (Coordinator, PrivacyLedger, RejectedReply, Round, RoundAttempt, SiteMetric,
+                              open_server_store)
 
     console = Console()
     database = _database_url(config, database, console)
     engine = open_server_store(database)
+    settle_dead_coordinators(engine)  # a run whose coordinator process is gone is killed, not running
     with Session(engine) as s:
         run_row = _find_run(s, run_id, database, console)
+        attempts = s.scalars(select(RoundAttempt).where(RoundAttempt.run_id == run_row.id)
+                             .order_by(RoundAttempt.round, RoundAttempt.attempt)).all()
+        coordinator = s.scalars(select(Coordinator).where(Coordinator.run_name == run_row.name)
+                                .order_by(Coordinator.id.desc())).first()
         rounds = s.scalars(select(Round).where(Round.run_id == run_row.id).order_by(Round.round)).all()
         sites = sorted(set(s.scalars(select(SiteMetric.site_id).where(SiteMetric.run_id == run_row.id))))
         rejected = s.scalars(select(RejectedReply).where(RejectedReply.run_id == run_row.id)).all()
         console.print(f"run {run_row.id} {run_row.name!r}: {run_row.status}, {len(rounds)}/{run_row.total_rounds} "
                       f"rounds, sites seen: {', '.join(sites) or 'none'}"
                       + (f"\n[red]error:[/red] {run_row.error}" if run_row.error else ""))
+        if coordinator is not None:
+            console.print(f"coordinator: pid {coordinator.pid} on {coordinator.host}, "
+                          + (f"ended ({coordinator.outcome})" if coordinator.outcome else "running"))
+        tries = {r.round: sum(a.round == r.round for a in attempts) for r in rounds}
         t = Table(title="rounds")
-        for col in ("round", "phase", "sites", "seconds", "train loss (mean)", "evaluation"):
+        for col in ("round", "phase", "sites", "attempts", "seconds", "train loss (mean)", "evaluation"):
             t.add_column(col)
         for r in rounds:
             losses = [v for k, v in (r.train_metrics or {}).items() if k.startswith("loss.")]
             ev = ", ".join(f"{k} {v:.3f}" for k, v in (r.evaluate_metrics or {}).items()
                            if not k.startswith("items.") and k != "num-examples")
             t.add_row(str(r.round), f"{r.phase} {r.phase_round}", f"{r.sites_accepted}/{r.sites_replied}",
-                      f"{r.seconds:.0f}", f"{sum(losses) / len(losses):.3f}" if losses else "-", ev[:60] or "-")
+                      str(tries.get(r.round) or "-"), f"{r.seconds:.0f}", f"{sum(losses) / len(losses):.3f}" if losses else "-", ev[:60] or "-")
         console.print(t)
         ledger = s.scalars(select(PrivacyLedger).where(PrivacyLedger.run_id == run_row.id)
                            .order_by(PrivacyLedger.round)).all()
@@ -202,6 +217,13 @@ def status(
                 pt.add_row(r.site_id, r.mechanism, str(r.round), f"{r.epsilon:.3f}", f"{r.delta:g}",
                            f"{r.noise_multiplier:g}")
             console.print(pt)
+        if retried := [a for a in attempts if a.outcome != "ok"]:
+            at = Table(title="round attempts that did not count (retried, interrupted by a coordinator stop, failed)")
+            for col in ("round", "attempt", "outcome", "sites", "lost", "detail"):
+                at.add_column(col)
+            for a in retried:
+                at.add_row(str(a.round), str(a.attempt), a.outcome, str(a.sent), str(a.lost), (a.detail or "")[:100])
+            console.print(at)
         if rejected:
             rt = Table(title="replies that did not count")
             for col in ("round", "site", "kind", "reason"):

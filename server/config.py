@@ -5,6 +5,9 @@
     model = "tiny"            # model configuration (m3fm/model/configs.py)
     min_sites = 2             # fewer accepted replies than this fails the round
     round_timeout = 600       # seconds to wait for the sites' replies
+    round_retries = 2         # a round left with fewer than min_sites usable replies because replies were lost in
+                              # transport (a node gone unavailable, a restart) is sent again to the connected sites
+                              # that did not answer, at most this often (server/delivery.py); each attempt is recorded
     evaluate_every = 1        # federated evaluation every N rounds (0: never; the last round always)
     site_reports = true       # after the last round every site evaluates the final model on its test split
                               # and sends its report (aggregates only); the run report follows
@@ -102,6 +105,7 @@ class ServerConfig:
     model: str = "tiny"
     min_sites: int = 2
     round_timeout: float = 600.0
+    round_retries: int = 2  # operational, like out_dir: not in training_dict, so a resume may change it
     evaluate_every: int = 1
     site_reports: bool = True
     seed: int = 0
@@ -243,8 +247,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
         raise ServerConfigError(f"{path}: not valid TOML: {e}") from None
     _known(d, {"run", "strategy", "privacy", *PHASES}, str(path))
     run, where = d.get("run", {}), f"{path} [run]"
-    _known(run, {"name", "model", "min_sites", "round_timeout", "evaluate_every", "site_reports", "seed", "out_dir",
-                "database"}, where)
+    _known(run, {"name", "model", "min_sites", "round_timeout", "round_retries", "evaluate_every", "site_reports",
+                "seed", "out_dir", "database"}, where)
     model = _take(run, "model", str, "tiny", where, lambda v: v in CONFIGS, f"must be one of {list(CONFIGS)}")
     out_dir = Path(_take(run, "out_dir", str, "runs", where))
     st, swhere = d.get("strategy", {}), f"{path} [strategy]"
@@ -264,6 +268,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         model=model,
         min_sites=_take(run, "min_sites", int, 2, where, lambda v: v >= 1, "must be at least 1"),
         round_timeout=_take(run, "round_timeout", float, 600.0, where, lambda v: v > 0, "must be positive"),
+        round_retries=_take(run, "round_retries", int, 2, where, lambda v: 0 <= v <= 20, "must be 0 to 20"),
         evaluate_every=_take(run, "evaluate_every", int, 1, where, lambda v: v >= 0, "must be 0 or more"),
         site_reports=_take(run, "site_reports", bool, True, where),
         seed=_take(run, "seed", int, 0, where),

@@ -3,12 +3,17 @@
 Progress comes from the server database (a row per finished round); the
 outcome from Flower (`flwr ls`), because `flwr run` exits 0 even when the run
 failed. The SuperLink is this process's child: it is stopped when the run
-ends, on Ctrl-C and on SIGTERM.
+ends, on Ctrl-C and on SIGTERM, and dies with it (server/lifecycle.py). Every
+way a run ends is written to the database: completed or failed (by the
+ServerApp), stopped (`flwr stop`, Ctrl-C, SIGTERM: here), killed (found by
+`settle_dead_coordinators` when the coordinator process is gone).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +22,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.config import ServerConfig
-from server.flower import (flower_env, register_supernode, run_status, start_superlink, stop, submit_run,
-                           wait_for_port, write_app_dir, write_connection)
-from server.store import EnrolledSite, Round, Run, open_server_store
+from server.lifecycle import CoordinatorLock
+from server.store import Coordinator, EnrolledSite, Round, Run, now, open_server_store
+from transport.flower import (flower_env, register_supernode, run_status, start_superlink, stop, submit_run,
+                              wait_for_port, write_app_dir, write_connection)
+from transport.processes import is_alive, proc_identity, record_tree, stop_leftovers
 
 CONNECTION = "m3fm"
 
@@ -96,40 +103,44 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
                run_config: dict | None = None, poll_s: float = 2.0, status_every_s: float = 10.0,
                max_hours: float = 72.0, security: Security | None = None) -> Outcome:
     """Run the whole federated run; `simulation` (Flower's federation config: num-supernodes,
-    client-resources-num-cpus, client-resources-num-gpus) runs it on Flower's simulation engine (Ray)."""
+    client-resources-num-cpus, client-resources-num-gpus) runs it on Flower's simulation engine (Ray).
+    Raises CoordinatorBusy when another coordinator holds out_dir, Stopped on SIGTERM/SIGINT."""
     security = security or Security()
     base = cfg.out_dir / "superlink"
-    home = base / "flwr-home"
-    env = flower_env(home)
-    tls = security.tls_dir
-    write_connection(home, CONNECTION, f"{host}:{port}", insecure=tls is None,
-                     root_certificates=None if tls is None else (tls / "ca.crt").resolve())
-    app_dir = write_app_dir(base / "app")
+    lock = CoordinatorLock(base / "coordinator.lock")
+    lock.acquire()
+    if stopped := stop_leftovers(base / "processes.json"):
+        log(f"stopped what was left of the previous coordinator: {', '.join(stopped)}")
     engine = open_server_store(cfg.database_url)
+    settle_dead_coordinators(engine, log)
+    me = _record_coordinator(engine, cfg.name)
     old = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
-    link = start_superlink(base, host, port, base / "superlink.log", simulation=simulation is not None, env=env,
-                           extra_args=security.superlink_args())
+    link, outcome, flwr_id = None, "failed", None
     try:
+        home = base / "flwr-home"
+        env = flower_env(home)
+        tls = security.tls_dir
+        write_connection(home, CONNECTION, f"{host}:{port}", insecure=tls is None,
+                         root_certificates=None if tls is None else (tls / "ca.crt").resolve())
+        app_dir = write_app_dir(base / "app")
+        link = start_superlink(base, host, port, base / "superlink.log", simulation=simulation is not None, env=env,
+                               extra_args=security.superlink_args())
         wait_for_port(host, port, link)
         if security.node_auth:
             register_enrolled(engine, home, env, log)
         log(f"SuperLink on {host}:{port} (pid {link.pid}, log {base / 'superlink.log'}); sites join with "
             f"`m3fm-client start --site SITE_DIR --superlink {host}:{port}`")
-        rc = {"config": str(cfg.path), "resume": resume, "database": cfg.database_url, **(run_config or {})}
+        rc = {"config": str(cfg.path), "resume": resume, "database": cfg.database_url,
+              "coordinator": proc_identity(os.getpid()), **(run_config or {})}
         flwr_id = submit_run(app_dir, CONNECTION, rc, env, federation_config=simulation)
+        _update(engine, Coordinator, me, flwr_run_id=str(flwr_id))
         log(f"submitted Flower run {flwr_id}")
         shown: set[int] = set()
-        status, last_status_check, run = "pending", 0.0, None
+        status, last_status_check = "pending", 0.0
         deadline = time.monotonic() + max_hours * 3600
         while time.monotonic() < deadline:
-            run = run or find_run(engine, flwr_id)
-            if run is not None:
-                with Session(engine) as s:
-                    for r in s.scalars(select(Round).where(Round.run_id == run.id, Round.flwr_run_id == str(flwr_id))
-                                       .order_by(Round.round)):
-                        if r.round not in shown:
-                            shown.add(r.round)
-                            log(_round_line(r, cfg.total_rounds))
+            record_tree(base / "processes.json", os.getpid())
+            _show_rounds(engine, flwr_id, cfg.total_rounds, shown, log)
             if link.poll() is not None:
                 raise RuntimeError(f"the SuperLink exited with code {link.returncode}; see {base / 'superlink.log'}")
             if time.monotonic() - last_status_check > status_every_s:
@@ -139,18 +150,100 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
             time.sleep(poll_s)
         else:
             status = f"gave up after {max_hours} h"
+        _show_rounds(engine, flwr_id, cfg.total_rounds, shown, log)  # those recorded after the last look
         run = find_run(engine, flwr_id)
+        if status == "finished:stopped":
+            end_run(engine, flwr_id, "stopped", "stopped by `flwr stop` (the SuperLink's Control API)")
+            run = find_run(engine, flwr_id)
+        elif status != "finished:completed":
+            end_run(engine, flwr_id, "failed", f"Flower reports the run as {status}; see {base / 'superlink.log'}")
+            run = find_run(engine, flwr_id)
+        outcome = run.status if run is not None else "failed"
         error = run.error if run is not None and run.status != "completed" else None
         if error is None and status != "finished:completed":
             error = f"Flower reports the run as {status}; see {base / 'superlink.log'}"
         if run is not None and (report := cfg.run_dir(run.id) / "report.html").is_file():
             log(f"run report: {report} (m3fm-server report {run.id} --config {cfg.path} writes it again)")
         return Outcome(flwr_id, status, run.id if run else None, sorted(shown), error)
+    except Stopped as e:
+        outcome = "stopped"
+        if flwr_id is not None:
+            end_run(engine, flwr_id, "stopped", f"the coordinator was stopped by {e}; continue with --resume")
+        raise
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        stop(link)
+        if link is not None:
+            stop(link)
+        _update(engine, Coordinator, me, outcome=outcome, ended_at=now())
         engine.dispose()
+        (base / "processes.json").unlink(missing_ok=True)
+        lock.release()
+
+
+def _show_rounds(engine, flwr_id: int, total: int, shown: set[int], log) -> None:
+    run = find_run(engine, flwr_id)
+    if run is None:
+        return
+    with Session(engine) as s:
+        for r in s.scalars(select(Round).where(Round.run_id == run.id, Round.flwr_run_id == str(flwr_id))
+                           .order_by(Round.round)):
+            if r.round not in shown:
+                shown.add(r.round)
+                log(_round_line(r, total))
+
+
+def end_run(engine, flwr_id: int, status: str, error: str) -> None:
+    """Record how a run ended where its ServerApp could not: a stop outranks the failure the stop caused in the
+    ServerApp; a completed run stays completed."""
+    run = find_run(engine, flwr_id)
+    if run is None:
+        return
+    with Session(engine) as s:
+        row = s.get(Run, run.id)
+        if row.status == "running" or (status == "stopped" and row.status == "failed"):
+            row.status, row.error, row.updated_at = status, error, now()
+            s.commit()
+
+
+def _record_coordinator(engine, name: str) -> int:
+    with Session(engine) as s:
+        row = Coordinator(run_name=name, pid=os.getpid(), process=proc_identity(os.getpid()),
+                          host=socket.gethostname())
+        s.add(row)
+        s.commit()
+        return row.id
+
+
+def _update(engine, table, row_id: int, **values) -> None:
+    with Session(engine) as s:
+        row = s.get(table, row_id)
+        for k, v in values.items():
+            setattr(row, k, v)
+        s.commit()
+
+
+def settle_dead_coordinators(engine, log=None) -> list[int]:
+    """Coordinators on this host that ended without saying how (SIGKILL, power loss): their process is gone. Mark
+    them and the runs they left 'running' as killed; -> the ids of those runs."""
+    killed = []
+    with Session(engine) as s:
+        for c in s.scalars(select(Coordinator).where(Coordinator.outcome.is_(None),
+                                                     Coordinator.host == socket.gethostname())):
+            if is_alive(c.process):
+                continue
+            c.outcome, c.ended_at = "killed", now()
+            run = next((r for r in s.scalars(select(Run).where(Run.name == c.run_name, Run.status == "running"))
+                        if c.flwr_run_id in (r.flwr_run_ids or [])), None)
+            if run is not None:
+                run.status, run.updated_at = "killed", now()
+                run.error = (f"its coordinator (pid {c.pid} on {c.host}) ended without recording why (killed or "
+                             "crashed); continue with `m3fm-server run --resume`")
+                killed.append(run.id)
+                if log:
+                    log(f"run {run.id} ({run.name!r}) was left running by a coordinator that died; marked killed")
+        s.commit()
+    return killed
 
 
 def _round_line(r: Round, total: int) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from m3fm.checkpoint import read_checkpoint, write_checkpoint
@@ -29,7 +30,8 @@ from m3fm.model.m3fm import M3FM
 from server.central_dp import TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
 from server.report import write_run_report
-from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, Run, SiteMetric, SiteReport,
+from server.delivery import deliver
+from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, RoundAttempt, Run, SiteMetric, SiteReport,
                           last_checkpoint, latest_run, now, open_server_store)
 from server.secure import secure_train_round
 from server.strategy import TaskAwareFedAvg, array_record, build_strategy, weighted_metrics
@@ -118,6 +120,10 @@ def start_or_resume(s: Session, cfg: ServerConfig, resume: bool, flwr_run_id: in
                        f"then, {cfg.config_hash} now); start a new run under another [run] name instead")
     run.status, run.error = "running", None
     run.flwr_run_ids = [*run.flwr_run_ids, _text(flwr_run_id)]
+    s.execute(update(RoundAttempt).where(RoundAttempt.run_id == run.id, RoundAttempt.outcome == "running")
+              .values(outcome="interrupted", ended_at=now(),
+                      detail=f"the coordinator stopped before the round was recorded; resumed as Flower run "
+                             f"{_text(flwr_run_id)}"))
     s.commit()
     ck = last_checkpoint(s, run.id)
     if ck is None:
@@ -146,6 +152,9 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
         c = cfg.central_dp
         strategy = wrap_central_dp(strategy, c.noise_multiplier, c.clipping_norm, c.clipping, cfg.min_sites, c.delta)
     strategy.load_state(strategy_state)
+    with Session(engine) as s:  # name sites by node even when a reply carries no site record (a lost one)
+        strategy.site_names.update({int(n): site for n, site in s.execute(
+            select(SiteMetric.node_id, SiteMetric.site_id).where(SiteMetric.run_id == run_id)) if n.isdigit()})
     shapes = weight_shapes(cfg)
     log(f"run {run_id} ({cfg.name}): rounds {first}..{cfg.total_rounds}, strategy {sc.name}, model {cfg.model}")
     try:
@@ -162,14 +171,14 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
         run.status, run.updated_at = "completed", now()
         s.commit()
     if cfg.site_reports:  # after "completed": a failure here never makes a trained run look unfinished
-        collect_site_reports(grid, cfg, engine, run_id, arrays, log)
+        collect_site_reports(grid, cfg, getattr(strategy, "strategy", strategy), engine, run_id, arrays, log)
         html = write_run_report(engine, run_id, cfg.run_dir(run_id))[1]
         log(f"run report: {html}")
     engine.dispose()
     return run_id
 
 
-def collect_site_reports(grid, cfg: ServerConfig, engine, run_id: int, arrays: ArrayRecord, log) -> int:
+def collect_site_reports(grid, cfg: ServerConfig, strategy, engine, run_id: int, arrays: ArrayRecord, log) -> int:
     """Send the final weights to every site as a `query.report` message; each keeps the model, writes its own
     report (client/report.py) and answers with its aggregates, stored in site_reports. -> reports received."""
     config = ConfigRecord({"model": cfg.model, "run-name": cfg.name, "run-id": run_id, "server-round": cfg.total_rounds,
@@ -177,18 +186,21 @@ def collect_site_reports(grid, cfg: ServerConfig, engine, run_id: int, arrays: A
     messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type="query.report")
                 for node in grid.get_node_ids()]
     rows = []
-    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
-        node = str(reply.metadata.src_node_id)
+    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+    strategy.sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    for reply in replies:
+        who = strategy.who(reply)
+        node = who["node_id"]
         if reply.has_error():
-            rows.append(RejectedReply(run_id=run_id, round=cfg.total_rounds, site_id=f"node-{node}", node_id=node,
-                                      kind="report", reason=reply.error.reason))
+            rows.append(RejectedReply(run_id=run_id, round=cfg.total_rounds, kind="report", reason=reply.error.reason,
+                                      **who))
             continue
         try:
             report = json.loads(str(reply.content["report"]["json"]))
             report["site_id"], report["tasks"]  # what the run report reads
         except (ValueError, KeyError, TypeError) as e:  # one malformed reply is recorded; the others still count
-            rows.append(RejectedReply(run_id=run_id, round=cfg.total_rounds, site_id=f"node-{node}", node_id=node,
-                                      kind="report", reason=f"malformed report reply ({type(e).__name__}: {e})"))
+            rows.append(RejectedReply(run_id=run_id, round=cfg.total_rounds, kind="report",
+                                      reason=f"malformed report reply ({type(e).__name__}: {e})", **who))
             continue
         rows.append(SiteReport(run_id=run_id, round=cfg.total_rounds, site_id=str(report["site_id"]), node_id=node,
                                report=report))
@@ -249,11 +261,28 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
     t0 = time.perf_counter()
     phase, phase_round = cfg.phase_of(rnd)
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
+    attempts = RoundAttempts(engine, run_id, rnd, flwr_run_id)
     if cfg.secagg is not None:
+        attempts.start(len(nodes))
         replies, (new_arrays, train_metrics) = nodes, train_securely(grid, cfg, strategy, arrays, rnd, nodes)
     else:
-        replies = list(grid.send_and_receive(strategy.configure_train(rnd, arrays, phase_config(cfg, rnd), grid),
-                                             timeout=cfg.round_timeout))
+        inner = getattr(strategy, "strategy", strategy)
+        config = phase_config(cfg, rnd)
+
+        first: list[Message] = []
+
+        def messages(to: list[int]) -> list[Message]:
+            attempts.start(len(to))
+            if not first:  # the strategy samples (its own wait would block on fewer nodes than min_sites)
+                first.extend(strategy.configure_train(rnd, arrays, config, _Only(grid, to)))
+                return first
+            return [Message(content=first[0].content, message_type=first[0].metadata.message_type, dst_node_id=n)
+                    for n in to]
+
+        sent = deliver(grid, messages, nodes, cfg.round_timeout, cfg.round_retries, cfg.min_sites,
+                       on_attempt=lambda a, to, lost: attempts.end(lost, inner, log))
+        inner.sent_to.update(sent.sent_to)
+        replies = sent.replies
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
     problems = [RejectedReply(run_id=run_id, round=rnd, kind="rejected", **r) for r in strategy.rejections]
     problems += [RejectedReply(run_id=run_id, round=rnd, kind="skip", **r) for r in strategy.skips]
@@ -262,6 +291,7 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
             s.add_all(problems)
             s.commit()
         why = "; ".join(f"{r['site_id']}: {r['reason']}" for r in strategy.rejections + strategy.skips) or "no replies"
+        attempts.fail(why)
         raise RunError(f"round {rnd}: {len(strategy.accepted)} usable replies of {len(replies)}, fewer than "
                        f"run.min_sites = {cfg.min_sites} ({why})")
     arrays = new_arrays
@@ -292,9 +322,71 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
                     train_metrics=dict(train_metrics or {}), evaluate_metrics=evaluate_metrics, seconds=seconds))
         s.add_all(rows + problems)
         s.add(Checkpoint(run_id=run_id, round=rnd, path=str(path), sha256=sha))
+        attempts.finish(s)
         run = s.get(Run, run_id)
         run.updated_at = now()
         s.commit()
     log(f"round {rnd}/{cfg.total_rounds} ({phase.name} {phase_round}/{phase.rounds}): "
         f"{len(strategy.accepted)}/{len(replies)} sites accepted, {seconds:.1f}s")
     return arrays
+
+
+class _Only:
+    """The grid as a strategy's configure_train sees it: only the nodes this attempt goes to."""
+
+    def __init__(self, grid, nodes: list[int]):
+        self.grid, self.nodes = grid, list(nodes)
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+class RoundAttempts:
+    """The round_attempts rows of one round: one per sending of its training messages. The open row is committed
+    at once, so a coordinator that dies mid-round leaves it 'running' and the resume marks it 'interrupted'."""
+
+    def __init__(self, engine, run_id: int, rnd: int, flwr_run_id: int | None):
+        self.engine, self.run_id, self.round, self.flwr_run_id = engine, run_id, rnd, _text(flwr_run_id)
+        self.row_id: int | None = None
+
+    def start(self, sent: int) -> None:
+        """A sending begins; one begun before it in this round was retried."""
+        if self.row_id is not None:
+            self._close("retried")
+        with Session(self.engine) as s:
+            done = s.scalars(select(RoundAttempt).where(RoundAttempt.run_id == self.run_id,
+                                                        RoundAttempt.round == self.round)).all()
+            row = RoundAttempt(run_id=self.run_id, round=self.round, attempt=len(done) + 1,
+                               flwr_run_id=self.flwr_run_id, sent=sent, outcome="running")
+            s.add(row)
+            s.commit()
+            self.row_id = row.id
+
+    def end(self, lost: dict[int, str], strategy: TaskAwareFedAvg, log) -> None:
+        """After one sending: which replies were lost in transport, and why."""
+        if not lost:
+            return
+        who = "; ".join(f"{strategy.site_names.get(n, f'node-{n}')} (node {n}): {r}" for n, r in lost.items())
+        with Session(self.engine) as s:
+            row = s.get(RoundAttempt, self.row_id)
+            row.lost, row.detail = len(lost), who[:4000]
+            s.commit()
+        log(f"round {self.round}: {len(lost)} repl{'y' if len(lost) == 1 else 'ies'} lost in transport ({who[:300]})")
+
+    def fail(self, why: str) -> None:
+        if self.row_id is not None:
+            self._close("failed", why[:4000])
+
+    def finish(self, s: Session) -> None:
+        """In the round's own transaction: the open attempt is the one that counted."""
+        if self.row_id is not None:
+            s.execute(update(RoundAttempt).where(RoundAttempt.id == self.row_id, RoundAttempt.outcome == "running")
+                      .values(outcome="ok", ended_at=now()))
+
+    def _close(self, outcome: str, detail: str | None = None) -> None:
+        with Session(self.engine) as s:
+            row = s.get(RoundAttempt, self.row_id)
+            if row.outcome == "running":
+                row.outcome, row.ended_at = outcome, now()
+                row.detail = "; ".join(d for d in (row.detail, detail) if d)[:4000] or None
+                s.commit()

@@ -11,6 +11,11 @@
                     schema-1 database, nothing else changes)
   site_reports      each site's evaluation report after the run (aggregates only, small groups suppressed;
                     schema 3)
+  round_attempts    every time a round's training messages went out: to how many sites, how many replies were
+                    lost (and whose), and how the attempt ended (ok | retried | interrupted | failed); a round
+                    retried after lost replies or a coordinator crash has several (schema 4)
+  coordinators      every `m3fm-server run` process: pid and start time, host, and how it ended (completed | failed |
+                    stopped | killed); how `m3fm-server status` tells a killed run from a running one (schema 4)
 
 A round's rows and its checkpoint row are written in one transaction after the
 checkpoint file is in place, so the database never names a round whose
@@ -26,7 +31,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from m3fm.data.store import now, open_versioned
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+
+# how a run stands: the ServerApp writes running/completed/failed; the coordinator process writes stopped (`flwr stop`,
+# Ctrl-C, SIGTERM); `m3fm-server status` or the next coordinator writes killed (its coordinator vanished unannounced)
+RUN_STATES = ("running", "completed", "failed", "stopped", "killed")
 
 
 class Base(DeclarativeBase):
@@ -40,7 +50,7 @@ class Run(Base):
     config_hash: Mapped[str] = mapped_column(String)
     config: Mapped[dict] = mapped_column(JSON)
     total_rounds: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String)  # running | completed | failed
+    status: Mapped[str] = mapped_column(String)  # RUN_STATES
     error: Mapped[str | None] = mapped_column(Text)
     flwr_run_ids: Mapped[list] = mapped_column(JSON, default=list)  # one per submission (a resume adds one), as text
     created_at: Mapped[datetime] = mapped_column(default=now)
@@ -122,6 +132,34 @@ class SiteReport(Base):
     node_id: Mapped[str] = mapped_column(String)
     report: Mapped[dict] = mapped_column(JSON)  # client/report.shareable
     created_at: Mapped[datetime] = mapped_column(default=now)
+
+
+class RoundAttempt(Base):
+    __tablename__ = "round_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)  # 1, 2, ... over every submission of the run
+    flwr_run_id: Mapped[str | None] = mapped_column(String)
+    sent: Mapped[int] = mapped_column(Integer)  # sites the training message went to
+    lost: Mapped[int] = mapped_column(Integer, default=0)  # replies lost in transport (server/delivery.py)
+    outcome: Mapped[str] = mapped_column(String)  # running | ok | retried | interrupted | failed
+    detail: Mapped[str | None] = mapped_column(Text)  # whose replies were lost and why, or what interrupted it
+    started_at: Mapped[datetime] = mapped_column(default=now)
+    ended_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Coordinator(Base):
+    __tablename__ = "coordinators"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_name: Mapped[str] = mapped_column(String, index=True)
+    flwr_run_id: Mapped[str | None] = mapped_column(String)
+    pid: Mapped[int] = mapped_column(Integer)
+    process: Mapped[str] = mapped_column(String)  # "pid:start time" (transport/processes.py): names it for life
+    host: Mapped[str] = mapped_column(String)
+    outcome: Mapped[str | None] = mapped_column(String)  # None while it runs
+    started_at: Mapped[datetime] = mapped_column(default=now)
+    ended_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class EnrolledSite(Base):

@@ -92,11 +92,6 @@ def weighted_metrics(replies: list[tuple[MetricRecord, int]]) -> MetricRecord:
     return MetricRecord({k: sums[k] / weights[k] if weights[k] else sums[k] for k in sorted(sums)})
 
 
-def site_of(msg: Message) -> str:
-    rec = msg.content.config_records.get(SITE_RECORD) if not msg.has_error() else None
-    return str(rec["site_id"]) if rec and "site_id" in rec else f"node-{msg.metadata.src_node_id}"
-
-
 class TaskAwareFedAvg(FedAvg):
     """FedAvg whose train messages name the phase's action and whose average is task-aware."""
 
@@ -112,6 +107,18 @@ class TaskAwareFedAvg(FedAvg):
         self.untrained: set[str] = set()
         self.contributors: dict[str, int] = {}  # packed key -> sites that trained it, last aggregation
         self.uniform_weights = False  # central DP (server/central_dp.py): each site counts once per group
+        self.sent_to: dict[str, int] = {}  # message id -> node it went to (server/delivery.py), to name replies
+        self.site_names: dict[int, str] = {}  # node -> the site id it last answered with
+
+    def who(self, msg: Message) -> dict:
+        """The site and node a reply answers for. The SuperLink sends error replies itself (src_node_id 1), so the
+        node is the one the answered message went to; the site is what that node said it was, in this reply or
+        an earlier one, else "node-N"."""
+        node = self.sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        rec = msg.content.config_records.get(SITE_RECORD) if not msg.has_error() else None
+        if rec and "site_id" in rec:
+            self.site_names[node] = str(rec["site_id"])
+        return {"site_id": self.site_names.get(node, f"node-{node}"), "node_id": str(node)}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         self.reference = {k: a.numpy() for k, a in arrays.items()}
@@ -124,9 +131,12 @@ class TaskAwareFedAvg(FedAvg):
         self.rejections, self.skips, self.accepted = [], [], []
         usable = []
         for msg in replies:
-            who = {"site_id": site_of(msg), "node_id": str(msg.metadata.src_node_id)}
+            who = self.who(msg)
             if msg.has_error():
                 self.rejections.append({**who, "reason": f"site error: {msg.error.reason}"})
+                continue
+            if any(a["site_id"] == who["site_id"] for a in self.accepted):  # e.g. an old and a new SuperNode
+                self.rejections.append({**who, "reason": f"a second reply from {who['site_id']}; the first counted"})
                 continue
             site = msg.content.config_records.get(SITE_RECORD) or {}
             if site.get("skipped"):
@@ -152,7 +162,7 @@ class TaskAwareFedAvg(FedAvg):
         self.evaluations = []
         usable = []
         for msg in replies:
-            who = {"site_id": site_of(msg), "node_id": str(msg.metadata.src_node_id)}
+            who = self.who(msg)
             if msg.has_error() or METRICS not in msg.content.metric_records:
                 reason = msg.error.reason if msg.has_error() else "no metrics"
                 self.evaluations.append({**who, "error": reason})

@@ -25,7 +25,7 @@ from client.ingest import ingest_site
 from client.site import load_site, report_name
 from server.config import load_server_config
 from server.coordinator import coordinate, free_port
-from server.flower import flower_bin, flower_env, stop, wait_for_port
+from transport.flower import flower_bin, flower_env, stop, wait_for_port
 from server.store import RejectedReply, Round, SiteMetric, latest_run, open_server_store
 
 # rounds per preset: small enough for the README's 10-minute run on 2 cores. Every Flower message starts a

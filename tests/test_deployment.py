@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.coordinator import free_port
-from server.flower import flower_bin, flower_env, stop
+from transport.flower import flower_bin, flower_env, stop
 from privacy.dp_sgd import PrivacyLedger as SiteLedger
 from server.store import PrivacyLedger, RejectedReply, Round, Run, SiteMetric, SiteReport, open_server_store
 

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -11,7 +12,7 @@ from m3fm.model.groups import parameter_group
 from m3fm.model.packing import pack_state
 from server.config import ServerConfigError, load_server_config
 from server.rounds import RunError, phase_config, run_federation
-from server.store import Checkpoint, RejectedReply, Round, Run, SiteMetric, open_server_store
+from server.store import Checkpoint, RejectedReply, Round, RoundAttempt, Run, SiteMetric, open_server_store
 from server.strategy import reply_problem
 from sim.inprocess_grid import InProcessGrid
 
@@ -124,6 +125,11 @@ def test_rounds_checkpoint_and_a_resumed_run_continues_without_repeating_a_round
         per_site = s.scalars(select(SiteMetric).where(SiteMetric.run_id == run_id, SiteMetric.kind == "train")).all()
         assert sorted({m.site_id for m in per_site}) == [s.site_id for s in sites]
         assert not s.scalars(select(RejectedReply)).all()
+        attempts = s.scalars(select(RoundAttempt).where(RoundAttempt.run_id == run_id)
+                             .order_by(RoundAttempt.round, RoundAttempt.attempt)).all()
+        # round 2 went out once before the crash: that attempt is recorded as interrupted, the resumed one counted
+        assert [(a.round, a.attempt, a.outcome, a.flwr_run_id) for a in attempts] == [
+            (1, 1, "ok", "11"), (2, 1, "interrupted", "11"), (2, 2, "ok", "12"), (3, 1, "ok", "12")]
     with pytest.raises(RunError, match="already completed"):
         run_federation(InProcessGrid(client_app, nodes), cfg, resume=True, log=lambda *_: None)
 
@@ -141,6 +147,58 @@ def test_a_round_with_too_few_usable_replies_fails_the_run_and_keeps_the_reasons
         assert s.scalars(select(Run)).one().status == "failed"
         (bad,) = s.scalars(select(RejectedReply)).all()
         assert bad.kind == "rejected" and "site.toml: not found" in bad.reason
+
+
+class LossyGrid(InProcessGrid):
+    """The SuperLink's answer for a node whose heartbeat lapsed: node `lose`'s first training reply of round
+    `at` is a NODE_UNAVAILABLE error sent by the SuperLink itself (src_node_id 1), though the site trained."""
+
+    def __init__(self, *a, lose: int, at: int, **kw):
+        super().__init__(*a, **kw)
+        self.lose, self.at, self.lost = lose, at, 0
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = super().send_and_receive(messages, timeout)
+        for i, r in enumerate(replies):
+            sent = self.sent[-len(replies) + i]
+            if (sent.metadata.dst_node_id == self.lose and sent.metadata.message_type.startswith("train.")
+                    and sent.content["config"]["server-round"] == self.at and not self.lost):
+                self.lost += 1
+                replies[i] = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"),
+                                     reply_to=sent)
+                replies[i].metadata.__dict__["_src_node_id"] = 1
+        return replies
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_reply_lost_in_transport_is_retried_and_named_by_its_site(ingested, tmp_path, retries):
+    _, sites, _ = ingested
+    cfg = server_toml(tmp_path, name=f"lossy-{retries}")
+    cfg.min_sites, cfg.round_retries, cfg.site_reports = 3, retries, False
+    nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites)}
+    grid = LossyGrid(client_app, nodes, lose=2, at=2)
+    if retries == 0:  # as before: the round fails, and the lost reply names the site, not the SuperLink (node 1)
+        with pytest.raises(RunError, match="2 usable replies of 3"):
+            run_federation(grid, cfg, log=lambda *_: None)
+    else:
+        run_federation(grid, cfg, log=lambda *_: None)
+    engine = open_server_store(cfg.database_url)
+    with Session(engine) as s:
+        attempts = [(a.round, a.attempt, a.outcome, a.sent, a.lost) for a in
+                    s.scalars(select(RoundAttempt).order_by(RoundAttempt.round, RoundAttempt.attempt))]
+        rejected = [(r.site_id, r.node_id) for r in s.scalars(select(RejectedReply))]
+        detail = s.scalars(select(RoundAttempt.detail).where(RoundAttempt.lost > 0)).one()
+        rounds = [(r.round, r.sites_accepted) for r in s.scalars(select(Round).order_by(Round.round))]
+    engine.dispose()
+    assert sites[1].site_id in detail and "(node 2)" in detail and "Node Unavailable" in detail
+    if retries == 0:
+        assert attempts == [(1, 1, "ok", 3, 0), (2, 1, "failed", 3, 1)] and rounds == [(1, 3)]
+        assert rejected == [(sites[1].site_id, "2")]
+    else:  # sent again to the one node that had not answered; every site counted once
+        assert attempts == [(1, 1, "ok", 3, 0), (2, 1, "retried", 3, 1), (2, 2, "ok", 1, 0)]
+        assert rounds == [(1, 3), (2, 3)] and rejected == []
+        assert sum(m.metadata.dst_node_id == 2 and m.metadata.message_type == "train.multitask"
+                   for m in grid.sent) == 2
 
 
 def test_server_toml_errors_name_the_file_and_field(tmp_path):

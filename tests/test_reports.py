@@ -16,7 +16,7 @@ from client.ingest import ingest_site
 from client.site import load_site
 from m3fm.metrics import SUPPRESSED, roc_views
 from server.config import load_server_config
-from server.flower import flower_bin, flower_env
+from transport.flower import flower_bin, flower_env
 from server.rounds import run_federation
 from server.store import SiteReport, open_server_store
 from sim.cohort.generate import generate_cohort

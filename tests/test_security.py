@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.coordinator import free_port
-from server.flower import flower_bin, flower_env, stop
+from transport.flower import flower_bin, flower_env, stop
 from server.store import EnrolledSite, Round, SiteMetric, open_server_store
 
 TOML = """

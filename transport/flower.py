@@ -1,4 +1,4 @@
-"""Flower's processes and CLI, driven the way FLOWER_NOTES.md records for flwr 1.41.
+"""Flower's processes and CLI, driven as flwr 1.41 works (see the README's Flower section).
 
 - `flower-superlink` serves the Fleet, Control and Runtime APIs on one port;
   it is started with its own state database and without runtime dependency
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import tomli_w
 
+from transport.processes import die_with_parent
+
 APP_PYPROJECT = {
     "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
     "project": {"name": "m3fm-fed-app", "version": "1.0.0", "description": "m3fm-fed run (thin app: the "
@@ -30,7 +32,8 @@ APP_PYPROJECT = {
     "tool": {"flwr": {"app": {"publisher": "m3fm-fed",
                               "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
                               # every key a run may override must exist here
-                              "config": {"config": "", "resume": False, "database": "", "sim-sites": ""}}}},
+                              "config": {"config": "", "resume": False, "database": "", "sim-sites": "",
+                                         "coordinator": ""}}}},
 }
 
 
@@ -75,17 +78,21 @@ def start_superlink(state_dir: Path, host: str, port: int, log_path: Path, simul
             str(state_dir / "superlink.db"), "--disable-runtime-dependency-installation", *extra_args]
     if simulation:
         args.append("--simulation")
-    # same process group as the caller: whatever stops or kills `m3fm-server run` stops its SuperLink too
+    # same process group as the caller, and SIGTERM when the caller dies (even by SIGKILL): whatever stops or kills
+    # `m3fm-server run` stops its SuperLink too
     log = open(log_path, "ab")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or flower_env())
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or flower_env(),
+                            preexec_fn=die_with_parent)
 
 
 def start_supernode(superlink: str, port: int, node_config: str, log_path: Path,
                     extra_args: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
-    args = [flower_bin("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
-            "--node-config", node_config, *extra_args]
+    # Flower's SuperNode, run by transport/supernode.py so that it exits when its main thread ends
+    args = [sys.executable, "-m", "transport.supernode", "--superlink", superlink, "--host", "127.0.0.1",
+            "--port", str(port), "--node-config", node_config, *extra_args]
     log = open(log_path, "ab")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or flower_env())
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or flower_env(),
+                            preexec_fn=die_with_parent)
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:
