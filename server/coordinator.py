@@ -170,6 +170,10 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         if flwr_id is not None:
             end_run(engine, flwr_id, "stopped", f"the coordinator was stopped by {e}; continue with --resume")
         raise
+    except Exception as e:  # the SuperLink died, flwr failed: the run ends with the coordinator
+        if flwr_id is not None:
+            end_run(engine, flwr_id, "failed", f"the coordinator failed: {type(e).__name__}: {e}")
+        raise
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

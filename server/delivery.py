@@ -20,6 +20,10 @@ from typing import Callable
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from server.store import RoundAttempt, now
 
 LOST_CODES = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE,
               ErrorCode.CLIENT_APP_CRASHED}
@@ -90,3 +94,65 @@ def _waiting_nodes(grid, answered: dict[int, Message], needed: int, wait_s: floa
         if len(answered) + len(waiting) >= needed or time.monotonic() > deadline:
             return waiting
         time.sleep(1.0)
+
+
+class Only:
+    """The grid as a strategy's configure_train sees it: only the nodes this attempt goes to."""
+
+    def __init__(self, grid, nodes: list[int]):
+        self.grid, self.nodes = grid, list(nodes)
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+class RoundAttempts:
+    """The round_attempts rows of one round: one per sending of its training messages. The open row is committed
+    at once, so a coordinator that dies mid-round leaves it 'running' and the resume marks it 'interrupted'."""
+
+    def __init__(self, engine, run_id: int, rnd: int, flwr_run_id: int | None):
+        self.engine, self.run_id, self.round = engine, run_id, rnd
+        self.flwr_run_id = None if flwr_run_id is None else str(flwr_run_id)
+        self.row_id: int | None = None
+
+    def start(self, sent: int) -> None:
+        """A sending begins; one begun before it in this round was retried."""
+        if self.row_id is not None:
+            self._close("retried")
+        with Session(self.engine) as s:
+            done = s.scalars(select(RoundAttempt).where(RoundAttempt.run_id == self.run_id,
+                                                        RoundAttempt.round == self.round)).all()
+            row = RoundAttempt(run_id=self.run_id, round=self.round, attempt=len(done) + 1,
+                               flwr_run_id=self.flwr_run_id, sent=sent, outcome="running")
+            s.add(row)
+            s.commit()
+            self.row_id = row.id
+
+    def end(self, lost: dict[int, str], strategy, log) -> None:
+        """After one sending: which replies were lost in transport, and why."""
+        if not lost:
+            return
+        who = "; ".join(f"{strategy.site_names.get(n, f'node-{n}')} (node {n}): {r}" for n, r in lost.items())
+        with Session(self.engine) as s:
+            row = s.get(RoundAttempt, self.row_id)
+            row.lost, row.detail = len(lost), who[:4000]
+            s.commit()
+        log(f"round {self.round}: {len(lost)} repl{'y' if len(lost) == 1 else 'ies'} lost in transport ({who[:300]})")
+
+    def fail(self, why: str) -> None:
+        if self.row_id is not None:
+            self._close("failed", why[:4000])
+
+    def finish(self, s: Session) -> None:
+        """In the round's own transaction: the open attempt is the one that counted."""
+        if self.row_id is not None:
+            s.execute(update(RoundAttempt).where(RoundAttempt.id == self.row_id, RoundAttempt.outcome == "running")
+                      .values(outcome="ok", ended_at=now()))
+
+    def _close(self, outcome: str, detail: str | None = None) -> None:
+        with Session(self.engine) as s:
+            row = s.get(RoundAttempt, self.row_id)
+            if row.outcome == "running":
+                row.outcome, row.ended_at = outcome, now()
+                row.detail = "; ".join(d for d in (row.detail, detail) if d)[:4000] or None
+                s.commit()

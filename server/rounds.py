@@ -30,7 +30,7 @@ from m3fm.model.m3fm import M3FM
 from server.central_dp import TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
 from server.report import write_run_report
-from server.delivery import deliver
+from server.delivery import Only, RoundAttempts, deliver
 from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, RoundAttempt, Run, SiteMetric, SiteReport,
                           last_checkpoint, latest_run, now, open_server_store)
 from server.secure import secure_train_round
@@ -274,7 +274,7 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
         def messages(to: list[int]) -> list[Message]:
             attempts.start(len(to))
             if not first:  # the strategy samples (its own wait would block on fewer nodes than min_sites)
-                first.extend(strategy.configure_train(rnd, arrays, config, _Only(grid, to)))
+                first.extend(strategy.configure_train(rnd, arrays, config, Only(grid, to)))
                 return first
             return [Message(content=first[0].content, message_type=first[0].metadata.message_type, dst_node_id=n)
                     for n in to]
@@ -330,63 +330,3 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
         f"{len(strategy.accepted)}/{len(replies)} sites accepted, {seconds:.1f}s")
     return arrays
 
-
-class _Only:
-    """The grid as a strategy's configure_train sees it: only the nodes this attempt goes to."""
-
-    def __init__(self, grid, nodes: list[int]):
-        self.grid, self.nodes = grid, list(nodes)
-
-    def get_node_ids(self):
-        return self.nodes
-
-
-class RoundAttempts:
-    """The round_attempts rows of one round: one per sending of its training messages. The open row is committed
-    at once, so a coordinator that dies mid-round leaves it 'running' and the resume marks it 'interrupted'."""
-
-    def __init__(self, engine, run_id: int, rnd: int, flwr_run_id: int | None):
-        self.engine, self.run_id, self.round, self.flwr_run_id = engine, run_id, rnd, _text(flwr_run_id)
-        self.row_id: int | None = None
-
-    def start(self, sent: int) -> None:
-        """A sending begins; one begun before it in this round was retried."""
-        if self.row_id is not None:
-            self._close("retried")
-        with Session(self.engine) as s:
-            done = s.scalars(select(RoundAttempt).where(RoundAttempt.run_id == self.run_id,
-                                                        RoundAttempt.round == self.round)).all()
-            row = RoundAttempt(run_id=self.run_id, round=self.round, attempt=len(done) + 1,
-                               flwr_run_id=self.flwr_run_id, sent=sent, outcome="running")
-            s.add(row)
-            s.commit()
-            self.row_id = row.id
-
-    def end(self, lost: dict[int, str], strategy: TaskAwareFedAvg, log) -> None:
-        """After one sending: which replies were lost in transport, and why."""
-        if not lost:
-            return
-        who = "; ".join(f"{strategy.site_names.get(n, f'node-{n}')} (node {n}): {r}" for n, r in lost.items())
-        with Session(self.engine) as s:
-            row = s.get(RoundAttempt, self.row_id)
-            row.lost, row.detail = len(lost), who[:4000]
-            s.commit()
-        log(f"round {self.round}: {len(lost)} repl{'y' if len(lost) == 1 else 'ies'} lost in transport ({who[:300]})")
-
-    def fail(self, why: str) -> None:
-        if self.row_id is not None:
-            self._close("failed", why[:4000])
-
-    def finish(self, s: Session) -> None:
-        """In the round's own transaction: the open attempt is the one that counted."""
-        if self.row_id is not None:
-            s.execute(update(RoundAttempt).where(RoundAttempt.id == self.row_id, RoundAttempt.outcome == "running")
-                      .values(outcome="ok", ended_at=now()))
-
-    def _close(self, outcome: str, detail: str | None = None) -> None:
-        with Session(self.engine) as s:
-            row = s.get(RoundAttempt, self.row_id)
-            if row.outcome == "running":
-                row.outcome, row.ended_at = outcome, now()
-                row.detail = "; ".join(d for d in (row.detail, detail) if d)[:4000] or None
-                s.commit()

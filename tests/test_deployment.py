@@ -69,6 +69,21 @@ def rounds_and_metrics(db_url):
     return status, rounds, metrics, rejected
 
 
+def federation(tmp, procs, sites, toml_text, log="server.log"):
+    """`m3fm-server run` on server.toml plus `m3fm-client start` per site, all on 127.0.0.1 -> (server, clients,
+    database URL, port)."""
+    toml = tmp / "server.toml"
+    toml.write_text(toml_text)
+    port = free_port()
+    server = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port), "--insecure"],
+                   tmp / log)
+    clients = [start([flower_bin("m3fm-client"), "start", "--site", str(site.site_dir), "--superlink",
+                      f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure"], tmp / f"{site.site_id}.log")
+               for site in sites]
+    procs.extend([server, *clients])
+    return server, clients, f"sqlite:///{tmp / 'runs' / 'server.db'}", port
+
+
 @pytest.fixture
 def cluster(tmp_path):
     procs = []
@@ -109,18 +124,10 @@ def test_loopback_run_survives_a_coordinator_crash_and_resumes(ingested, cluster
     _, sites, _ = ingested
     for site in sites[:2]:
         shutil.rmtree(site.work_dir / "privacy", ignore_errors=True)
+    server, clients, db, port = federation(tmp, procs, sites[:2], TOML.format(name="crash", timeout=300, multitask=1) +
+                                           "[privacy.dp_sgd]\nnoise_multiplier = 1.1\nmax_grad_norm = 1.0\n"
+                                           "delta = 1e-5\n", log="server1.log")
     toml = tmp / "server.toml"
-    toml.write_text(TOML.format(name="crash", timeout=300, multitask=1) +
-                    "[privacy.dp_sgd]\nnoise_multiplier = 1.1\nmax_grad_norm = 1.0\ndelta = 1e-5\n")
-    db = f"sqlite:///{tmp / 'runs' / 'server.db'}"
-    port = free_port()
-    server = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port), "--insecure"],
-                   tmp / "server1.log")
-    procs.append(server)
-    clients = [start([flower_bin("m3fm-client"), "start", "--site", str(site.site_dir), "--superlink",
-                      f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure"], tmp / f"{site.site_id}.log")
-               for site in sites[:2]]
-    procs.extend(clients)
     wait_rounds(db, 1, server)
     superlink_db = tmp / "runs" / "superlink" / "superlink.db"
     deadline = time.monotonic() + 300
@@ -181,16 +188,7 @@ def test_loopback_run_survives_a_coordinator_crash_and_resumes(ingested, cluster
 def test_a_site_killed_mid_run_leaves_the_others_to_finish_the_round(ingested, cluster):
     procs, tmp = cluster
     _, sites, _ = ingested
-    toml = tmp / "server.toml"
-    toml.write_text(TOML.format(name="killed-site", timeout=120, multitask=1))
-    db = f"sqlite:///{tmp / 'runs' / 'server.db'}"
-    port = free_port()
-    server = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port), "--insecure"],
-                   tmp / "server.log")
-    procs.append(server)
-    clients = [start([flower_bin("m3fm-client"), "start", "--site", str(site.site_dir), "--superlink",
-                      f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure"], tmp / f"{site.site_id}.log") for site in sites]
-    procs.extend(clients)
+    server, clients, db, _ = federation(tmp, procs, sites, TOML.format(name="killed-site", timeout=120, multitask=1))
     wait_rounds(db, 1, server)
     os.killpg(clients[2].pid, signal.SIGKILL)  # the third hospital's machine dies between rounds
     assert server.wait(600) == 0, (tmp / "server.log").read_text()[-3000:]
@@ -202,16 +200,8 @@ def test_a_site_killed_mid_run_leaves_the_others_to_finish_the_round(ingested, c
 def test_flwr_stop_ends_the_run_as_stopped_and_a_second_coordinator_is_refused(ingested, cluster):
     procs, tmp = cluster
     _, sites, _ = ingested
+    server, _, db, _ = federation(tmp, procs, sites[:2], TOML.format(name="stoppable", timeout=120, multitask=3))
     toml = tmp / "server.toml"
-    toml.write_text(TOML.format(name="stoppable", timeout=120, multitask=3))
-    db = f"sqlite:///{tmp / 'runs' / 'server.db'}"
-    port = free_port()
-    server = start([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(port), "--insecure"],
-                   tmp / "server.log")
-    procs.append(server)
-    procs.extend(start([flower_bin("m3fm-client"), "start", "--site", str(site.site_dir), "--superlink",
-                        f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure"], tmp / f"{site.site_id}.log")
-                 for site in sites[:2])
     wait_rounds(db, 1, server)
     # while it runs, a second coordinator on the same run folder refuses to start
     second = subprocess.run([flower_bin("m3fm-server"), "run", "--config", str(toml), "--port", str(free_port()),

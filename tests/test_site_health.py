@@ -2,6 +2,8 @@
 SuperNode whose main thread dies exits, and a SuperNode that loses its SuperLink is reported (real processes)."""
 
 import os
+import re
+import signal
 import subprocess
 import time
 
@@ -71,7 +73,7 @@ def test_log_reading_tells_connected_offline_and_why():
     assert watch.last_error.startswith("ssl.SSLError")
 
 
-def test_a_site_that_loses_its_superlink_is_reported_and_seen_coming_back(ingested, tmp_path):
+def test_a_site_that_loses_its_superlink_is_reported_and_a_dead_supernode_restarted(ingested, tmp_path):
     _, sites, _ = ingested
     site = sites[0]
     port = free_port()
@@ -96,6 +98,13 @@ def test_a_site_that_loses_its_superlink_is_reported_and_seen_coming_back(ingest
         link = start_superlink(tmp_path / "link", "127.0.0.1", port, tmp_path / "superlink.log",
                                extra_args=("--insecure",))
         until(lambda: "SuperNode reached the SuperLink" in said(), 120, "the reconnection report", client)
+        # the SuperNode itself dies after it had connected: m3fm-client restarts it, and the new one connects
+        node = int(re.findall(r"SuperNode pid (\d+)", out.read_text())[-1])
+        watch = SuperNodeLog.from_end(site.work_dir / "supernode.log")
+        os.kill(node, signal.SIGKILL)
+        until(lambda: "restarting in 2 s (1 of 3)" in said(), 60, "the restart report", client)
+        until(lambda: watch.poll() or watch.ever_connected, 90, "the restarted SuperNode to connect", client)
+        assert len(re.findall(r"SuperNode pid (\d+)", out.read_text())) == 2
     finally:
         assert stop(client, timeout=30) == 0
         stop(link)
