@@ -129,24 +129,30 @@ def start(
     """Join the federation: run a Flower SuperNode for this site, and keep it healthy, until Ctrl-C or SIGTERM."""
     import signal
 
-    from client.federated import SiteNotReady, ensure_ingested
-    from client.site import SiteConfigError, load_site
-    from client.supervise import supervise
     from privacy.certs import KeyMaterialError, check_root_certificate, check_site_private_key
-    from transport.flower import flower_env, start_supernode, stop
 
     console = Console()
     if (root_cert is None) == (not insecure):
         console.print("[red]error:[/red] give --root-cert CA.crt (TLS, from the coordinator) or, for plaintext, --insecure")
         raise typer.Exit(2)
-    try:  # before anything starts: a bad file is named here, not found dead in a SuperNode log later
+    try:  # first, before torch is even imported: a bad file is named here, not found dead in a SuperNode log later
         if root_cert is not None:
             check_root_certificate(root_cert)
         if key is not None:
             check_site_private_key(key)
+    except KeyMaterialError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+    from client.federated import SiteNotReady, ensure_ingested
+    from client.site import SiteConfigError, load_site
+    from client.supervise import supervise
+    from transport.flower import flower_env, start_supernode, stop
+
+    try:
         site = load_site(site_dir)
         summary = ensure_ingested(site)
-    except (SiteConfigError, SiteNotReady, KeyMaterialError) as e:
+    except (SiteConfigError, SiteNotReady) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     args: list[str] = ["--insecure"] if insecure else ["--root-certificates", str(root_cert.resolve())]
