@@ -204,7 +204,8 @@ def status(
             ev = ", ".join(f"{k} {v:.3f}" for k, v in (r.evaluate_metrics or {}).items()
                            if not k.startswith("items.") and k != "num-examples")
             t.add_row(str(r.round), f"{r.phase} {r.phase_round}", f"{r.sites_accepted}/{r.sites_replied}",
-                      str(tries.get(r.round) or "-"), f"{r.seconds:.0f}", f"{sum(losses) / len(losses):.3f}" if losses else "-", ev[:60] or "-")
+                      str(tries.get(r.round) or "-"), f"{r.seconds:.0f}",
+                      f"{sum(losses) / len(losses):.3f}" if losses else "-", ev[:60] or "-")
         console.print(t)
         ledger = s.scalars(select(PrivacyLedger).where(PrivacyLedger.run_id == run_row.id)
                            .order_by(PrivacyLedger.round)).all()

@@ -136,11 +136,12 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         _update(engine, Coordinator, me, flwr_run_id=str(flwr_id))
         log(f"submitted Flower run {flwr_id}")
         shown: set[int] = set()
-        status, last_status_check = "pending", 0.0
+        status, last_status_check, run = "pending", 0.0, None
         deadline = time.monotonic() + max_hours * 3600
         while time.monotonic() < deadline:
             record_tree(base / "processes.json", os.getpid())
-            _show_rounds(engine, flwr_id, cfg.total_rounds, shown, log)
+            run = run or find_run(engine, flwr_id)  # the ServerApp creates its row a few seconds in
+            _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log)
             if link.poll() is not None:
                 raise RuntimeError(f"the SuperLink exited with code {link.returncode}; see {base / 'superlink.log'}")
             if time.monotonic() - last_status_check > status_every_s:
@@ -150,14 +151,15 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
             time.sleep(poll_s)
         else:
             status = f"gave up after {max_hours} h"
-        _show_rounds(engine, flwr_id, cfg.total_rounds, shown, log)  # those recorded after the last look
-        run = find_run(engine, flwr_id)
+        run = run or find_run(engine, flwr_id)
+        _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log)  # those recorded after the last look
         if status == "finished:stopped":
-            end_run(engine, flwr_id, "stopped", "stopped by `flwr stop` (the SuperLink's Control API)")
-            run = find_run(engine, flwr_id)
+            run = end_run(engine, flwr_id, "stopped", "stopped by `flwr stop` (the SuperLink's Control API)")
         elif status != "finished:completed":
-            end_run(engine, flwr_id, "failed", f"Flower reports the run as {status}; see {base / 'superlink.log'}")
-            run = find_run(engine, flwr_id)
+            run = end_run(engine, flwr_id, "failed",
+                          f"Flower reports the run as {status}; see {base / 'superlink.log'}")
+        else:
+            run = find_run(engine, flwr_id)  # as the ServerApp left it
         outcome = run.status if run is not None else "failed"
         error = run.error if run is not None and run.status != "completed" else None
         if error is None and status != "finished:completed":
@@ -185,8 +187,8 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         lock.release()
 
 
-def _show_rounds(engine, flwr_id: int, total: int, shown: set[int], log) -> None:
-    run = find_run(engine, flwr_id)
+def _show_rounds(engine, run: Run | None, flwr_id: int, total: int, shown: set[int], log) -> None:
+    """Log each round of this submission not shown yet."""
     if run is None:
         return
     with Session(engine) as s:
@@ -197,17 +199,19 @@ def _show_rounds(engine, flwr_id: int, total: int, shown: set[int], log) -> None
                 log(_round_line(r, total))
 
 
-def end_run(engine, flwr_id: int, status: str, error: str) -> None:
+def end_run(engine, flwr_id: int, status: str, error: str) -> Run | None:
     """Record how a run ended where its ServerApp could not: a stop outranks the failure the stop caused in the
-    ServerApp; a completed run stays completed."""
+    ServerApp; a completed run stays completed. -> the run as it now stands (None: the ServerApp never made it)."""
     run = find_run(engine, flwr_id)
     if run is None:
-        return
+        return None
     with Session(engine) as s:
         row = s.get(Run, run.id)
         if row.status == "running" or (status == "stopped" and row.status == "failed"):
             row.status, row.error, row.updated_at = status, error, now()
             s.commit()
+        s.expunge(row)
+        return row
 
 
 def _record_coordinator(engine, name: str) -> int:

@@ -20,7 +20,7 @@ from typing import Callable
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from server.store import RoundAttempt, now
@@ -43,22 +43,19 @@ def lost_reason(reply: Message | None) -> str | None:
 class Delivery:
     replies: list[Message] = field(default_factory=list)  # one per node: its answer, else its last lost reply
     sent_to: dict[str, int] = field(default_factory=dict)  # message id -> the node it went to (every attempt)
-    lost: dict[int, str] = field(default_factory=dict)  # node -> why its reply was lost (last attempt)
-    attempts: int = 0
 
 
 def deliver(grid, make_messages: Callable[[list[int]], list[Message]], nodes: list[int], timeout: float,
-            retries: int, needed: int, on_attempt: Callable[[int, list[int], dict[int, str]], None] | None = None,
+            retries: int, needed: int, on_attempt: Callable[[dict[int, str]], None] | None = None,
             wait_s: float = 60.0) -> Delivery:
     """Send to `nodes`; while fewer than `needed` nodes answered and some replies were lost, resend to the
     connected nodes that have not answered (at most `retries` more times, waiting up to `wait_s` for enough
-    nodes to be connected). on_attempt(attempt, nodes sent to, lost node -> reason) after each attempt."""
+    nodes to be connected). on_attempt(lost node -> reason) after each attempt."""
     out = Delivery()
     answered: dict[int, Message] = {}
     lost_replies: dict[int, Message] = {}
     targets = list(nodes)
     for attempt in range(1, retries + 2):
-        out.attempts = attempt
         messages = make_messages(targets)
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
@@ -74,9 +71,8 @@ def deliver(grid, make_messages: Callable[[list[int]], list[Message]], nodes: li
                 lost[node] = reason
                 if node in got:
                     lost_replies[node] = got[node]
-        out.lost = {n: r for n, r in {**out.lost, **lost}.items() if n not in answered}
         if on_attempt is not None:
-            on_attempt(attempt, targets, lost)
+            on_attempt(lost)
         if not lost or len(answered) >= needed or attempt > retries:
             break
         targets = _waiting_nodes(grid, answered, needed, wait_s)
@@ -120,9 +116,9 @@ class RoundAttempts:
         if self.row_id is not None:
             self._close("retried")
         with Session(self.engine) as s:
-            done = s.scalars(select(RoundAttempt).where(RoundAttempt.run_id == self.run_id,
-                                                        RoundAttempt.round == self.round)).all()
-            row = RoundAttempt(run_id=self.run_id, round=self.round, attempt=len(done) + 1,
+            done = s.scalar(select(func.count()).select_from(RoundAttempt).where(
+                RoundAttempt.run_id == self.run_id, RoundAttempt.round == self.round))
+            row = RoundAttempt(run_id=self.run_id, round=self.round, attempt=done + 1,
                                flwr_run_id=self.flwr_run_id, sent=sent, outcome="running")
             s.add(row)
             s.commit()

@@ -280,7 +280,7 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
                     for n in to]
 
         sent = deliver(grid, messages, nodes, cfg.round_timeout, cfg.round_retries, cfg.min_sites,
-                       on_attempt=lambda a, to, lost: attempts.end(lost, inner, log))
+                       on_attempt=lambda lost: attempts.end(lost, inner, log))
         inner.sent_to.update(sent.sent_to)
         replies = sent.replies
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)

@@ -12,13 +12,19 @@ from pathlib import Path
 PR_SET_PDEATHSIG = 1
 
 
-def proc_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22); None when it is gone."""
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on: the command name before it may hold spaces; None when gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def proc_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22); None when it is gone."""
+    fields = _stat(pid)
+    return None if fields is None else int(fields[19])
 
 
 def proc_identity(pid: int) -> str:
@@ -34,13 +40,8 @@ def is_alive(identity: str) -> bool:
 def descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
+        if entry.name.isdigit() and (fields := _stat(entry.name)) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     out, todo = [], [root]
     while todo:
         for child in children.get(todo.pop(), []):
