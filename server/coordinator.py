@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from server.config import ServerConfig
 from server.lifecycle import CoordinatorLock
-from server.store import Coordinator, EnrolledSite, Round, Run, now, open_server_store
+from server.store import Coordinator, EnrolledSite, Round, Run, interrupt_attempts, now, open_server_store
 from transport.flower import (flower_env, register_supernode, run_status, start_superlink, stop, submit_run,
                               wait_for_port, write_app_dir, write_connection)
 from transport.processes import is_alive, proc_identity, record_tree, stop_leftovers
@@ -205,10 +205,11 @@ def end_run(engine, flwr_id: int, status: str, error: str) -> Run | None:
     run = find_run(engine, flwr_id)
     if run is None:
         return None
-    with Session(engine) as s:
+    with Session(engine, expire_on_commit=False) as s:  # the row is read after the session closes
         row = s.get(Run, run.id)
         if row.status == "running" or (status == "stopped" and row.status == "failed"):
             row.status, row.error, row.updated_at = status, error, now()
+            interrupt_attempts(s, row.id, f"the run ended ({status}) before the round was recorded")
             s.commit()
         s.expunge(row)
         return row

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from m3fm.checkpoint import read_checkpoint, write_checkpoint
@@ -31,8 +31,8 @@ from server.central_dp import TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
 from server.report import write_run_report
 from server.delivery import Only, RoundAttempts, deliver
-from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, RoundAttempt, Run, SiteMetric, SiteReport,
-                          last_checkpoint, latest_run, now, open_server_store)
+from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, Run, SiteMetric, SiteReport,
+                          interrupt_attempts, last_checkpoint, latest_run, now, open_server_store)
 from server.secure import secure_train_round
 from server.strategy import TaskAwareFedAvg, array_record, build_strategy, weighted_metrics
 
@@ -120,10 +120,8 @@ def start_or_resume(s: Session, cfg: ServerConfig, resume: bool, flwr_run_id: in
                        f"then, {cfg.config_hash} now); start a new run under another [run] name instead")
     run.status, run.error = "running", None
     run.flwr_run_ids = [*run.flwr_run_ids, _text(flwr_run_id)]
-    s.execute(update(RoundAttempt).where(RoundAttempt.run_id == run.id, RoundAttempt.outcome == "running")
-              .values(outcome="interrupted", ended_at=now(),
-                      detail=f"the coordinator stopped before the round was recorded; resumed as Flower run "
-                             f"{_text(flwr_run_id)}"))
+    interrupt_attempts(s, run.id, f"the coordinator stopped before the round was recorded; resumed as Flower run "
+                                  f"{_text(flwr_run_id)}")
     s.commit()
     ck = last_checkpoint(s, run.id)
     if ck is None:

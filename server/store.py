@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, UniqueConstraint, select
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, UniqueConstraint, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from m3fm.data.store import now, open_versioned
@@ -191,3 +191,9 @@ def latest_run(s: Session, name: str | None = None) -> Run | None:
 
 def last_checkpoint(s: Session, run_id: int) -> Checkpoint | None:
     return s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.round.desc())).first()
+
+
+def interrupt_attempts(s: Session, run_id: int, detail: str) -> None:
+    """Mark the run's attempts still 'running' as interrupted: the coordinator ended (or was stopped) mid-round."""
+    s.execute(update(RoundAttempt).where(RoundAttempt.run_id == run_id, RoundAttempt.outcome == "running")
+              .values(outcome="interrupted", ended_at=now(), detail=detail))

@@ -216,7 +216,9 @@ def test_flwr_stop_ends_the_run_as_stopped_and_a_second_coordinator_is_refused(i
     status, rounds, _, _ = rounds_and_metrics(db)
     assert status == "stopped" and len(rounds) < 4
     shown = status_of(db)
-    assert "stopped" in shown and "flwr stop" in shown and "coordinator: pid" in shown and "ended (stopped)" in shown
+    log = (tmp / "server.log").read_text(errors="replace")[-3000:]
+    for said in ("stopped", "flwr stop", "coordinator: pid", "ended (stopped)"):
+        assert said in shown, f"{said!r} not in the status:\n{shown}\n--- server.log ---\n{log}"
 
 
 SECURE_TOML = """

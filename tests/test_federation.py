@@ -213,3 +213,24 @@ def test_server_toml_errors_name_the_file_and_field(tmp_path):
         with pytest.raises(ServerConfigError) as e:
             load_server_config(path)
         assert str(path) in str(e.value) and expected in str(e.value)
+
+
+def test_a_stopped_run_reads_back_as_stopped_and_its_open_attempt_is_closed(tmp_path):
+    """The coordinator's end_run on a run still 'running' (the `flwr stop` path): the row it returns is readable
+    after its session closed (it once raised DetachedInstanceError, so the coordinator recorded itself as failed),
+    and the round attempt left open is closed as interrupted."""
+    from server.coordinator import end_run
+
+    engine = open_server_store(f"sqlite:///{tmp_path / 'server.db'}")
+    with Session(engine) as s:
+        run = Run(name="r", config_hash="h", config={}, total_rounds=3, status="running", flwr_run_ids=["77"])
+        s.add(run)
+        s.flush()
+        s.add(RoundAttempt(run_id=run.id, round=2, attempt=1, flwr_run_id="77", sent=2, outcome="running"))
+        s.commit()
+    row = end_run(engine, 77, "stopped", "stopped by `flwr stop`")
+    assert (row.status, row.error) == ("stopped", "stopped by `flwr stop`")
+    assert end_run(engine, 77, "failed", "later").status == "stopped"  # a stop outranks the failure it caused
+    with Session(engine) as s:
+        attempt = s.scalars(select(RoundAttempt)).one()
+        assert attempt.outcome == "interrupted" and "ended (stopped)" in attempt.detail
