@@ -6,6 +6,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from m3fm.model.groups import parameter_group
 from m3fm.model.packing import pack_state, unpack_state
 from server.strategy import build_strategy, task_aware_average
 
@@ -111,7 +112,8 @@ def test_fedadam_moves_trained_groups_only_and_its_state_round_trips():
 def test_packing_round_trips_the_model_and_names_a_wrong_group(tiny_model):
     sd = tiny_model.state_dict()
     packed = pack_state(sd)
-    assert len(packed) < 25 and {"shared", "mim", "mlm", "head:yes_no", "scale:nodule"} <= set(packed)
+    assert set(packed) == {parameter_group(k) for k in sd} and len(packed) < 40
+    assert {"shared", "mim", "mlm", "head:yes_no", "scale:nodule", "task:emphysema"} <= set(packed)
     back = unpack_state(packed, sd)
     assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     with pytest.raises(ValueError, match="packed group 'mlm': expected a vector of"):

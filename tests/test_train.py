@@ -68,3 +68,25 @@ def test_clinical_elements_are_dropped_at_random_only_in_training():
     kept = clinical_text(sentences, 0.8, random.Random(0)).count("Element")
     assert 1500 < kept < 1700
     assert clinical_text(sentences, 0.8, None).count("Element") == 2000
+
+
+def test_tasks_on_the_same_images_with_opposite_answers_are_told_apart(tiny_cfg, tokenizer):
+    """Emphysema and consolidation share the chest crop and the yes/no predictor; here the same images carry
+    opposite answers for the two. A model that ignores which question it was asked cannot fit both (it once
+    did: the <TASK> token was the question's <s> output, the same vector for every question with a text encoder
+    trained from scratch, and emphysema came out inverted at a site; issue 14)."""
+    cfg = tiny_cfg
+    torch.manual_seed(0)
+    model = M3FM(cfg)
+    tc = TrainConfig(lr=2e-3, total_steps=10_000)
+    opt = build_optimizer(model, tc)
+    emphysema = toy_qa_samples(cfg, "emphysema", 8)
+    flipped = [{**s, "task": "consolidation", "question": "Is there consolidation?", "answer": 1 - s["answer"]}
+               for s in emphysema]
+    micro = [collate_qa(emphysema, tokenizer, cfg), collate_qa(flipped, tokenizer, cfg)]
+    for step in range(40):
+        multitask_step(model, opt, micro, tc, step)
+    model.eval()
+    for mb in micro:
+        yes = model.predict(mb)[:, 0]
+        assert torch.equal(yes > 0.5, mb.target == 0), (mb.task, yes, mb.target)

@@ -81,6 +81,10 @@ class M3FMConfig:
     question_len: int = 50
     # RoBERTa's position table (514) so off-the-shelf RoBERTa weights load; ids start at pad_id + 1 = 2
     text_positions: int = 514
+    # how the question becomes the <TASK> token: "mean" pools the question's encoded tokens; "first" takes its
+    # <s> output as the public M3FM code does, which only tells questions apart with a pretrained text encoder
+    # (MLM never masks <s>, so from scratch it is the same vector for every question: issue 14)
+    question_pooling: str = "mean"
     # task encoder (fusion) and predictors; the task width equals img_dim as in the paper
     fusion_depth: int = 4
     fusion_heads: int = 16
@@ -91,6 +95,9 @@ class M3FMConfig:
     act_checkpoint: bool = False
 
     def __post_init__(self):
+        if self.question_pooling not in ("mean", "first"):
+            raise ValueError(f"config {self.name!r}: question_pooling must be 'mean' or 'first', "
+                             f"got {self.question_pooling!r}")
         if self.text_positions < max(self.clinical_len, self.question_len) + 2:
             raise ValueError(f"config {self.name!r}: text_positions {self.text_positions} cannot hold "
                              f"{max(self.clinical_len, self.question_len)} tokens (RoBERTa needs length + 2)")

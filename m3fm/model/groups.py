@@ -11,6 +11,7 @@ Groups:
   shared        encoders, task encoder, task-ID predictor: every training site
   scale:<name>  the image tokenizer and MIM prediction layer of one scale
   head:<name>   one answer predictor (shared by the tasks with its answer space)
+  task:<name>   one task's learned embedding in the <TASK> token (m3fm/model/fusion.py)
   mim           the MIM decoder trunk (pretraining with images)
   mlm           the MLM head (pretraining with text)
 """
@@ -29,6 +30,8 @@ def parameter_group(name: str) -> str:
     for prefix in SCALE_PREFIXES:
         if name.startswith(prefix):
             return "scale:" + name[len(prefix):].split(".")[0]
+    if name.startswith("task_encoder.task_embed."):
+        return "task:" + name.split(".")[2]
     if name.startswith("heads."):
         return "head:" + name.split(".")[1]
     if name.startswith("mim_decoder."):
@@ -55,6 +58,7 @@ def multitask_group_counts(task_items: dict[str, int]) -> dict[str, int]:
         task = get_task(name)
         counts["shared"] += n
         counts[f"head:{task.head}"] += n
+        counts[f"task:{name}"] += n
         if task.scale is not None:
             counts[f"scale:{task.scale}"] += n
     return {k: v for k, v in counts.items() if v > 0}

@@ -116,7 +116,12 @@ class M3FM(nn.Module):
 
     # ---- multitask question answering ----
     def encode_question(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(ids, mask)[:, 0]  # (B, Dt): the question's <s> becomes the <TASK> token
+        """ids, mask: (B, Q) -> (B, Dt), the question part of the <TASK> token (cfg.question_pooling)."""
+        hidden = self.text_encoder(ids, mask)  # (B, Q, Dt)
+        if self.cfg.question_pooling == "first":
+            return hidden[:, 0]
+        keep = mask[..., None].to(hidden.dtype)  # (B, Q, 1)
+        return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
 
     def forward(self, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> answer head output (B, num_outputs of the task), task-ID logits (B, num_tasks)."""
@@ -131,7 +136,7 @@ class M3FM(nn.Module):
             if batch.image_mask is not None:
                 image_mask = torch.cat([torch.ones_like(batch.image_mask[:, :1]), batch.image_mask], 1).bool()
         text = None if batch.text_ids is None else self.text_encoder(batch.text_ids, batch.text_mask)
-        feature = self.task_encoder(task_token, image, image_mask, text, batch.text_mask)
+        feature = self.task_encoder(task_token, task.name, image, image_mask, text, batch.text_mask)
         # the task-ID predictor reads the question alone (through the same projection as the task token)
         task_logits = self.task_id_head(self.task_encoder.task_proj(task_token))
         return self.heads[task.head](feature), task_logits
