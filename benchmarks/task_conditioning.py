@@ -40,11 +40,12 @@ def laa950(data: SiteData, exam_id: str) -> float:
     return float(np.mean(lung < -950)) if lung.size else 0.0
 
 
-def run(data: SiteData, task: str, steps: int, seed: int, only_task: bool, lr: float, warmup: int) -> dict:
+def run(data: SiteData, task: str, steps: int, seed: int, only_task: bool, lr: float, warmup: int,
+        tasks_per_step: int = 0) -> dict:
     torch.manual_seed(seed)
     model, tokenizer = M3FM(data.cfg), load_tokenizer(data.cfg)
     pc = PhaseConfig("multitask", rounds=1, local_steps=steps, batch_size=4, tasks=(task,) if only_task else (),
-                     lr=lr, warmup_steps=warmup)
+                     lr=lr, warmup_steps=warmup, tasks_per_step=tasks_per_step)
     local_multitask(model, data, tokenizer, pc, 1, 1, seed=seed)
     row = {"seed": seed, "trained on": task if only_task else "every task"}
     for split in ("train", "test"):
@@ -72,17 +73,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lr", type=float, default=PhaseConfig.lr)
     ap.add_argument("--warmup", type=int, default=0, help="warmup steps")
+    ap.add_argument("--tasks-per-step", type=int, default=0, help="micro-batches (one task each) per optimizer step; "
+                    "0: every task")
     ap.add_argument("--name", default="", help="suffix of the result file")
     ap.add_argument("--only-task", action="store_true", help="train on --task alone (the single-task reference)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     site = load_site(args.site)
     data = SiteData(site.database_url, site.work_dir, get_config("tiny"))
-    rows = [run(data, args.task, args.steps, s, args.only_task, args.lr, args.warmup) for s in args.seeds]
+    rows = [run(data, args.task, args.steps, s, args.only_task, args.lr, args.warmup, args.tasks_per_step)
+            for s in args.seeds]
     name = "task_conditioning" + ("-single" if args.only_task else "") + (f"-{args.name}" if args.name else "")
     common.report(name, f"{site.site_id}: {args.task} after {args.steps} local multitask steps (tiny, lr {args.lr})",
                   rows, {"site": site.site_id, "task": args.task, "steps": args.steps, "lr": args.lr,
-                         "warmup": args.warmup})
+                         "warmup": args.warmup, "tasks per step": args.tasks_per_step})
 
 
 if __name__ == "__main__":

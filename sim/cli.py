@@ -43,7 +43,7 @@ def cohort(
     out_dir: Path = typer.Argument(..., help="folder to write one site folder per hospital into (must not hold them yet)"),
     sites: int = typer.Option(None, "--sites", min=1, help="number of hospitals (default: the preset's)"),
     exams_per_site: int = typer.Option(None, "--exams-per-site", min=1, help="exams per hospital (default: the preset's)"),
-    preset: str = typer.Option("tiny", help="tiny (tests, CI), demo (README main job), bench (full-size volumes)"),
+    preset: str = typer.Option("tiny", help="tiny (tests, CI), demo (README main job), eval (learning benchmark), bench (full-size volumes)"),
     seed: int = typer.Option(0, help="same seed, same bytes"),
     workers: int = typer.Option(1, min=1, help="processes rendering exams in parallel"),
 ) -> None:

@@ -72,9 +72,9 @@ def ingest_all(sites: list[Path], log=print) -> str:
 
 
 def write_server_toml(path: Path, name: str, model: str, n_sites: int, plan: dict, out_dir: str = "runs",
-                      site_reports: bool = True) -> Path:
+                      site_reports: bool = True, seed: int = 0) -> Path:
     plan = dict(plan)
-    doc = {"run": {"name": name, "model": model, "min_sites": n_sites, "round_timeout": 900.0,
+    doc = {"run": {"name": name, "model": model, "seed": seed, "min_sites": n_sites, "round_timeout": 900.0,
                    "evaluate_every": plan.pop("evaluate_every", 1), "out_dir": out_dir, "site_reports": site_reports},
            "strategy": {"name": "fedavg"}, **plan}
     path.parent.mkdir(parents=True, exist_ok=True)

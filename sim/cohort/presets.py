@@ -88,6 +88,10 @@ PRESETS = {
     "tiny": Preset("tiny", 3, 16, 128, None, (5.0,), enrichment=3.0, min_slices=16, model_config="tiny"),
     # demo: sized so `m3fm-sim run` (generate, ingest, 2 federated rounds) stays within 10 minutes on 2 cores
     "demo": Preset("demo", 4, 28, 192, None, (2.5, 3.0), enrichment=2.0, min_slices=32, model_config="small"),
+    # eval: sized for the learning benchmark (benchmarks/learning.py): each labelling site's test split holds >= 5
+    # positives and negatives for the headline tasks; the sizes vary (240, 300, 180, 360 exams), so site-03
+    # holds 17% of the exams
+    "eval": Preset("eval", 4, 240, 128, None, (5.0,), enrichment=3.0, min_slices=16, model_config="tiny"),
     # clinical voxel sizes, full 512 x 512 slices
     "bench": Preset("bench", 10, 300, 512, (0.5, 0.9), (0.625, 1.0, 1.25, 2.0, 2.5)),
 }
