@@ -96,6 +96,7 @@ def main() -> None:
                     help="the multitask phase's tasks (default: the headline ones; none given: every task)")
     ap.add_argument("--warmup", type=int, default=20, help="warmup steps per phase")
     ap.add_argument("--out", type=Path, default=Path("/tmp/m3fm-learning"))
+    ap.add_argument("--reuse", action="store_true", help="take a seed's compare.json from --out when its plan matches")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(1)  # 2 cores: one for this process, one for the in-process federation's bookkeeping
@@ -108,6 +109,11 @@ def main() -> None:
     site_dirs = sorted(p for p in args.cohort.glob("site-*") if (p / "site.toml").is_file())
     runs, t0 = [], time.perf_counter()
     for seed in args.seeds:
+        done = args.out / f"seed-{seed}" / "compare.json"
+        if args.reuse and done.is_file() and json.loads(done.read_text())["plan"] == plan:
+            print(f"seed {seed}: reusing {done}")
+            runs.append(json.loads(done.read_text()))
+            continue
         print(f"seed {seed}: {len(site_dirs)} sites, plan {plan} ({time.perf_counter() - t0:.0f}s so far)", flush=True)
         runs.append(compare(site_dirs, plan, args.out / f"seed-{seed}", seed=seed, curve=True,
                             log=lambda m: print(f"  {m} ({time.perf_counter() - t0:.0f}s)", flush=True)))
@@ -120,10 +126,10 @@ def main() -> None:
             first = runs[0]["arms"]["federated"]["sites"].get(site, {}).get(task)
             if not first or not isinstance(first.get("auc"), float):
                 continue
-            ci = first["auc_ci"]
+            ci = first.get("auc_ci")  # yes/no tasks; multi-class and risk tasks give the mean of their views
             tasks.append({"site": f"{site} ({shares.get(site, 0):.0%})", "task": task,
-                          "test positives": first["positives"],
-                          "federated (seed 0, 95% CI)": f"{first['auc']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]",
+                          "test positives": first.get("positives", "-"),
+                          "federated (seed 0, 95% CI)": f"{first['auc']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""),
                           **{arm: spread([auc_of(r, arm, site, task) for r in runs]) for arm in ARMS}})
     means = {arm: [r["arms"][arm]["groups"]["mean"] for r in runs] for arm in ARMS}
     ratio = [f / c for f, c in zip(means["federated"], means["centralized"]) if isinstance(f, float) and isinstance(c, float)]
