@@ -9,8 +9,8 @@ Why the task embedding: the paper's task token is the question's <s> output of a
 pretrained RoBERTa. Trained from scratch, the question encoding tells tasks apart
 only as fast as the text encoder learns, and tasks that share an image scale and a
 yes/no predictor (emphysema, consolidation, ... on the chest crop) then collapse into
-one "anything abnormal?" answer: emphysema came out inverted at a site whose test
-negatives carried more other findings (issue 14). A per-task vector gives every task
+one "anything abnormal?" answer (issue 14: asked another question about the same
+scans, the model's answer moved by under 0.006). A per-task vector gives every task
 its own token from step 1; each is averaged only over the sites that trained that
 task (group "task:<name>", m3fm/model/groups.py).
 """
