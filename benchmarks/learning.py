@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="take a seed's compare.json from --out when its plan matches")
     args = ap.parse_args()
     import torch
-    torch.set_num_threads(1)  # 2 cores: one for this process, one for the in-process federation's bookkeeping
+    torch.set_num_threads(1)  # one thread, as the other training benchmarks, so figures compare across them
 
     plan = {"pretrain": {"rounds": args.pretrain_rounds, "local_steps": args.pretrain_steps, "lr": args.lr,
                          "warmup_steps": args.warmup, "batch_size": args.batch_size},

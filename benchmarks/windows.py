@@ -18,12 +18,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 from client.site import load_site
-from m3fm.data.datasets import QADataset, SiteData
+from m3fm.data.datasets import QADataset, SiteData, crop_of
 from m3fm.model.configs import get_config
 from m3fm.tasks import REGION_SCALE, get_task
-
-REGION_CROP = {"both_lungs": "lungs", "heart": "heart"}
-
 
 def patch_means(x: np.ndarray, patch: tuple[int, int, int]) -> np.ndarray:
     """x: (S, H, W) -> the mean of each (ps, ph, pw) patch, flattened."""
@@ -48,7 +45,7 @@ def main() -> None:
     rows = []
     windows = [tuple(float(v) for v in w.split(",")) for w in args.window or ["-1300,150", "-1100,-500", "-1000,-900"]]
     for window in dict.fromkeys([*windows, tuple(task.hu_window)]):
-        X = np.array([patch_means(data.image(data.series[e][0], REGION_CROP[task.region], window)[0][0], scale.patch)
+        X = np.array([patch_means(data.image(data.series[e][0], crop_of(task.region), window)[0][0], scale.patch)
                       for e, _ in items])
         auc = cross_val_score(LogisticRegression(max_iter=2000, C=10), X, y, cv=5, scoring="roc_auc")
         rows.append({"window (HU)": f"{window[0]:.0f} to {window[1]:.0f}", "patches": X.shape[1],

@@ -177,7 +177,10 @@ def compare(site_dirs: list[Path], plan: dict, out: Path, min_cell: int | None =
                 model, checkpoints = train_federated(sites, arm_plan, model_name, out, arm, seed)
                 if curve and arm == "federated":
                     rounds = federated_curve(checkpoints, model_name, sites, datas, min_cell)
-            per_site = {s.site_id: evaluate(model, s, d, min_cell) for s, d in zip(sites, datas)}
+            if rounds and arm == "federated":  # the curve's last round is the final model: evaluated already
+                per_site = rounds[-1].pop("per_site")
+            else:
+                per_site = {s.site_id: evaluate(model, s, d, min_cell) for s, d in zip(sites, datas)}
         results[arm] = {"groups": group_means(per_site), "sites": site_metrics(per_site)}
         seconds[arm] = time.perf_counter() - t0
         log(f"{arm}: mean AUC {results[arm]['groups']['mean']} ({seconds[arm]:.0f}s)")
@@ -192,11 +195,14 @@ def compare(site_dirs: list[Path], plan: dict, out: Path, min_cell: int | None =
 
 def federated_curve(checkpoints: list[tuple[int, str]], model_name: str, sites: list[SiteConfig],
                     datas: list[SiteData], min_cell: int | None) -> list[dict]:
-    """The federated arm's test AUC per task group after each multitask round."""
+    """The federated arm's test AUC per task group after each multitask round; the last row also keeps its full
+    evaluation ("per_site"), which is the final model's."""
     rows = []
     for rnd, path in checkpoints:
         model = M3FM(get_config(model_name))
         load_checkpoint(path, model)
         per_site = {s.site_id: evaluate(model, s, d, min_cell) for s, d in zip(sites, datas)}
         rows.append({"round": rnd, "groups": group_means(per_site), "sites": site_metrics(per_site)})
+    if rows:
+        rows[-1]["per_site"] = per_site
     return rows

@@ -92,7 +92,7 @@ def cluster(tmp_path):
         stop(p, timeout=20)
 
 
-def all_replies_waiting(superlink_db, message_type):
+def reply_waiting(superlink_db, message_type):
     """A reply of that type is stored at the SuperLink, not yet pulled by the ServerApp (which pulls and deletes
     replies as they come, every 3 s): the window right after a site sent its round reply. (Waiting for every
     site's reply at once missed the window in 1 of about 7 runs.) Reads Flower 1.41's state database, read-only."""
@@ -131,7 +131,7 @@ def test_loopback_run_survives_a_coordinator_crash_and_resumes(ingested, cluster
     wait_rounds(db, 1, server)
     superlink_db = tmp / "runs" / "superlink" / "superlink.db"
     deadline = time.monotonic() + 300
-    while not all_replies_waiting(superlink_db, "train.multitask"):  # round 2's last reply just arrived
+    while not reply_waiting(superlink_db, "train.multitask"):  # a round-2 reply just arrived
         assert time.monotonic() < deadline and server.poll() is None, "round 2's replies never reached the SuperLink"
         time.sleep(0.05)
     os.killpg(server.pid, signal.SIGKILL)  # the coordinator machine dies: SuperLink and ServerApp with it

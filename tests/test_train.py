@@ -75,15 +75,14 @@ def test_tasks_on_the_same_images_with_opposite_answers_are_told_apart(tiny_cfg,
     opposite answers for the two. A model that ignores which question it was asked cannot fit both (it once
     did: the <TASK> token was the question's <s> output, the same vector for every question with a text encoder
     trained from scratch, and emphysema came out inverted at a site; issue 14)."""
-    cfg = tiny_cfg
     torch.manual_seed(0)
-    model = M3FM(cfg)
+    model = M3FM(tiny_cfg)
     tc = TrainConfig(lr=2e-3, total_steps=10_000)
     opt = build_optimizer(model, tc)
-    emphysema = toy_qa_samples(cfg, "emphysema", 8)
+    emphysema = toy_qa_samples(tiny_cfg, "emphysema", 8)
     flipped = [{**s, "task": "consolidation", "question": "Is there consolidation?", "answer": 1 - s["answer"]}
                for s in emphysema]
-    micro = [collate_qa(emphysema, tokenizer, cfg), collate_qa(flipped, tokenizer, cfg)]
+    micro = [collate_qa(emphysema, tokenizer, tiny_cfg), collate_qa(flipped, tokenizer, tiny_cfg)]
     for step in range(40):
         multitask_step(model, opt, micro, tc, step)
     model.eval()

@@ -96,6 +96,11 @@ class SiteData:
         return normalize_hu(arr, window)[None], np.asarray(crop.voxel_size, dtype=np.float32)
 
 
+def crop_of(region: str, side: str | None = None) -> str:
+    """The cached crop a task region reads (client/ingest.py writes them); side: "left"/"right" for one lung."""
+    return {"lung_slab": f"slab_{side}", "each_lung": f"lung_{side}", "heart": "heart", "both_lungs": "lungs"}[region]
+
+
 def _rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}|{epoch}|{index}")
 
@@ -188,10 +193,8 @@ class QADataset(Dataset):
             entries = self.data.series[it["exam_id"]]
             entry = rng.choice(entries) if self.train else entries[0]
             side = it["side"] or rng.choice(("left", "right"))
-            region = {"lung_slab": f"slab_{side}", "each_lung": f"lung_{side}", "heart": "heart",
-                      "both_lungs": "lungs"}[task.region]
             sample["image"], sample["voxel_size"] = self.data.image(
-                entry, region, task.hu_window, slab_center=it.get("slice_location"), rng=rng)
+                entry, crop_of(task.region, side), task.hu_window, slab_center=it.get("slice_location"), rng=rng)
         return sample
 
     def _clinical_question(self, task, exam: dict, rng: random.Random) -> dict:
