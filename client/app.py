@@ -20,7 +20,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, clip_inputs_inplace
 
 from client.federated import evaluate_round, secure_update, site_for, train_round
-from m3fm.model.packing import PACKED_ORDER_KEY
+from transport.protocol import PACKED_ORDER_KEY
 
 
 def clip_for_central_dp(msg: Message, context: Context, call_next) -> Message:

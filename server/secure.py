@@ -33,7 +33,7 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-from m3fm.model.packing import PACKED_ORDER_KEY, TRAINED_MARK_KEY
+from transport.protocol import PACKED_ORDER_KEY, TRAINED_MARK_KEY
 
 
 

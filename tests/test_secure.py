@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from client.app import app as client_app
 from client.federated import secure_update
-from m3fm.model.packing import PACKED_ORDER_KEY, TRAINED_MARK_KEY, pack_state
+from m3fm.model.packing import pack_state
+from transport.protocol import PACKED_ORDER_KEY, TRAINED_MARK_KEY
 from server.config import ServerConfigError, load_server_config
 from server.rounds import phase_config, run_federation
 from server.secure import secure_train_round

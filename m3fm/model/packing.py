@@ -66,8 +66,3 @@ def unpack_state(packed: dict[str, np.ndarray], reference: dict[str, torch.Tenso
             offset += k
     return {n: out[n] for n in reference}
 
-
-# SecAgg+ rounds (server/secure.py), where weights travel as a bare list: the config key naming the packed
-# groups in order, and the one giving the value a site sends for "I trained this group"
-PACKED_ORDER_KEY = "packed-keys"
-TRAINED_MARK_KEY = "trained-mark"

@@ -1,0 +1,155 @@
+"""The wire protocol between the coordinator and a site, in one place: message types, record names, config keys,
+metric prefixes, and the typed values they carry. No Flower and no torch here: the coordinator (server/), the
+hospital (client/) and the site's warm service (client/service.py) all import it, and none imports the others.
+
+A training round: the coordinator sends `train.<phase>` with records ARRAYS (the packed global weights, one vector
+per parameter group, m3fm/model/packing.py) and CONFIG (RoundConfig.to_config()). The site answers with SITE
+({site_id, skipped}) and, when it trained, ARRAYS and METRICS (LocalRound.to_metrics()). SecAgg+ rounds are plain
+`train` messages (server/secure.py); evaluation is `evaluate`; after the last round `query.report` asks each site
+for its report, answered in REPORT ({json}).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# message types
+TRAIN = "train"  # a SecAgg+ round: the legacy fit message that secaggplus_mod answers in stages
+EVALUATE = "evaluate"
+REPORT = "query.report"
+
+
+def train_type(phase: str) -> str:
+    """`train.pretrain`, `train.multitask`: the ClientApp routes on it (@app.train("pretrain"))."""
+    return f"{TRAIN}.{phase}"
+
+
+# record names
+ARRAYS, METRICS, CONFIG, SITE, REPORT_RECORD = "arrays", "metrics", "config", "site", "report"
+SITE_ID, SKIPPED, REPORT_JSON = "site_id", "skipped", "json"  # fields of SITE and REPORT_RECORD
+
+# metric keys and prefixes
+COUNT = "n."  # "n.<group>": the site's sample count for a parameter group ("n.shared": the shared trunk)
+ITEMS = "items."  # "items.<task or objective>": items seen (training) or scored (evaluation)
+LOSS = "loss."  # "loss.<task or objective>": mean training loss
+DP = "dp."  # DP-SGD spend of the round (privacy/dp_sgd.py): per site, kept in the ledger, never averaged
+NUM_EXAMPLES, STEPS, SECONDS = "num-examples", "steps", "seconds"
+
+# keys SecAgg+ rounds add to the round config (server/secure.py)
+PACKED_ORDER_KEY = "packed-keys"  # the order of the packed vectors inside the legacy Parameters
+TRAINED_MARK_KEY = "trained-mark"  # the value a site sends as its "I trained this group" indicator
+
+
+def split_list(value) -> tuple[str, ...]:
+    return tuple(x for x in str(value or "").split(",") if x)
+
+
+@dataclass
+class RoundConfig:
+    """What a site needs to run one training round; its keys travel in the CONFIG record."""
+    phase: str  # pretrain | multitask
+    phase_round: int  # 1-based round within the phase
+    rounds: int  # rounds of the phase
+    local_steps: int
+    lr: float
+    batch_size: int
+    model: str  # m3fm/model/configs.py name
+    warmup_steps: int = 0
+    scales: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    tasks_per_step: int = 0
+    seed: int = 0
+    run_name: str = ""
+    server_round: int = 0
+    proximal_mu: float = 0.0
+    extra: dict = field(default_factory=dict)  # dp-* keys (privacy/budget.py), SecAgg+ and clipping keys
+
+    def to_config(self) -> dict:
+        return {"phase": self.phase, "phase-round": self.phase_round, "rounds": self.rounds,
+                "local-steps": self.local_steps, "lr": self.lr, "batch-size": self.batch_size,
+                "warmup-steps": self.warmup_steps, "scales": ",".join(self.scales), "tasks": ",".join(self.tasks),
+                "tasks-per-step": self.tasks_per_step, "model": self.model, "seed": self.seed,
+                "run-name": self.run_name, "server-round": self.server_round, "proximal-mu": self.proximal_mu,
+                **self.extra}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RoundConfig":
+        known = set(cls(phase="", phase_round=0, rounds=0, local_steps=0, lr=0.0, batch_size=0, model="").to_config())
+        return cls(phase=str(config["phase"]), phase_round=int(config["phase-round"]), rounds=int(config["rounds"]),
+                   local_steps=int(config["local-steps"]), lr=float(config["lr"]),
+                   batch_size=int(config["batch-size"]), model=str(config["model"]),
+                   warmup_steps=int(config.get("warmup-steps", 0)), scales=split_list(config.get("scales")),
+                   tasks=split_list(config.get("tasks")), tasks_per_step=int(config.get("tasks-per-step", 0)),
+                   seed=int(config.get("seed", 0)), run_name=str(config.get("run-name", "")),
+                   server_round=int(config.get("server-round", 0)),
+                   proximal_mu=float(config.get("proximal-mu", 0.0)),
+                   extra={k: v for k, v in config.items() if k not in known})
+
+
+@dataclass
+class EvaluateConfig:
+    phase: str
+    model: str
+    seed: int = 0
+    split: str = "val"
+
+    def to_config(self) -> dict:
+        return {"phase": self.phase, "model": self.model, "seed": self.seed, "split": self.split}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "EvaluateConfig":
+        return cls(str(config["phase"]), str(config["model"]), int(config.get("seed", 0)),
+                   str(config.get("split", "val")))
+
+
+@dataclass
+class ReportConfig:
+    model: str
+    run_name: str
+    run_id: int
+    server_round: int
+    split: str = "test"
+    threshold: float = 0.5
+
+    def to_config(self) -> dict:
+        return {"model": self.model, "run-name": self.run_name, "run-id": self.run_id,
+                "server-round": self.server_round, "split": self.split, "threshold": self.threshold}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ReportConfig":
+        return cls(str(config["model"]), str(config.get("run-name", "")), int(config.get("run-id", 0)),
+                   int(config.get("server-round", 0)), str(config.get("split", "test")),
+                   float(config.get("threshold", 0.5)))
+
+
+@dataclass
+class LocalRound:
+    """A site's training round, as it leaves the site (besides its weights): sample counts per parameter group,
+    items and mean loss per task or objective, DP-SGD spend (already `dp.`-prefixed), or why it did not train."""
+    counts: dict[str, int] = field(default_factory=dict)
+    items: dict[str, int] = field(default_factory=dict)
+    loss: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+    skipped: str = ""  # non-empty: the site did not train, and this is why (no weights travel)
+
+    def to_metrics(self) -> dict:
+        metrics = {NUM_EXAMPLES: int(self.counts.get("shared", 0)), STEPS: self.steps, SECONDS: self.seconds}
+        metrics.update(self.privacy)
+        metrics.update({f"{COUNT}{g}": int(n) for g, n in self.counts.items()})
+        metrics.update({f"{ITEMS}{k}": int(n) for k, n in self.items.items()})
+        metrics.update({f"{LOSS}{k}": float(v) for k, v in self.loss.items()})
+        return metrics
+
+    @classmethod
+    def from_metrics(cls, metrics: dict, skipped: str = "") -> "LocalRound":
+        pick = lambda prefix: {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}  # noqa: E731
+        return cls(counts=pick(COUNT), items=pick(ITEMS), loss=pick(LOSS),
+                   privacy={k: v for k, v in metrics.items() if k.startswith(DP)},
+                   steps=int(metrics.get(STEPS, 0)), seconds=float(metrics.get(SECONDS, 0.0)), skipped=skipped)
+
+
+def counts_of(metrics) -> dict[str, int]:
+    """The `n.<group>` sample counts of a reply's metrics (values as sent: the coordinator checks their types)."""
+    return {k[len(COUNT):]: v for k, v in metrics.items() if k.startswith(COUNT)}
