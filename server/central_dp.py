@@ -20,17 +20,30 @@ patient data, so k_g is public (replace-one-site adjacency). Epsilon per round
 is accounted with Opacus's RDP accountant at sample rate 1 (every site, every
 round; no amplification), because Flower's own accountant requires plain
 FedAvg.aggregate_train.
+
+Replies are streamed (server/strategy.py) here too. Flower's wrappers would
+first collect every reply (`list(replies)`), so their aggregate_train is
+replaced by the same steps on the stream: the inner strategy checks each reply
+as it arrives, server-side clipping clips it then with Flower's
+`compute_clip_model_update` (whole update to clipping_norm, as the wrapper
+does), the clipped update is folded into the uniform running sum, and the
+aggregate gets the per-group noise once. A reply is checked before it is
+clipped (Flower clipped first and crashed on a wrongly shaped one); the update
+bound still applies to the clipped update, so which replies count does not
+depend on the size of an update.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from privacy.dp_sgd import epsilon_of
-from server.strategy import ARRAYS, TaskAwareFedAvg
+from server.strategy import TaskAwareFedAvg, array_view, npy_array
+from transport.protocol import ARRAYS
 
 
 class TaskAwareCentralDP:
@@ -39,32 +52,19 @@ class TaskAwareCentralDP:
     delta: float = 1e-5
     releases: int = 0  # aggregates released so far in this run (restored on resume)
 
-    def __getattr__(self, name):  # rejections, accepted, skips, ... live on the inner strategy
+    def __getattr__(self, name):  # outcome, who, sent_to, ... live on the inner strategy
         if name == "strategy":
             raise AttributeError(name)
         return getattr(self.strategy, name)
 
     def aggregate_train(self, server_round: int, replies):
-        inner: TaskAwareFedAvg = self.strategy
-        kept, dropped = [], []
-        for msg in replies:
-            # Flower's wrappers give up on a whole round when one reply is an error, and clip by array
-            # position: drop errors and foreign key sets here (recorded with the inner rejections), and put
-            # each reply's arrays in the global model's order
-            who = inner.who(msg)
-            if msg.has_error():
-                dropped.append({**who, "reason": f"site error: {msg.error.reason}"})
-                continue
-            if ARRAYS in msg.content.array_records:
-                arrays = msg.content.array_records[ARRAYS]
-                if set(arrays.keys()) != set(inner.reference):
-                    dropped.append({**who, "reason": "keys differ from the global model"})
-                    continue
-                msg.content[ARRAYS] = ArrayRecord({k: arrays[k] for k in inner.reference})
-            kept.append(msg)
-        self.num_sampled_clients = max(1, len(kept))
-        arrays, metrics = super().aggregate_train(server_round, kept)
-        inner.rejections = dropped + inner.rejections
+        """Flower's wrapper steps on a stream of replies (see the module docstring); errors and bad replies are
+        the inner strategy's rejections instead of the end of the round."""
+        event = self._pop_pending_event(server_round)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)
+            self._compose_release(event)
         return arrays, metrics
 
     def _compose_release(self, event) -> None:  # Flower calls it once per released (noised) aggregate
@@ -80,11 +80,13 @@ class TaskAwareCentralDP:
         rng = np.random.default_rng()
         out = {}
         for key, a in aggregated.items():
-            x, k = a.numpy(), self.strategy.contributors.get(key, 0)
-            if k > 0:
-                std = self.noise_multiplier * self.clipping_norm / k
-                x = (x + rng.normal(0.0, std, x.shape)).astype(x.dtype)
-            out[key] = Array(x)
+            k = self.strategy.outcome.contributors.get(key, 0)
+            if k == 0:
+                out[key] = a
+                continue
+            x = array_view(a)
+            std = self.noise_multiplier * self.clipping_norm / k
+            out[key] = npy_array((x + rng.normal(0.0, std, x.shape)).astype(x.dtype))
         return ArrayRecord(out)
 
     def epsilon(self, releases: int | None = None) -> float:
@@ -100,7 +102,13 @@ class TaskAwareCentralDP:
 
 
 class ServerClippingDP(TaskAwareCentralDP, DifferentialPrivacyServerSideFixedClipping):
-    pass
+    def clip_reply(self, msg: Message) -> None:
+        """Clip a checked reply's whole update to clipping_norm, in the message (as Flower's wrapper does)."""
+        reference = self.strategy.reference
+        record = msg.content.array_records[ARRAYS]
+        clipped = [array_view(record[k]) for k in reference]
+        compute_clip_model_update(param1=clipped, param2=list(reference.values()), clipping_norm=self.clipping_norm)
+        msg.content[ARRAYS] = ArrayRecord({k: npy_array(v) for k, v in zip(reference, clipped)})
 
 
 class ClientClippingDP(TaskAwareCentralDP, DifferentialPrivacyClientSideFixedClipping):
@@ -113,4 +121,6 @@ def wrap_central_dp(strategy: TaskAwareFedAvg, noise_multiplier: float, clipping
     cls = {"server": ServerClippingDP, "client": ClientClippingDP}[clipping]
     wrapped = cls(strategy, noise_multiplier, clipping_norm, num_sites)
     wrapped.delta = delta
+    if clipping == "server":
+        strategy.clip_reply = wrapped.clip_reply
     return wrapped

@@ -175,6 +175,7 @@ def status(
     from server.coordinator import settle_dead_coordinators
     from server.store import (Coordinator, PrivacyLedger, RejectedReply, Round, RoundAttempt, SiteMetric,
                               open_server_store)
+    from transport.protocol import ITEMS, LOSS, NUM_EXAMPLES
 
     console = Console()
     database = _database_url(config, database, console)
@@ -200,9 +201,9 @@ def status(
         for col in ("round", "phase", "sites", "attempts", "seconds", "train loss (mean)", "evaluation"):
             t.add_column(col)
         for r in rounds:
-            losses = [v for k, v in (r.train_metrics or {}).items() if k.startswith("loss.")]
+            losses = [v for k, v in (r.train_metrics or {}).items() if k.startswith(LOSS)]
             ev = ", ".join(f"{k} {v:.3f}" for k, v in (r.evaluate_metrics or {}).items()
-                           if not k.startswith("items.") and k != "num-examples")
+                           if not k.startswith(ITEMS) and k != NUM_EXAMPLES)
             t.add_row(str(r.round), f"{r.phase} {r.phase_round}", f"{r.sites_accepted}/{r.sites_replied}",
                       str(tries.get(r.round) or "-"), f"{r.seconds:.0f}",
                       f"{sum(losses) / len(losses):.3f}" if losses else "-", ev[:60] or "-")

@@ -27,6 +27,7 @@ from server.store import Coordinator, EnrolledSite, Round, Run, interrupt_attemp
 from transport.flower import (flower_env, register_supernode, run_status, start_superlink, stop, submit_run,
                               wait_for_port, write_app_dir, write_connection)
 from transport.processes import is_alive, proc_identity, record_tree, stop_leftovers
+from transport.protocol import LOSS
 
 CONNECTION = "m3fm"
 
@@ -256,7 +257,7 @@ def settle_dead_coordinators(engine, log=None) -> list[int]:
 
 
 def _round_line(r: Round, total: int) -> str:
-    losses = {k[5:]: v for k, v in (r.train_metrics or {}).items() if k.startswith("loss.")}
+    losses = {k[len(LOSS):]: v for k, v in (r.train_metrics or {}).items() if k.startswith(LOSS)}
     shown = ", ".join(f"{k} {v:.3f}" for k, v in list(losses.items())[:4]) + (" ..." if len(losses) > 4 else "")
     return (f"round {r.round}/{total} {r.phase} {r.phase_round}: {r.sites_accepted}/{r.sites_replied} sites, "
             f"{r.seconds:.0f}s; {shown}")

@@ -1,4 +1,10 @@
-"""Send a round's training messages and get every reply that can be had, retrying replies lost in transport.
+"""Send a round's messages and hand on each reply as it arrives, retrying training replies lost in transport.
+
+Messages go out with `grid.push_messages`; replies are pulled with `grid.pull_messages` every POLL_S seconds until
+every node answered or the round timeout passed. The SuperLink hands out each reply once (pulling deletes it), and
+a pull returns every reply available for the ids it names, fully inflated, so ids are pulled one at a time: each
+reply is given to the caller (the strategy folds it, server/strategy.py) and let go before the next is pulled,
+and the coordinator never holds more than one reply's arrays, however many sites answer together.
 
 A reply can be lost with no fault of the site: the SuperLink answers for a node whose heartbeat lapsed
 (NODE_UNAVAILABLE; after a coordinator restart this is often a site's previous SuperNode while its new one has
@@ -6,17 +12,17 @@ already connected), a message or reply expired (MESSAGE_UNAVAILABLE, REPLY_MESSA
 process died (CLIENT_APP_CRASHED), or nothing came back before the round timeout. When too few usable replies are
 left for the round to count, the same training message goes again to the connected nodes that have not answered,
 at most `retries` times; a site that answered (or failed by itself: a ClientApp exception is not retried, it would
-fail again) is never asked twice. Each attempt is reported to `on_attempt` so the round loop can record it.
+fail again) is never asked twice. Each attempt is reported to `on_attempt` so the round loop can record it. The
+lost replies of nodes that never answered come last, once every attempt is over, so the strategy records them.
 
 Flower's error replies come from the SuperLink (src_node_id 1), so a reply is matched to its site by the message
-it answers (`reply_to_message_id` -> the node it was sent to), never by its sender.
+it answers (`reply_to_message_id` -> the node it was sent to, in `sent_to`), never by its sender.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
@@ -25,9 +31,11 @@ from sqlalchemy.orm import Session
 
 from server.store import RoundAttempt, now
 
+POLL_S = 0.1  # between pulls of the replies still awaited
 LOST_CODES = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE,
               ErrorCode.CLIENT_APP_CRASHED}
 NO_REPLY = "no reply before the round timeout"
+NOT_PUSHED = "the SuperLink did not take the message"
 
 
 def lost_reason(reply: Message | None) -> str | None:
@@ -39,38 +47,63 @@ def lost_reason(reply: Message | None) -> str | None:
     return None
 
 
-@dataclass
-class Delivery:
-    replies: list[Message] = field(default_factory=list)  # one per node: its answer, else its last lost reply
-    sent_to: dict[str, int] = field(default_factory=dict)  # message id -> the node it went to (every attempt)
+def push(grid, messages: list[Message], sent_to: dict[str, int]) -> dict[str, int]:
+    """Push messages -> message id -> node of those the SuperLink took (also recorded in sent_to)."""
+    taken = {i for i in grid.push_messages(messages) if i}
+    pushed = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in taken}
+    sent_to.update(pushed)
+    return pushed
+
+
+def arrivals(grid, pending: dict[str, int], timeout: float) -> Iterator[tuple[int, Message]]:
+    """(node, reply) for the message ids in `pending` as their replies arrive, each once; what is left in
+    `pending` afterwards had no reply before the timeout."""
+    deadline = time.monotonic() + timeout
+    while pending:
+        for message_id in list(pending):
+            replies = list(grid.pull_messages([message_id]))
+            while replies:
+                reply = replies.pop(0)
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:  # a reply to something else, or one already handed on, is not ours
+                    yield node, reply
+                del reply  # the caller is done with it: it goes before the next pull
+        if not pending or time.monotonic() > deadline:
+            return
+        time.sleep(POLL_S)
+
+
+def stream(grid, messages: list[Message], timeout: float, sent_to: dict[str, int]) -> Iterator[Message]:
+    """Send once; the replies as they arrive (evaluation, reports: no retries, a missing reply is just missing)."""
+    for _, reply in arrivals(grid, push(grid, list(messages), sent_to), timeout):
+        yield reply
+        del reply
 
 
 def deliver(grid, make_messages: Callable[[list[int]], list[Message]], nodes: list[int], timeout: float,
-            retries: int, needed: int, on_attempt: Callable[[dict[int, str]], None] | None = None,
-            wait_s: float = 60.0) -> Delivery:
-    """Send to `nodes`; while fewer than `needed` nodes answered and some replies were lost, resend to the
-    connected nodes that have not answered (at most `retries` more times, waiting up to `wait_s` for enough
-    nodes to be connected). on_attempt(lost node -> reason) after each attempt."""
-    out = Delivery()
-    answered: dict[int, Message] = {}
-    lost_replies: dict[int, Message] = {}
+            retries: int, needed: int, sent_to: dict[str, int],
+            on_attempt: Callable[[dict[int, str]], None] | None = None, wait_s: float = 60.0) -> Iterator[Message]:
+    """Send to `nodes` and yield each answer as it arrives; while fewer than `needed` nodes answered and some
+    replies were lost, resend to the connected nodes that have not answered (at most `retries` more times, waiting
+    up to `wait_s` for enough nodes to be connected); then yield the last lost reply of each node that never
+    answered. on_attempt(lost node -> reason) after each attempt; sent_to gets every message id -> node."""
+    answered: set[int] = set()
+    lost_replies: dict[int, Message] = {}  # error replies only: no arrays
     targets = list(nodes)
     for attempt in range(1, retries + 2):
         messages = make_messages(targets)
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
-        out.sent_to.update(sent)
-        got = {sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r for r in replies}
-        lost = {}
-        for node in targets:
-            reason = lost_reason(got.get(node))
-            if reason is None:
-                answered[node] = got[node]
+        pending = push(grid, messages, sent_to)
+        lost = {m.metadata.dst_node_id: NOT_PUSHED for m in messages if m.metadata.message_id not in pending}
+        for node, reply in arrivals(grid, pending, timeout):
+            if (reason := lost_reason(reply)) is None:
+                answered.add(node)
                 lost_replies.pop(node, None)
+                lost.pop(node, None)
+                yield reply
             else:
-                lost[node] = reason
-                if node in got:
-                    lost_replies[node] = got[node]
+                lost[node], lost_replies[node] = reason, reply
+            del reply
+        lost.update({node: NO_REPLY for node in pending.values()})
         if on_attempt is not None:
             on_attempt(lost)
         if not lost or len(answered) >= needed or attempt > retries:
@@ -78,11 +111,12 @@ def deliver(grid, make_messages: Callable[[list[int]], list[Message]], nodes: li
         targets = _waiting_nodes(grid, answered, needed, wait_s)
         if not targets:
             break
-    out.replies = list(answered.values()) + [r for n, r in lost_replies.items() if n not in answered]
-    return out
+    for node, reply in lost_replies.items():
+        if node not in answered:
+            yield reply
 
 
-def _waiting_nodes(grid, answered: dict[int, Message], needed: int, wait_s: float) -> list[int]:
+def _waiting_nodes(grid, answered: set[int], needed: int, wait_s: float) -> list[int]:
     """Connected nodes that have not answered, once answered + these could reach `needed` (bounded wait)."""
     deadline = time.monotonic() + wait_s
     while True:

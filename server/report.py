@@ -21,11 +21,14 @@ from m3fm.metrics import SUPPRESSED
 from m3fm.report_html import figure, new_axes, page, png, table, write_text_atomic
 from m3fm.tasks import TASK_INDEX
 from server.store import PrivacyLedger, RejectedReply, Round, Run, SiteMetric, SiteReport
+from transport.protocol import LOSS
+
+EVALUATE_LOSS = "loss:"  # "loss:<task or objective>": how m3fm/local.py names an evaluation's mean loss
 
 
 def mean_loss(metrics: dict | None) -> float | None:
     """The mean of a reply's loss.* (training) or loss:* (evaluation) values."""
-    losses = [v for k, v in (metrics or {}).items() if k.startswith(("loss.", "loss:")) and isinstance(v, (int, float))]
+    losses = [v for k, v in (metrics or {}).items() if k.startswith((LOSS, EVALUATE_LOSS)) and isinstance(v, (int, float))]
     return float(np.mean(losses)) if losses else None
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -30,11 +30,14 @@ from m3fm.model.m3fm import M3FM
 from server.central_dp import TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
 from server.report import write_run_report
-from server.delivery import Only, RoundAttempts, deliver
+from server.delivery import Only, RoundAttempts, deliver, stream
 from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, Run, SiteMetric, SiteReport,
                           interrupt_attempts, last_checkpoint, latest_run, now, open_server_store)
 from server.secure import secure_train_round
-from server.strategy import TaskAwareFedAvg, array_record, build_strategy, weighted_metrics
+from server.strategy import (RoundOutcome, TaskAwareFedAvg, array_record, build_strategy, evaluate_round,
+                             train_round, weighted_metrics)
+from transport.protocol import (ARRAYS, CONFIG, COUNT, DP, REPORT, REPORT_JSON, REPORT_RECORD, SITE_ID, SKIPPED,
+                                EvaluateConfig, ReportConfig, RoundConfig)
 
 
 class RunError(RuntimeError):
@@ -82,12 +85,11 @@ def wait_for_sites(grid, n: int, timeout: float) -> list[int]:
 
 def phase_config(cfg: ServerConfig, server_round: int) -> ConfigRecord:
     phase, phase_round = cfg.phase_of(server_round)
-    return ConfigRecord({"phase": phase.name, "phase-round": phase_round, "rounds": phase.rounds,
-                         "local-steps": phase.local_steps, "lr": phase.lr, "batch-size": phase.batch_size,
-                         "warmup-steps": phase.warmup_steps, "scales": ",".join(phase.scales),
-                         "tasks": ",".join(phase.tasks), "tasks-per-step": phase.tasks_per_step,
-                         "model": cfg.model, "seed": cfg.seed, "run-name": cfg.name, "server-round": server_round,
-                         **dp_sgd_config(cfg)})
+    return ConfigRecord(RoundConfig(
+        phase=phase.name, phase_round=phase_round, rounds=phase.rounds, local_steps=phase.local_steps, lr=phase.lr,
+        batch_size=phase.batch_size, model=cfg.model, warmup_steps=phase.warmup_steps, scales=tuple(phase.scales),
+        tasks=tuple(phase.tasks), tasks_per_step=phase.tasks_per_step, seed=cfg.seed, run_name=cfg.name,
+        server_round=server_round, extra=dp_sgd_config(cfg)).to_config())
 
 
 def dp_sgd_config(cfg: ServerConfig) -> dict:
@@ -169,7 +171,7 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
         run.status, run.updated_at = "completed", now()
         s.commit()
     if cfg.site_reports:  # after "completed": a failure here never makes a trained run look unfinished
-        collect_site_reports(grid, cfg, getattr(strategy, "strategy", strategy), engine, run_id, arrays, log)
+        collect_site_reports(grid, cfg, strategy, engine, run_id, arrays, log)
         html = write_run_report(engine, run_id, cfg.run_dir(run_id))[1]
         log(f"run report: {html}")
     engine.dispose()
@@ -179,14 +181,12 @@ def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: i
 def collect_site_reports(grid, cfg: ServerConfig, strategy, engine, run_id: int, arrays: ArrayRecord, log) -> int:
     """Send the final weights to every site as a `query.report` message; each keeps the model, writes its own
     report (client/report.py) and answers with its aggregates, stored in site_reports. -> reports received."""
-    config = ConfigRecord({"model": cfg.model, "run-name": cfg.name, "run-id": run_id, "server-round": cfg.total_rounds,
-                           "split": "test", "threshold": 0.5})
-    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type="query.report")
+    config = ConfigRecord(ReportConfig(model=cfg.model, run_name=cfg.name, run_id=run_id,
+                                       server_round=cfg.total_rounds).to_config())
+    messages = [Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=node, message_type=REPORT)
                 for node in grid.get_node_ids()]
     rows = []
-    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-    strategy.sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    for reply in replies:
+    for reply in stream(grid, messages, cfg.round_timeout, strategy.sent_to):
         who = strategy.who(reply)
         node = who["node_id"]
         if reply.has_error():
@@ -194,7 +194,7 @@ def collect_site_reports(grid, cfg: ServerConfig, strategy, engine, run_id: int,
                                       **who))
             continue
         try:
-            report = json.loads(str(reply.content["report"]["json"]))
+            report = json.loads(str(reply.content[REPORT_RECORD][REPORT_JSON]))
             report["site_id"], report["tasks"]  # what the run report reads
         except (ValueError, KeyError, TypeError) as e:  # one malformed reply is recorded; the others still count
             rows.append(RejectedReply(run_id=run_id, round=cfg.total_rounds, kind="report",
@@ -210,42 +210,43 @@ def collect_site_reports(grid, cfg: ServerConfig, strategy, engine, run_id: int,
     return got
 
 
-def train_securely(grid, cfg: ServerConfig, strategy, arrays: ArrayRecord, rnd: int, nodes: list[int]):
-    """A SecAgg+ training round (server/secure.py) -> (new arrays or None, aggregated clear metrics); fills the
-    strategy's accepted/skips/rejections as aggregate_train would, and releases central DP's noisy mean."""
+def train_securely(grid, cfg: ServerConfig, strategy, arrays: ArrayRecord, rnd: int, nodes: list[int]) -> RoundOutcome:
+    """A SecAgg+ training round (server/secure.py) -> its outcome, as train_round would give it (the sites' clear
+    metrics name them); central DP's noise goes on the unmasked mean."""
     inner: TaskAwareFedAvg = getattr(strategy, "strategy", strategy)
     config = dict(phase_config(cfg, rnd))
     if isinstance(strategy, TaskAwareCentralDP):
         config[KEY_CLIPPING_NORM] = strategy.clipping_norm
     packed, contributors, done = secure_train_round(grid, cfg.secagg, arrays, config, rnd, nodes)
-    inner.rejections = [{"site_id": "unknown", "node_id": "", "reason": f"SecAgg+ failure: {e}"} for e in done.failures]
-    inner.skips, inner.accepted, usable = [], [], []
+    inner.outcome = outcome = RoundOutcome(replies=len(nodes), contributors=contributors, rejections=[
+        {"site_id": "unknown", "node_id": "", "reason": f"SecAgg+ failure: {e}"} for e in done.failures])
+    usable = []
     for node, metrics in done.site_metrics:
-        who = {"site_id": str(metrics.pop("site_id", f"node-{node}")), "node_id": str(node)}
-        if skipped := metrics.pop("skipped", ""):
-            inner.skips.append({**who, "reason": str(skipped)})
+        who = {"site_id": str(metrics.pop(SITE_ID, f"node-{node}")), "node_id": str(node)}
+        if skipped := metrics.pop(SKIPPED, ""):
+            outcome.skips.append({**who, "reason": str(skipped)})
         else:
-            inner.accepted.append({**who, "metrics": metrics})
-            usable.append((metrics, int(metrics.get("n.shared", 1))))
+            outcome.accepted.append({**who, "metrics": metrics})
+            usable.append((MetricRecord(metrics), int(metrics.get(f"{COUNT}shared", 1))))
     if packed is None:
-        return None, None
-    inner.contributors, inner.untrained = contributors, {k for k, n in contributors.items() if n == 0}
-    new_arrays = array_record(packed)
+        return outcome
+    outcome.arrays = array_record(packed)
     if isinstance(strategy, TaskAwareCentralDP):
-        new_arrays = strategy.release(new_arrays)
-    return new_arrays, weighted_metrics(usable) if usable else None
+        outcome.arrays = strategy.release(outcome.arrays)
+    outcome.metrics = weighted_metrics(usable) if usable else None
+    return outcome
 
 
-def privacy_rows(strategy, run_id: int, rnd: int) -> list[PrivacyLedger]:
+def privacy_rows(strategy, outcome: RoundOutcome, run_id: int, rnd: int) -> list[PrivacyLedger]:
     """The round's ledger: each DP-SGD site's spend (from its reply), and central DP's release if any."""
     rows = []
-    for a in strategy.accepted:
+    for a in outcome.accepted:
         m = a["metrics"]
-        if "dp.epsilon" in m:
+        if f"{DP}epsilon" in m:
             rows.append(PrivacyLedger(run_id=run_id, round=rnd, site_id=a["site_id"], mechanism="dp-sgd",
-                                      epsilon=m["dp.epsilon"], epsilon_round=m["dp.epsilon-round"], delta=m["dp.delta"],
-                                      noise_multiplier=m["dp.noise-multiplier"], sample_rate=m["dp.sample-rate"],
-                                      steps=int(m["dp.steps"])))
+                                      epsilon=m[f"{DP}epsilon"], epsilon_round=m[f"{DP}epsilon-round"],
+                                      delta=m[f"{DP}delta"], noise_multiplier=m[f"{DP}noise-multiplier"],
+                                      sample_rate=m[f"{DP}sample-rate"], steps=int(m[f"{DP}steps"])))
     if isinstance(strategy, TaskAwareCentralDP) and strategy.releases:
         eps, before = strategy.epsilon(), strategy.epsilon(strategy.releases - 1)
         rows.append(PrivacyLedger(run_id=run_id, round=rnd, site_id="*", mechanism="central-dp", epsilon=eps,
@@ -260,64 +261,62 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
     phase, phase_round = cfg.phase_of(rnd)
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
     attempts = RoundAttempts(engine, run_id, rnd, flwr_run_id)
+    inner: TaskAwareFedAvg = getattr(strategy, "strategy", strategy)
     if cfg.secagg is not None:
         attempts.start(len(nodes))
-        replies, (new_arrays, train_metrics) = nodes, train_securely(grid, cfg, strategy, arrays, rnd, nodes)
+        outcome = train_securely(grid, cfg, strategy, arrays, rnd, nodes)
     else:
-        inner = getattr(strategy, "strategy", strategy)
-        config = phase_config(cfg, rnd)
-
-        first: list[Message] = []
+        # the strategy samples (its own wait would block on fewer nodes than min_sites) and takes the round's
+        # global weights now, before any reply is checked against them
+        first = list(strategy.configure_train(rnd, arrays, phase_config(cfg, rnd), Only(grid, nodes)))
+        sendings: list[list[Message]] = []
 
         def messages(to: list[int]) -> list[Message]:
             attempts.start(len(to))
-            if not first:  # the strategy samples (its own wait would block on fewer nodes than min_sites)
-                first.extend(strategy.configure_train(rnd, arrays, config, Only(grid, to)))
-                return first
-            return [Message(content=first[0].content, message_type=first[0].metadata.message_type, dst_node_id=n)
-                    for n in to]
+            sendings.append(first if not sendings else [
+                Message(content=first[0].content, message_type=first[0].metadata.message_type, dst_node_id=n)
+                for n in to])
+            return sendings[-1]
 
-        sent = deliver(grid, messages, nodes, cfg.round_timeout, cfg.round_retries, cfg.min_sites,
-                       on_attempt=lambda lost: attempts.end(lost, inner, log))
-        inner.sent_to.update(sent.sent_to)
-        replies = sent.replies
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-    problems = [RejectedReply(run_id=run_id, round=rnd, kind="rejected", **r) for r in strategy.rejections]
-    problems += [RejectedReply(run_id=run_id, round=rnd, kind="skip", **r) for r in strategy.skips]
-    if len(strategy.accepted) < cfg.min_sites:
+        replies = deliver(grid, messages, nodes, cfg.round_timeout, cfg.round_retries, cfg.min_sites, inner.sent_to,
+                          on_attempt=lambda lost: attempts.end(lost, inner, log))
+        outcome = train_round(strategy, rnd, replies)  # each reply is folded as it arrives
+    problems = [RejectedReply(run_id=run_id, round=rnd, kind="rejected", **r) for r in outcome.rejections]
+    problems += [RejectedReply(run_id=run_id, round=rnd, kind="skip", **r) for r in outcome.skips]
+    if len(outcome.accepted) < cfg.min_sites:
         with Session(engine) as s:  # the rejections are kept even though the round is not
             s.add_all(problems)
             s.commit()
-        why = "; ".join(f"{r['site_id']}: {r['reason']}" for r in strategy.rejections + strategy.skips) or "no replies"
+        why = "; ".join(f"{r['site_id']}: {r['reason']}" for r in outcome.rejections + outcome.skips) or "no replies"
         attempts.fail(why)
-        raise RunError(f"round {rnd}: {len(strategy.accepted)} usable replies of {len(replies)}, fewer than "
+        raise RunError(f"round {rnd}: {len(outcome.accepted)} usable replies of {outcome.replies}, fewer than "
                        f"run.min_sites = {cfg.min_sites} ({why})")
-    arrays = new_arrays
+    arrays = outcome.arrays
     rows = [SiteMetric(run_id=run_id, round=rnd, site_id=a["site_id"], node_id=a["node_id"], kind="train",
-                       metrics=a["metrics"]) for a in strategy.accepted]
+                       metrics=a["metrics"]) for a in outcome.accepted]
     evaluate_metrics = None
     if cfg.evaluates_after(rnd):
         wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
-        config = ConfigRecord({"phase": phase.name, "model": cfg.model, "seed": cfg.seed})
-        ereplies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config, grid), timeout=cfg.round_timeout)
-        aggregated = strategy.aggregate_evaluate(rnd, list(ereplies))
-        evaluate_metrics = dict(aggregated) if aggregated is not None else {}
-        for e in strategy.evaluations:
+        config = ConfigRecord(EvaluateConfig(phase=phase.name, model=cfg.model, seed=cfg.seed).to_config())
+        sent = strategy.configure_evaluate(rnd, arrays, config, grid)
+        evaluate_round(strategy, rnd, stream(grid, list(sent), cfg.round_timeout, inner.sent_to))
+        evaluate_metrics = dict(outcome.evaluate_metrics or {})
+        for e in outcome.evaluations:
             if "metrics" in e:
                 rows.append(SiteMetric(run_id=run_id, round=rnd, site_id=e["site_id"], node_id=e["node_id"],
                                        kind="evaluate", metrics=e["metrics"]))
             else:
                 problems.append(RejectedReply(run_id=run_id, round=rnd, site_id=e["site_id"], node_id=e["node_id"],
                                               kind="evaluate", reason=e["error"]))
-    rows += privacy_rows(strategy, run_id, rnd)
+    rows += privacy_rows(strategy, outcome, run_id, rnd)
     path = cfg.run_dir(run_id) / f"round-{rnd:04d}.pt"
     state = unpack_state({k: a.numpy() for k, a in arrays.items()}, shapes)
     sha = save_round(path, cfg, rnd, state, strategy.state())
     seconds = time.perf_counter() - t0
     with Session(engine) as s:
         s.add(Round(run_id=run_id, round=rnd, phase=phase.name, phase_round=phase_round, flwr_run_id=_text(flwr_run_id),
-                    sites_replied=len(replies), sites_accepted=len(strategy.accepted),
-                    train_metrics=dict(train_metrics or {}), evaluate_metrics=evaluate_metrics, seconds=seconds))
+                    sites_replied=outcome.replies, sites_accepted=len(outcome.accepted),
+                    train_metrics=dict(outcome.metrics or {}), evaluate_metrics=evaluate_metrics, seconds=seconds))
         s.add_all(rows + problems)
         s.add(Checkpoint(run_id=run_id, round=rnd, path=str(path), sha256=sha))
         attempts.finish(s)
@@ -325,6 +324,5 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
         run.updated_at = now()
         s.commit()
     log(f"round {rnd}/{cfg.total_rounds} ({phase.name} {phase_round}/{phase.rounds}): "
-        f"{len(strategy.accepted)}/{len(replies)} sites accepted, {seconds:.1f}s")
+        f"{len(outcome.accepted)}/{outcome.replies} sites accepted, {seconds:.1f}s")
     return arrays
-

@@ -1,33 +1,101 @@
-"""Task-aware aggregation as Flower strategies: FedAvg, FedProx and FedAdam with per-group averaging.
+"""Task-aware aggregation as Flower strategies: FedAvg, FedProx and FedAdam with per-group averaging, folded
+reply by reply as the replies arrive.
 
-Every reply is checked before it counts (same keys, shapes and dtypes as the
-global model, all finite, sample counts that name real parameter groups, an
-update no larger than the configured bound); a failing reply is dropped and
-kept in `rejections` with its reason. Each parameter is then averaged over the
-sites that trained its group (m3fm/model/groups.py; weights travel packed,
-one vector per group, m3fm/model/packing.py), weighted by their sample
-counts for that group; a parameter nobody trained keeps its value. FedProx and
-FedAdam keep Flower's own logic around that average (the proximal term travels
-in the train config; FedAdam's server step runs on the task-aware average).
+`aggregate_train` takes any iterable of replies; server/delivery.py hands them over one at a time as they come
+off the SuperLink. Every reply is checked before it counts (same keys, shapes and dtypes as the global model, all
+finite, sample counts that name real parameter groups, an update no larger than the configured bound); a failing
+reply is dropped and recorded in the round's outcome with its reason. A good one is folded into a `TaskAwareSum`
+and let go before the next one is taken, so the coordinator holds the global model, one running sum and one
+reply, whatever the number of sites. Each parameter ends up averaged over the sites that trained its group
+(m3fm/model/groups.py; weights travel packed, one vector per group, m3fm/model/packing.py), weighted by their
+sample counts for that group; a parameter nobody trained keeps its value. `task_aware_average` is the same average
+over a list of replies, kept as the reference the running sum is tested against. FedProx and FedAdam keep
+Flower's own logic around that average (the proximal term travels in the train config; FedAdam's server step runs
+on the task-aware average).
+
+What a round came to (accepted, skipped and rejected replies, contributors per group, the new weights, the
+evaluation) is one `RoundOutcome`, the strategy's `outcome`; `train_round` and `evaluate_round` return it.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SType
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from m3fm.model.packing import group_of_packed
+from transport.protocol import (ARRAYS, COUNT, DP, ITEMS, METRICS, NUM_EXAMPLES, SITE, SITE_ID, SKIPPED, counts_of,
+                                train_type)
 
-COUNT = "n."  # metric keys "n.<group>": the site's sample count for a parameter group
-SITE_RECORD, ARRAYS, METRICS = "site", "arrays", "metrics"
+CHUNK = 1 << 16  # values per step of the loops over a group: temporaries stay in cache, never a group's size
 
 
-def array_record(packed: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in packed.items()})
+# ---- arrays on the wire, without extra copies ----
 
+def array_view(a: Array) -> np.ndarray:
+    """An Array's values as a read-only view into its .npy bytes. Array.numpy() copies them, which for the shared
+    trunk (about 80% of the model) would hold most of a reply twice."""
+    if a.stype != SType.NUMPY:
+        raise TypeError(f"unsupported serialization {a.stype!r}")
+    data = memoryview(a.data)
+    major = data[6] if len(data) > 9 else 0
+    start = {1: 10, 2: 12}.get(major)
+    if start is None:  # not a version 1 or 2 .npy
+        return a.numpy()
+    header_len = int.from_bytes(data[8:start], "little")
+    head = io.BytesIO(data[:start + header_len].tobytes())
+    version = np.lib.format.read_magic(head)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(head)
+    if fortran_order or dtype.hasobject:
+        return a.numpy()
+    count = math.prod(shape)
+    return np.frombuffer(a.data, dtype=dtype, count=count, offset=start + header_len).reshape(shape)
+
+
+def npy_array(x: np.ndarray) -> Array:
+    """An Array holding x's .npy bytes, made with one copy (Array(x) writes through a BytesIO and copies again)."""
+    x = np.ascontiguousarray(x)
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(x))
+    return Array(dtype=str(x.dtype), shape=tuple(int(n) for n in x.shape), stype=SType.NUMPY,
+                 data=b"".join((head.getvalue(), x.reshape(-1).view(np.uint8).data)))
+
+
+def array_record(packed: dict[str, np.ndarray], consume: bool = False) -> ArrayRecord:
+    """consume: empty `packed` as it goes, so each array is let go as soon as its bytes are made."""
+    record = ArrayRecord()
+    for key in list(packed):
+        record[key] = npy_array(packed.pop(key) if consume else packed[key])
+    return record
+
+
+def squared_distance(x: np.ndarray, ref: np.ndarray) -> float:
+    """||x - ref||^2, chunk by chunk: float32 dot products per chunk (BLAS), summed in float64; a chunk whose
+    float32 sum overflows is summed again in float64. nan/inf when x holds a non-finite value."""
+    x, ref = x.reshape(-1), ref.reshape(-1)
+    scratch = np.empty(min(CHUNK, x.size), np.result_type(x.dtype, np.float32))
+    total = 0.0
+    for start in range(0, x.size, CHUNK):
+        xs, rs = x[start:start + CHUNK], ref[start:start + CHUNK]
+        d = scratch[:xs.size]
+        np.subtract(xs, rs, out=d)
+        part = float(np.dot(d, d))
+        if not math.isfinite(part) and np.isfinite(xs).all():
+            d64 = xs.astype(np.float64) - rs
+            part = float(np.dot(d64, d64))
+        total += part
+    return total
+
+
+# ---- the checks and the average ----
 
 def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], max_update_norm: float) -> str | None:
     """Why a train reply cannot be aggregated, or None when it can."""
@@ -37,11 +105,11 @@ def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], m
     missing, unexpected = reference.keys() - arrays.keys(), arrays.keys() - reference.keys()
     if missing or unexpected:
         return f"keys differ from the global model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-    counts = {k[len(COUNT):]: v for k, v in metrics.items() if k.startswith(COUNT)}
+    counts = counts_of(metrics)
     if bad := sorted(g for g in counts if g not in groups):
         return f"sample counts name unknown parameter groups {bad[:5]}"
     if any(not isinstance(v, int) or v < 0 for v in counts.values()) or counts.get("shared", 0) <= 0:
-        return f"sample counts must be non-negative integers with n.shared > 0, got {counts}"
+        return f"sample counts must be non-negative integers with {COUNT}shared > 0, got {counts}"
     squared = 0.0
     for key, ref in reference.items():
         a = arrays[key]
@@ -49,18 +117,73 @@ def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], m
             return f"shape of {key}: expected {ref.shape}, got {tuple(a.shape)}"
         if a.dtype != str(ref.dtype):
             return f"dtype of {key}: expected {ref.dtype}, got {a.dtype}"
-        x = a.numpy()
-        if not np.isfinite(x).all():
+        try:
+            x = array_view(a)
+        except (ValueError, TypeError) as e:
+            return f"unreadable values of {key}: {e}"
+        if x.shape != ref.shape or x.dtype != ref.dtype:  # the bytes say otherwise than the array's own fields
+            return f"values of {key}: expected {ref.dtype} {ref.shape}, the data holds {x.dtype} {x.shape}"
+        part = squared_distance(x, ref)
+        if not math.isfinite(part):
             return f"non-finite values in {key}"
-        squared += float(np.sum((x.astype(np.float64) - ref) ** 2))
+        squared += part
     if (norm := squared ** 0.5) > max_update_norm:
         return f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g}"
     return None
 
 
+class TaskAwareSum:
+    """The task-aware average of replies folded one at a time. Per packed key it keeps the weighted sum of the
+    sites' updates (weights minus the global ones) in the model's float type, plus the total weight and the number
+    of sites: summing updates rather than weights keeps float32 exact to its last bit or so (an update is small next
+    to the weights), and a float64 sum would double the coordinator's largest buffer. Weights are sample counts for
+    the key's group, or 1 (`uniform`: central DP); a site that did not train a group adds nothing to it."""
+
+    def __init__(self, reference: Mapping[str, np.ndarray], uniform: bool = False):
+        self.reference, self.uniform = reference, uniform
+        self.sums: dict[str, np.ndarray] = {}  # made on a key's first contribution
+        self.weights: dict[str, int] = defaultdict(int)
+        self.contributors = {key: 0 for key in reference}
+
+    def add(self, arrays: Mapping[str, np.ndarray], counts: Mapping[str, int]) -> None:
+        for key, ref in self.reference.items():
+            n = counts.get(group_of_packed(key), 0)
+            if n <= 0:
+                continue
+            w = 1 if self.uniform else n
+            acc = self.sums.get(key)
+            if acc is None:
+                acc = self.sums[key] = np.zeros(ref.size, np.result_type(ref.dtype, np.float32))
+            x, r = arrays[key].reshape(-1), ref.reshape(-1)
+            scratch = np.empty(min(CHUNK, r.size), acc.dtype)
+            for start in range(0, r.size, CHUNK):
+                stop = start + CHUNK
+                d = scratch[:min(CHUNK, r.size - start)]
+                np.subtract(x[start:stop], r[start:stop], out=d)
+                if w != 1:
+                    d *= w
+                acc[start:stop] += d
+            self.weights[key] += w
+            self.contributors[key] += 1
+
+    def result(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """-> the averaged arrays (the running sums, reused in place), and per key the sites that trained it
+        (0: the global value, unchanged). The sum cannot take more replies afterwards."""
+        out = {}
+        for key, ref in self.reference.items():
+            acc = self.sums.pop(key, None)
+            if acc is None:
+                out[key] = ref
+                continue
+            acc /= self.weights[key]
+            acc += ref.reshape(-1)
+            out[key] = acc.reshape(ref.shape).astype(ref.dtype, copy=False)
+        return out, dict(self.contributors)
+
+
 def task_aware_average(reference: dict[str, np.ndarray], replies: list[tuple[dict[str, np.ndarray], dict[str, int]]],
                        uniform: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Packed weights (m3fm/model/packing.py): one vector per parameter group.
+    """The batch form of TaskAwareSum, in float64 over a list: the reference its running sum is tested against.
     replies: (arrays, group -> sample count); uniform: every site that trained a group counts once (central DP).
     -> new arrays, and per key the number of sites that trained it (0: kept as it was)."""
     out, contributors = {}, {}
@@ -84,12 +207,30 @@ def weighted_metrics(replies: list[tuple[MetricRecord, int]]) -> MetricRecord:
     sums, weights = defaultdict(float), defaultdict(float)
     for metrics, w in replies:
         for k, v in metrics.items():
-            if k.startswith((COUNT, "dp.")) or not isinstance(v, (int, float)):  # dp.*: per site, in the ledger
+            if k.startswith((COUNT, DP)) or not isinstance(v, (int, float)):  # dp.*: per site, in the ledger
                 continue
-            summed = k.startswith("items.") or k == "num-examples"
+            summed = k.startswith(ITEMS) or k == NUM_EXAMPLES
             sums[k] += float(v) * (1 if summed else w)
             weights[k] += 0 if summed else w
     return MetricRecord({k: sums[k] / weights[k] if weights[k] else sums[k] for k in sorted(sums)})
+
+
+@dataclass
+class RoundOutcome:
+    """What one round's replies came to. Each entry names site_id and node_id."""
+    replies: int = 0  # train replies taken: answers, and the lost ones delivery gave up on
+    accepted: list[dict] = field(default_factory=list)  # + metrics: every reply that counted
+    skips: list[dict] = field(default_factory=list)  # + reason: replied without training
+    rejections: list[dict] = field(default_factory=list)  # + reason: dropped
+    contributors: dict[str, int] = field(default_factory=dict)  # packed key -> sites that trained it
+    arrays: ArrayRecord | None = None  # the new global weights; None: no reply counted
+    metrics: MetricRecord | None = None  # training metrics, aggregated
+    evaluations: list[dict] = field(default_factory=list)  # + metrics or error: the round's evaluation replies
+    evaluate_metrics: MetricRecord | None = None
+
+    @property
+    def untrained(self) -> set[str]:
+        return {k for k, n in self.contributors.items() if n == 0}
 
 
 class TaskAwareFedAvg(FedAvg):
@@ -99,77 +240,90 @@ class TaskAwareFedAvg(FedAvg):
         super().__init__(*args, **kwargs)
         self.groups: set[str] = set()  # parameter groups of the model (set by build_strategy)
         self.max_update_norm = float("inf")
-        self.reference: dict[str, np.ndarray] = {}
-        self.rejections: list[dict] = []  # of the last aggregation: site, node, reason
-        self.skips: list[dict] = []  # sites that replied without training, and why
-        self.accepted: list[dict] = []  # site, node, metrics of every reply that counted
-        self.evaluations: list[dict] = []  # of the last evaluation: site, node, metrics or error
-        self.untrained: set[str] = set()
-        self.contributors: dict[str, int] = {}  # packed key -> sites that trained it, last aggregation
+        self.reference: dict[str, np.ndarray] = {}  # the global weights sent this round (views, no copy)
         self.uniform_weights = False  # central DP (server/central_dp.py): each site counts once per group
+        self.clip_reply = None  # server-side central DP: clips a checked reply before it counts (central_dp.py)
+        self.outcome = RoundOutcome()  # of the round aggregated last
         self.sent_to: dict[str, int] = {}  # message id -> node it went to (server/delivery.py), to name replies
         self.site_names: dict[int, str] = {}  # node -> the site id it last answered with
+
+    # read by tests/test_privacy.py; the round loop reads `outcome`
+    rejections = property(lambda self: self.outcome.rejections)
+    accepted = property(lambda self: self.outcome.accepted)
 
     def who(self, msg: Message) -> dict:
         """The site and node a reply answers for. The SuperLink sends error replies itself (src_node_id 1), so the
         node is the one the answered message went to; the site is what that node said it was, in this reply or
         an earlier one, else "node-N"."""
         node = self.sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-        rec = msg.content.config_records.get(SITE_RECORD) if not msg.has_error() else None
-        if rec and "site_id" in rec:
-            self.site_names[node] = str(rec["site_id"])
+        rec = msg.content.config_records.get(SITE) if not msg.has_error() else None
+        if rec and SITE_ID in rec:
+            self.site_names[node] = str(rec[SITE_ID])
         return {"site_id": self.site_names.get(node, f"node-{node}"), "node_id": str(node)}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
-        self.reference = {k: a.numpy() for k, a in arrays.items()}
+        self.reference = {k: array_view(a) for k, a in arrays.items()}
         messages = super().configure_train(server_round, arrays, config, grid)
-        action = f"train.{config['phase']}"  # the ClientApp routes on it: @app.train("pretrain") ...
+        action = train_type(config["phase"])  # the ClientApp routes on it: @app.train("pretrain") ...
         return [Message(content=m.content, message_type=action, dst_node_id=m.metadata.dst_node_id)
                 for m in messages]
 
-    def aggregate_train(self, server_round: int, replies):
-        self.rejections, self.skips, self.accepted = [], [], []
-        usable = []
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Check and fold each reply as it arrives -> (new arrays, aggregated metrics), (None, None) when no
+        reply counted; the details go to self.outcome."""
+        self.outcome = RoundOutcome()
+        running = TaskAwareSum(self.reference, self.uniform_weights)
+        counted: list[tuple[MetricRecord, int]] = []
         for msg in replies:
-            who = self.who(msg)
-            if msg.has_error():
-                self.rejections.append({**who, "reason": f"site error: {msg.error.reason}"})
-                continue
-            if any(a["site_id"] == who["site_id"] for a in self.accepted):  # e.g. an old and a new SuperNode
-                self.rejections.append({**who, "reason": f"a second reply from {who['site_id']}; the first counted"})
-                continue
-            site = msg.content.config_records.get(SITE_RECORD) or {}
-            if site.get("skipped"):
-                self.skips.append({**who, "reason": str(site["skipped"])})
-                continue
-            if problem := reply_problem(msg.content, self.reference, self.groups, self.max_update_norm):
-                self.rejections.append({**who, "reason": problem})
-                continue
-            metrics = msg.content.metric_records[METRICS]
-            counts = {k[len(COUNT):]: int(v) for k, v in metrics.items() if k.startswith(COUNT)}
-            arrays = {k: a.numpy() for k, a in msg.content.array_records[ARRAYS].items()}
-            usable.append((arrays, counts, metrics))
-            self.accepted.append({**who, "metrics": dict(metrics)})
-        if not usable:
+            self.outcome.replies += 1
+            self._take(msg, running, counted)
+            del msg  # its arrays go now, before the next reply is pulled
+        if not self.outcome.accepted:
             return None, None
-        averaged, self.contributors = task_aware_average(self.reference, [(a, c) for a, c, _ in usable],
-                                                         self.uniform_weights)
-        self.untrained = {k for k, n in self.contributors.items() if n == 0}
-        metrics = weighted_metrics([(m, c["shared"]) for _, c, m in usable])
-        return array_record(averaged), metrics
+        averaged, self.outcome.contributors = running.result()
+        return array_record(averaged, consume=True), weighted_metrics(counted)
 
-    def aggregate_evaluate(self, server_round: int, replies):
-        self.evaluations = []
+    def _take(self, msg: Message, running: TaskAwareSum, counted: list) -> None:
+        """Record one reply in the outcome, folding it into `running` when it counts."""
+        out, who = self.outcome, self.who(msg)
+        if msg.has_error():
+            out.rejections.append({**who, "reason": f"site error: {msg.error.reason}"})
+            return
+        if any(a["site_id"] == who["site_id"] for a in out.accepted):  # e.g. an old and a new SuperNode
+            out.rejections.append({**who, "reason": f"a second reply from {who['site_id']}; the first counted"})
+            return
+        site = msg.content.config_records.get(SITE) or {}
+        if site.get(SKIPPED):
+            out.skips.append({**who, "reason": str(site[SKIPPED])})
+            return
+        if self.clip_reply is None:
+            problem = reply_problem(msg.content, self.reference, self.groups, self.max_update_norm)
+        elif (problem := reply_problem(msg.content, self.reference, self.groups, float("inf"))) is None:
+            self.clip_reply(msg)  # as Flower's wrapper did before any check: the bound applies to the clipped update
+            problem = reply_problem(msg.content, self.reference, self.groups, self.max_update_norm)
+        if problem:
+            out.rejections.append({**who, "reason": problem})
+            return
+        metrics = msg.content.metric_records[METRICS]
+        counts = {g: int(n) for g, n in counts_of(metrics).items()}
+        running.add({k: array_view(a) for k, a in msg.content.array_records[ARRAYS].items()}, counts)
+        counted.append((MetricRecord(dict(metrics)), counts["shared"]))
+        out.accepted.append({**who, "metrics": dict(metrics)})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        """Evaluation replies as they arrive -> weighted metrics, None when none had any; each reply's metrics or
+        error go to self.outcome.evaluations."""
+        self.outcome.evaluations = []
         usable = []
         for msg in replies:
             who = self.who(msg)
             if msg.has_error() or METRICS not in msg.content.metric_records:
                 reason = msg.error.reason if msg.has_error() else "no metrics"
-                self.evaluations.append({**who, "error": reason})
+                self.outcome.evaluations.append({**who, "error": reason})
                 continue
             metrics = msg.content.metric_records[METRICS]
-            self.evaluations.append({**who, "metrics": dict(metrics)})
-            usable.append((metrics, max(1, int(metrics.get("num-examples", 1)))))
+            self.outcome.evaluations.append({**who, "metrics": dict(metrics)})
+            usable.append((MetricRecord(dict(metrics)), max(1, int(metrics.get(NUM_EXAMPLES, 1)))))
         return weighted_metrics(usable) if usable else None
 
     def state(self) -> dict[str, np.ndarray]:
@@ -188,12 +342,13 @@ class TaskAwareFedProx(FedProx, TaskAwareFedAvg):
 class TaskAwareFedAdam(FedAdam, TaskAwareFedAvg):
     """FedAdam's server step on the task-aware average; parameters nobody trained stay where they were."""
 
-    def aggregate_train(self, server_round: int, replies):
-        arrays, metrics = super().aggregate_train(server_round, replies)
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        arrays, metrics = super().aggregate_train(server_round, replies)  # FedAdam only steps on the average
         if arrays is not None:
             # momentum would otherwise keep moving parameters no site trained this round; and Flower's step
             # computes in float64 (its bias correction is a NumPy float64), so cast back to the model's dtype
-            arrays = ArrayRecord({k: Array(self.reference[k] if k in self.untrained
+            untrained = self.outcome.untrained
+            arrays = ArrayRecord({k: Array(self.reference[k] if k in untrained
                                            else a.numpy().astype(self.reference[k].dtype))
                                   for k, a in arrays.items()})
         return arrays, metrics
@@ -209,6 +364,22 @@ class TaskAwareFedAdam(FedAdam, TaskAwareFedAvg):
         m = {k[4:]: v for k, v in state.items() if k.startswith("m_t/")}
         v = {k[4:]: v for k, v in state.items() if k.startswith("v_t/")}
         self.m_t, self.v_t = m or None, v or None
+
+
+def train_round(strategy, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
+    """The strategy (a TaskAwareFedAvg, or central DP's wrapper around one) aggregates the replies as they
+    arrive -> the round's outcome, with the new global weights (None: no reply counted) and metrics."""
+    arrays, metrics = strategy.aggregate_train(server_round, replies)
+    outcome = strategy.outcome
+    outcome.arrays, outcome.metrics = arrays, metrics
+    return outcome
+
+
+def evaluate_round(strategy, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
+    """The evaluation replies of the round just trained, as they arrive -> the round's outcome with them."""
+    metrics = strategy.aggregate_evaluate(server_round, replies)
+    strategy.outcome.evaluate_metrics = metrics
+    return strategy.outcome
 
 
 def build_strategy(name: str, groups: set[str], min_sites: int, max_update_norm: float, proximal_mu: float = 0.0,

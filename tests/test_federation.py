@@ -89,17 +89,17 @@ def test_a_site_never_ingested_answers_with_an_error_naming_the_command(tmp_path
 
 
 class FailingGrid(InProcessGrid):
-    """Delivers normally until round `fail_at`, then every site's reply is an error (a crash)."""
+    """Delivers normally until round `fail_at`, then the connection to the SuperLink is lost (a crash)."""
 
     def __init__(self, *a, fail_at: int, **kw):
         super().__init__(*a, **kw)
         self.fail_at = fail_at
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         if messages and messages[0].content["config"].get("server-round", 0) >= self.fail_at:
             raise ConnectionError("coordinator lost")
-        return super().send_and_receive(messages, timeout)
+        return super().push_messages(messages)
 
 
 def test_rounds_checkpoint_and_a_resumed_run_continues_without_repeating_a_round(ingested, tmp_path):
@@ -157,10 +157,10 @@ class LossyGrid(InProcessGrid):
         super().__init__(*a, **kw)
         self.lose, self.at, self.lost = lose, at, 0
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = super().send_and_receive(messages, timeout)
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
         for i, r in enumerate(replies):
-            sent = self.sent[-len(replies) + i]
+            sent = next(m for m in self.sent if m.metadata.message_id == r.metadata.reply_to_message_id)
             if (sent.metadata.dst_node_id == self.lose and sent.metadata.message_type.startswith("train.")
                     and sent.content["config"]["server-round"] == self.at and not self.lost):
                 self.lost += 1

@@ -79,14 +79,14 @@ def test_bad_replies_are_dropped_and_recorded_with_their_reason():
     replies.append(reply(10, None, {}, error="ValueError: site exploded"))
     s = strategy()
     arrays, metrics = s.aggregate_train(2, replies)
-    reasons = {int(r["node_id"]): r["reason"] for r in s.rejections}
+    reasons = {int(r["node_id"]): r["reason"] for r in s.outcome.rejections}
     assert set(reasons) == {2, 3, 4, 5, 6, 7, 8, 9, 10}
     for node, (_, why) in bad.items():
         assert why in reasons[node], (node, reasons[node])
     assert "unknown parameter groups ['head:nonexistent']" in reasons[8]
     assert "n.shared > 0" in reasons[9]
-    assert "site exploded" in reasons[10] and s.rejections[-1]["site_id"] == "node-10"
-    assert [a["site_id"] for a in s.accepted] == ["site-1"]
+    assert "site exploded" in reasons[10] and s.outcome.rejections[-1]["site_id"] == "node-10"
+    assert [a["site_id"] for a in s.outcome.accepted] == ["site-1"]
     np.testing.assert_allclose(arrays["shared"].numpy(), 1.0)  # the one good reply, nothing of the bad ones
 
 
