@@ -3,7 +3,8 @@
 Rounds are numbered continuously over the phases (pretraining rounds first,
 then multitask rounds). Flower's `Strategy.start` restarts at round 1 and has
 no phases, so this loop drives the strategy's own configure/aggregate methods
-through the Grid. After each round the global weights and the strategy state
+through the Grid; each round's replies are folded as they arrive (server/delivery.py, server/strategy.py) and
+the round's RoundOutcome is what gets recorded. After each round the global weights and the strategy state
 go to `out_dir/<run>/round-NNNN.pt` (written atomically), then the round's rows
 land in the server database in one transaction: a crash loses at most the
 round in flight, and `--resume` starts after the last checkpoint.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -75,6 +76,15 @@ def array_record(packed: dict[str, np.ndarray], consume: bool = False) -> ArrayR
     for key in list(packed):
         record[key] = npy_array(packed.pop(key) if consume else packed[key])
     return record
+
+
+def zeros(size: int, dtype) -> np.ndarray:
+    """A zeroed vector in its own private anonymous memory map. The kernel zeroes the pages on first touch either
+    way, but np.zeros also advises huge pages, and under THP defrag=madvise that first touch compacts memory
+    (measured on the benchmark machine: 0.76 s to first touch 0.9 GiB from np.zeros, 0.4 s from this map)."""
+    dtype = np.dtype(dtype)
+    memory = mmap.mmap(-1, max(1, size * dtype.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(memory, dtype, count=size)
 
 
 def squared_distance(x: np.ndarray, ref: np.ndarray) -> float:
@@ -153,7 +163,7 @@ class TaskAwareSum:
             w = 1 if self.uniform else n
             acc = self.sums.get(key)
             if acc is None:
-                acc = self.sums[key] = np.zeros(ref.size, np.result_type(ref.dtype, np.float32))
+                acc = self.sums[key] = zeros(ref.size, np.result_type(ref.dtype, np.float32))
             x, r = arrays[key].reshape(-1), ref.reshape(-1)
             scratch = np.empty(min(CHUNK, r.size), acc.dtype)
             for start in range(0, r.size, CHUNK):
