@@ -28,9 +28,9 @@ as it arrives, server-side clipping clips it then with Flower's
 `compute_clip_model_update` (whole update to clipping_norm, as the wrapper
 does), the clipped update is folded into the uniform running sum, and the
 aggregate gets the per-group noise once. A reply is checked before it is
-clipped (Flower clipped first and crashed on a wrongly shaped one); the update
-bound still applies to the clipped update, so which replies count does not
-depend on the size of an update.
+clipped (Flower's wrapper clipped first, subtracting arrays of any shape); the
+update bound still applies to the clipped update, as before, so which replies
+count does not depend on the size of an update.
 """
 
 from __future__ import annotations
