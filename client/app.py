@@ -1,15 +1,15 @@
-"""The site's Flower ClientApp: routes the coordinator's messages to client/federated.py.
+"""The site's Flower ClientApp: a thin relay to the site's warm service (client/service.py). No torch here.
 
-Message types: `train.pretrain`, `train.multitask`, `evaluate` and, after the
-last round, `query.report`; plain `train`
-messages are SecAgg+ rounds (server/secure.py), whose protocol stages
-`secaggplus_mod` answers before `secure_train` is called. Weights travel
-packed, one vector per parameter group (m3fm/model/packing.py). Replies carry
-them ("arrays"), counts and metrics ("metrics") and the site's id
-("site"); a site that did not train says why in "site" and sends no weights.
+Flower starts this app in a new process for every message, so it only converts the message's records to a
+request on the site's private channel (client/channel.py), waits, and converts the answer back. A SuperNode
+started by `m3fm-client start` names its service's socket in its node config (`service-socket`); without one
+(Ray simulation, in-process grids) the service is this process's own (`local_service`), warm across the
+messages an actor runs. Message types and records: transport/protocol.py. SecAgg+ rounds are plain `train`
+messages whose protocol stages `secaggplus_mod` answers before `secure_train` is called.
 """
 
 import json
+from pathlib import Path
 
 import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,17 +19,18 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, clip_inputs_inplace
 
-from client.federated import evaluate_round, secure_update, site_for, train_round
-from transport.protocol import PACKED_ORDER_KEY
+from client import channel
+from transport.protocol import (ARRAYS, CONFIG, METRICS, PACKED_ORDER_KEY, REPORT_JSON, REPORT_RECORD, SERVICE_SOCKET,
+                                SIM_SITES, SITE, SITE_DIR, SITE_ID, SKIPPED, TRAIN)
 
 
 def clip_for_central_dp(msg: Message, context: Context, call_next) -> Message:
     """Flower's fixedclipping_mod when the server asks for client-side clipping (central DP); a reply without
     weights (the site skipped the round) passes as it is, where the mod would turn it into an error."""
-    if not msg.metadata.message_type.startswith("train.") or KEY_CLIPPING_NORM not in msg.content["config"]:
+    if not msg.metadata.message_type.startswith(f"{TRAIN}.") or KEY_CLIPPING_NORM not in msg.content[CONFIG]:
         return call_next(msg, context)  # SecAgg+ rounds ("train") clip inside secure_train
     reply = call_next(msg, context)
-    if reply.has_error() or "arrays" not in reply.content.array_records:
+    if reply.has_error() or ARRAYS not in reply.content.array_records:
         return reply
     return fixedclipping_mod(msg, context, lambda m, c: reply)
 
@@ -38,18 +39,36 @@ def clip_for_central_dp(msg: Message, context: Context, call_next) -> Message:
 app = ClientApp(mods=[clip_for_central_dp, secaggplus_mod])
 
 
+def site_dir_for(node_config: dict, run_config: dict) -> Path:
+    """The site a SuperNode serves: its own `site-dir`, or in simulation the partition's entry of `sim-sites`."""
+    if SITE_DIR in node_config:
+        return Path(str(node_config[SITE_DIR]))
+    sites = [p for p in str(run_config.get(SIM_SITES, "")).split(",") if p]
+    if "partition-id" in node_config and sites:
+        return Path(sites[int(node_config["partition-id"]) % len(sites)])
+    raise RuntimeError("this SuperNode serves no site: start it with `m3fm-client start --site SITE_DIR`")
+
+
+def ask_site(context: Context, op: str, config: dict, arrays: dict) -> tuple[dict, dict]:
+    """One request to the site's service -> (answer header, answer arrays)."""
+    header = {"op": op, "config": config}
+    if SERVICE_SOCKET in context.node_config:
+        return channel.call(str(context.node_config[SERVICE_SOCKET]), header, arrays)
+    from client.service import local_service  # simulation: torch is imported once per actor, not per message
+
+    return local_service(site_dir_for(context.node_config, context.run_config)).handle(header, arrays)
+
+
 def _arrays(msg: Message) -> dict:
-    return {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    return {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
 
 
 def _train(msg: Message, context: Context) -> Message:
-    site = site_for(context.node_config, context.run_config)
-    config = dict(msg.content["config"])
-    weights, metrics, skipped = train_round(site, _arrays(msg), config)
-    content = RecordDict({"site": ConfigRecord({"site_id": site.site_id, "skipped": skipped or ""})})
-    if weights is not None:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in weights.items()})
-        content["metrics"] = MetricRecord(metrics)
+    answer, weights = ask_site(context, channel.TRAIN, dict(msg.content[CONFIG]), _arrays(msg))
+    content = RecordDict({SITE: ConfigRecord({SITE_ID: answer[SITE_ID], SKIPPED: answer[SKIPPED]})})
+    if "metrics" in answer:
+        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in weights.items()})
+        content[METRICS] = MetricRecord(answer["metrics"])
     return Message(content=content, reply_to=msg)
 
 
@@ -66,30 +85,29 @@ def multitask(msg: Message, context: Context) -> Message:
 @app.train()
 def secure_train(msg: Message, context: Context) -> Message:
     """A SecAgg+ round (legacy fit messages): the site's update and trained-group indicators, masked by the mod."""
-    site = site_for(context.node_config, context.run_config)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
     packed = dict(zip(str(config[PACKED_ORDER_KEY]).split(","), parameters_to_ndarrays(fitins.parameters)))
-    updates, indicators, metrics = secure_update(site, packed, config)
+    answer, out = ask_site(context, channel.SECURE, config, packed)
+    vectors = [out[f"u{i}"] for i in range(len(out))]  # updates, then indicators, in the order of `packed`
+    updates, indicators = vectors[:len(packed)], vectors[len(packed):]
     if KEY_CLIPPING_NORM in config:  # central DP with client-side clipping: bound the update before masking
         clip_inputs_inplace(updates, float(config[KEY_CLIPPING_NORM]))
-    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(updates + indicators), 1, metrics)
+    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(updates + indicators), 1, answer["metrics"])
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
 @app.query("report")
 def report(msg: Message, context: Context) -> Message:
-    """After the run: keep the final model, write the site's report, send back its aggregates (client/report.py)."""
-    from client.report import report_round  # matplotlib and scipy: only the process that writes a report
-
-    site = site_for(context.node_config, context.run_config)
-    shared = report_round(site, _arrays(msg), dict(msg.content["config"]))
-    return Message(RecordDict({"report": ConfigRecord({"json": json.dumps(shared)})}), reply_to=msg)
+    """After the run: the site keeps the final model, writes its report, sends back its aggregates
+    (client/report.py)."""
+    answer, _ = ask_site(context, channel.REPORT, dict(msg.content[CONFIG]), _arrays(msg))
+    return Message(RecordDict({REPORT_RECORD: ConfigRecord({REPORT_JSON: json.dumps(answer["report"])})}),
+                   reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    site = site_for(context.node_config, context.run_config)
-    metrics = evaluate_round(site, _arrays(msg), dict(msg.content["config"]))
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site_id": site.site_id})})
+    answer, _ = ask_site(context, channel.EVALUATE, dict(msg.content[CONFIG]), _arrays(msg))
+    content = RecordDict({METRICS: MetricRecord(answer["metrics"]), SITE: ConfigRecord({SITE_ID: answer[SITE_ID]})})
     return Message(content=content, reply_to=msg)

@@ -144,10 +144,12 @@ def start(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
 
+    from client.channel import socket_path
     from client.federated import SiteNotReady, ensure_ingested
     from client.site import SiteConfigError, load_site
-    from client.supervise import supervise
+    from client.supervise import ServiceKeeper, start_site_service, supervise
     from transport.flower import flower_env, start_supernode, stop
+    from transport.protocol import SERVICE_SOCKET, SITE_DIR
 
     try:
         site = load_site(site_dir)
@@ -164,10 +166,19 @@ def start(
         console.print(f"[yellow]warning:[/yellow] connecting to {superlink} without TLS"
                       + ("" if key else " or node authentication"))
     log_path = site.work_dir / "supernode.log"
+    sock = socket_path(site.work_dir)
+    service_log = site.work_dir / "service.log"
+    keeper = ServiceKeeper(lambda: start_site_service(site.site_dir, sock, service_log), sock, console.print)
+    try:
+        keeper.launch()  # the site opened, the model built: the first round pays no start-up
+    except RuntimeError as e:
+        console.print(f"[red]error:[/red] {e}; see {service_log}")
+        raise typer.Exit(1) from None
+    console.print(f"{site.site_id}: site service pid {keeper.proc.pid} on {sock}; log {service_log}")
 
     def launch():
-        node = start_supernode(superlink, port, f'site-dir="{site.site_dir}"', log_path, env=flower_env(),
-                               extra_args=tuple(args))
+        node_config = f'{SITE_DIR}="{site.site_dir}" {SERVICE_SOCKET}="{sock}"'
+        node = start_supernode(superlink, port, node_config, log_path, env=flower_env(), extra_args=tuple(args))
         console.print(f"{site.site_id}: SuperNode pid {node.pid} serving {summary.get('series_accepted', 0)} series, "
                       f"{summary.get('exams', 0)} exams; log {log_path}")
         return node
@@ -179,7 +190,11 @@ def start(
 
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, on_signal)
-    code = supervise(launch, log_path, superlink, offline_limit, restarts, console.print, stopping, stop)
+    try:
+        code = supervise(launch, log_path, superlink, offline_limit, restarts, console.print, stopping, stop,
+                         tick=keeper.check)
+    finally:
+        stop(keeper.proc)
     if code:
         raise typer.Exit(code)
 

@@ -12,7 +12,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from client.federated import ensure_ingested, open_site
+from client.federated import OpenSite, ensure_ingested
 from client.site import SiteConfig, report_name
 from m3fm.checkpoint import load_checkpoint, read_checkpoint, write_checkpoint
 from m3fm.data.datasets import SiteData
@@ -24,6 +24,7 @@ from m3fm.model.text import load_tokenizer
 from m3fm.report_html import figure, page, roc_png, table, write_text_atomic
 from m3fm.tasks import TASK_INDEX
 from privacy.dp_sgd import PrivacyLedger
+from transport.protocol import ReportConfig
 
 
 class ReportError(RuntimeError):
@@ -133,18 +134,19 @@ def latest_model(site: SiteConfig) -> Path:
     return found[-1]
 
 
-def report_round(site: SiteConfig, packed: dict, config: dict) -> dict:
-    """The coordinator's end-of-run request: keep the final model, write the site's report, return what is shared.
-    Asked again (a resumed run, another coordinator's run of the same name), the site writes beside, never over."""
-    run_name, server_round = str(config.get("run-name", "run")), int(config.get("server-round", 0))
-    name = report_name(run_name, int(config.get("run-id", 0)), server_round)
+def report_round(o: OpenSite, config: dict) -> dict:
+    """The coordinator's end-of-run request, the final weights already in `o.model`: keep the final model, write
+    the site's report, return what is shared. Asked again (a resumed run, another coordinator's run of the same
+    name), the site writes beside, never over."""
+    site, rc = o.site, ReportConfig.from_config(config)
+    run_name, server_round = rc.run_name or "run", rc.server_round
+    name = report_name(run_name, rc.run_id, server_round)
     out_dir = unused(site.work_dir / "reports" / name)
-    o = open_site(site, str(config["model"]), packed)
     model_path = unused(site.work_dir / "models" / f"{name}.pt")
     write_checkpoint(model_path, o.model.state_dict(), o.model.cfg, step=server_round,
                      extra={"run_name": run_name, "round": server_round})
     report = build_report(site, o.model, model_source(model_path, o.model.cfg.name, run_name, server_round),
-                          str(config.get("split", "test")), float(config.get("threshold", 0.5)), data=o.data)
+                          rc.split, rc.threshold, data=o.data)
     write_report(report, out_dir)
     return shareable(report)
 

@@ -9,6 +9,9 @@ The policy (README, "Running a site"):
   reported with the reason from its log, not restarted, exit 1.
 - It exits after it had been connected: reported and restarted, at most `restarts` times (backoff 2, 4, ... 30 s);
   then exit 1. When Flower gave up reconnecting by itself (`--max-retries`), that is final: exit 1.
+- The site's warm service (client/service.py) starts first; the SuperNode starts once the service listens. A
+  service that dies is reported and restarted (backoff 2, 4, ... 30 s, reset after a minute alive); the round it
+  was serving becomes an error reply, and the next round is served by the new one.
 - It has not reached the SuperLink for `offline_limit` seconds (Flower logs every failed attempt and the first
   success after them): reported once per outage with the last error, and again when it reconnects; Flower keeps
   retrying meanwhile, so a coordinator that comes back finds its sites.
@@ -17,6 +20,8 @@ The policy (README, "Running a site"):
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,11 +83,65 @@ class SuperNodeLog:
         return 0.0 if self.offline_since is None else (time.monotonic() if now is None else now) - self.offline_since
 
 
+def start_site_service(site_dir: Path, socket: Path, log_path: Path) -> subprocess.Popen:
+    """A site's warm service (client/service.py); it gets SIGTERM when whoever started it dies."""
+    from transport.flower import flower_env
+    from transport.processes import die_with_parent
+
+    args = [sys.executable, "-m", "client.service", "--site", str(site_dir), "--socket", str(socket),
+            "--log", str(log_path)]
+    log = open(log_path, "ab")
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=flower_env(), preexec_fn=die_with_parent)
+
+
+class ServiceKeeper:
+    """The site's warm service beside the SuperNode: started before it, restarted whenever it dies.
+    start() -> a Popen of `python -m client.service ...` that listens on `socket` once the site is open."""
+
+    def __init__(self, start: Callable[[], object], socket: Path, say: Callable[[str], None],
+                 ready_timeout: float = 600.0):
+        self.start, self.socket, self.say, self.ready_timeout = start, Path(socket), say, ready_timeout
+        self.proc, self.started, self.failures, self.next_try = None, 0.0, 0, 0.0
+
+    def launch(self) -> None:
+        """Start it and wait until it listens (a bounded wait); RuntimeError when it exits first or never listens."""
+        self.socket.unlink(missing_ok=True)  # a dead service's socket must not pass for a live one
+        self.proc, self.started = self.start(), time.monotonic()
+        while not self.listening():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the site service exited with code {self.proc.returncode} before it listened")
+            if time.monotonic() - self.started > self.ready_timeout:
+                raise RuntimeError(f"the site service did not listen on {self.socket} within {self.ready_timeout:.0f} s")
+            time.sleep(0.2)
+
+    def listening(self) -> bool:
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as s:
+            return s.connect_ex(str(self.socket)) == 0
+
+    def check(self) -> None:
+        """Called on every supervision tick: restart a service that died (with backoff)."""
+        if self.proc is None or self.proc.poll() is None or time.monotonic() < self.next_try:
+            return
+        alive = time.monotonic() - self.started
+        self.failures = 1 if alive > 60 else self.failures + 1
+        self.say(f"[yellow]the site service (pid {self.proc.pid}) exited with code {self.proc.returncode}[/yellow] "
+                 f"after {alive:.0f} s; restarting it")
+        try:
+            self.launch()
+            self.say(f"site service restarted: pid {self.proc.pid}")
+        except RuntimeError as e:
+            backoff = min(30, 2 ** self.failures)
+            self.say(f"[red]{e}[/red]; trying again in {backoff} s")
+            self.next_try = time.monotonic() + backoff
+
+
 def supervise(start: Callable[[], object], log_path: Path, superlink: str, offline_limit: float, restarts: int,
               say: Callable[[str], None], stopping: dict, stop: Callable[[object], int | None],
-              poll_s: float = 0.5) -> int:
+              poll_s: float = 0.5, tick: Callable[[], None] = lambda: None) -> int:
     """Run and watch the SuperNode (start() -> a Popen) until `stopping` is set or it fails for good; -> exit code
-    for `m3fm-client start` (0 stopped on request, 1 failed)."""
+    for `m3fm-client start` (0 stopped on request, 1 failed). tick(): the service keeper's check, every poll."""
     restarted = 0
     while True:
         watch = SuperNodeLog.from_end(log_path)
@@ -90,6 +149,7 @@ def supervise(start: Callable[[], object], log_path: Path, superlink: str, offli
         started, reported = time.monotonic(), False
         while node.poll() is None and not stopping:
             time.sleep(poll_s)
+            tick()
             watch.poll()
             waiting = watch.offline_for() if watch.ever_connected else time.monotonic() - started
             if not watch.connected and waiting > offline_limit and not reported:

@@ -131,7 +131,7 @@ def private_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n
     engine.accountant.load_state_dict({"history": [tuple(h) for h in ledger.history], "mechanism": "rdp"})
     loader = DataLoader(TensorDataset(torch.arange(num_items)), batch_size=batch_size,
                         generator=torch.Generator().manual_seed(seed))
-    _, dp_optimizer, dp_loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+    wrapped, dp_optimizer, dp_loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                      noise_multiplier=planned.noise_multiplier,
                                                      max_grad_norm=dp.max_grad_norm, poisson_sampling=True)
     assert dp_loader.sample_rate == planned.sample_rate  # the rate the ceiling check used
@@ -147,6 +147,9 @@ def private_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n
         return idx.tolist()
 
     def finish(run: str, server_round: int, phase: str) -> PrivateRound:
+        # the site's service keeps this model for the next round: Opacus's own cleanup removes its hooks and the
+        # per-sample attributes it added to the parameters
+        wrapped._close()
         history = engine.accountant.history
         steps = sum(h[2] for h in history) - sum(h[2] for h in ledger.history)
         eps = epsilon_of(history, planned.delta)

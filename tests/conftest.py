@@ -42,3 +42,14 @@ def ingested(cohort):
     sites = [load_site(p) for p in sorted(out.glob("site-*"))]
     summaries = [ingest_site(site, workers=2) for site in sites]
     return out, sites, summaries
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Processes a test starts (servers, sites), stopped by their PID afterwards."""
+    from transport.flower import stop
+
+    procs = []
+    yield procs, tmp_path
+    for p in procs:
+        stop(p, timeout=20)

@@ -84,14 +84,6 @@ def federation(tmp, procs, sites, toml_text, log="server.log"):
     return server, clients, f"sqlite:///{tmp / 'runs' / 'server.db'}", port
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    procs = []
-    yield procs, tmp_path
-    for p in procs:
-        stop(p, timeout=20)
-
-
 def reply_waiting(superlink_db, message_type):
     """A reply of that type is stored at the SuperLink, not yet pulled by the ServerApp (which pulls and deletes
     replies as they come, every 3 s): the window right after a site sent its round reply. (Waiting for every

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from client.app import app as client_app
-from client.federated import train_round
+from client.federated import open_site, train_round
 from m3fm.model.packing import pack_state
 from privacy.dp_sgd import PrivacyLedger, epsilon_of, noise_for_target
 from server.central_dp import wrap_central_dp
@@ -76,8 +76,9 @@ def test_site_epsilon_is_opacus_accountant_and_accumulates_over_rounds_and_proce
     packed = pack_state(tiny_model.state_dict())
     history = []
     for rnd in (1, 2):  # pretraining, then multitask: each call builds a new PrivacyEngine from the site's disk
-        weights, metrics, skipped = train_round(site, packed, dict(phase_config(cfg, rnd)))
-        assert skipped is None and weights is not None
+        weights, result = train_round(open_site(site, cfg.model), packed, dict(phase_config(cfg, rnd)))
+        assert not result.skipped and weights is not None
+        metrics = result.to_metrics()
         items = sum(v for k, v in metrics.items() if k.startswith("items."))
         q = 1 / math.ceil(items / 4)  # batch_size 4: Opacus's Poisson rate for that many items
         assert metrics["dp.sample-rate"] == pytest.approx(q)
@@ -95,7 +96,7 @@ def test_dp_sgd_changes_the_weights_within_the_clipped_noisy_step(fresh_ledgers,
     site = fresh_ledgers[1]
     cfg = private_toml(tmp_path)
     packed = pack_state(tiny_model.state_dict())
-    weights, metrics, _ = train_round(site, packed, dict(phase_config(cfg, 2)))  # multitask round
+    weights, _ = train_round(open_site(site, cfg.model), packed, dict(phase_config(cfg, 2)))  # multitask round
     moved = {k for k in packed if not np.array_equal(packed[k], weights[k])}
     assert "shared" in moved and any(k.startswith("head:") for k in moved)
     assert not moved & {"mim", "mlm"}  # frozen outside their phase: no noise on weights no data touched
@@ -106,13 +107,14 @@ def test_a_site_at_its_ceiling_refuses_and_its_own_delta_wins(fresh_ledgers, tin
     site = dataclasses.replace(fresh_ledgers[0], privacy={"max_epsilon": 0.05, "delta": 1e-7})
     cfg = private_toml(tmp_path)
     packed = pack_state(tiny_model.state_dict())
-    weights, metrics, skipped = train_round(site, packed, dict(phase_config(cfg, 1)))
+    weights, result = train_round(open_site(site, cfg.model), packed, dict(phase_config(cfg, 1)))
+    skipped = result.skipped
     assert weights is None and "past the site's max_epsilon 0.05" in skipped and "delta 1e-07" in skipped
     assert not (site.work_dir / "privacy" / "accountant.json").exists()  # nothing spent
     strict = dataclasses.replace(fresh_ledgers[0], privacy={"require_dp": True})
     plain = load_server_config(private_toml(tmp_path, privacy="", name="plain").path)
-    _, _, skipped = train_round(strict, packed, dict(phase_config(plain, 1)))
-    assert "trains only under DP-SGD" in skipped
+    _, result = train_round(open_site(strict, plain.model), packed, dict(phase_config(plain, 1)))
+    assert "trains only under DP-SGD" in result.skipped
 
 
 def test_server_records_a_skipping_site_continues_and_fills_the_ledger(fresh_ledgers, tmp_path):

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from client.app import app as client_app
-from client.federated import secure_update
+from client.federated import open_site, secure_update
 from m3fm.model.packing import pack_state
 from transport.protocol import PACKED_ORDER_KEY, TRAINED_MARK_KEY
 from server.config import ServerConfigError, load_server_config
@@ -58,8 +58,8 @@ def test_secagg_round_equals_the_plain_task_aware_mean_and_the_server_never_sees
                                                  config, 2, list(nodes))
     assert out is not None and len(done.site_metrics) == 3 and not done.failures
     # what each site computed, replayed in the clear (training is deterministic for a given config)
-    plain = [secure_update(site, packed, {**config, PACKED_ORDER_KEY: ",".join(packed), TRAINED_MARK_KEY: 0.5})[:2]
-             for site in sites]
+    plain = [secure_update(open_site(site, cfg.model), packed,
+                           {**config, PACKED_ORDER_KEY: ",".join(packed), TRAINED_MARK_KEY: 0.5})[:2] for site in sites]
     step = 2 * 0.5 / 2**22  # SecAgg+ quantization step at clipping_range 0.5
     for i, key in enumerate(packed):
         k = sum(int(ind[i][0] > 0) for _, ind in plain)

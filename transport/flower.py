@@ -40,8 +40,9 @@ APP_PYPROJECT = {
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     # the SuperLink and SuperNode spawn flower-superexec, flwr-serverapp, flwr-clientapp by name: our venv first
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # flower-superexec looks for a ClientApp/ServerApp task every second by default: a round's fixed cost
     env = dict(os.environ, PATH=path, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env

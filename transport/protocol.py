@@ -35,6 +35,10 @@ LOSS = "loss."  # "loss.<task or objective>": mean training loss
 DP = "dp."  # DP-SGD spend of the round (privacy/dp_sgd.py): per site, kept in the ledger, never averaged
 NUM_EXAMPLES, STEPS, SECONDS = "num-examples", "steps", "seconds"
 
+# node config keys (what `m3fm-client start` gives its SuperNode) and the simulation's run config key
+SITE_DIR, SERVICE_SOCKET = "site-dir", "service-socket"  # the site folder; its warm service's channel
+SIM_SITES = "sim-sites"  # comma-separated site folders; virtual SuperNode i serves entry i (Ray simulation)
+
 # keys SecAgg+ rounds add to the round config (server/secure.py)
 PACKED_ORDER_KEY = "packed-keys"  # the order of the packed vectors inside the legacy Parameters
 TRAINED_MARK_KEY = "trained-mark"  # the value a site sends as its "I trained this group" indicator

@@ -1,0 +1,159 @@
+"""A site's warm service: what is expensive is built once and kept between rounds.
+
+Flower 1.41 starts a new ClientApp process for every message (../shared/design/FLOWER_NOTES.md); before this
+service each of them imported torch, reopened the site's database and crops, rebuilt the model and the tokenizer.
+Now `m3fm-client start` runs this service beside its SuperNode:
+
+    python -m client.service --site SITE_DIR --socket PATH
+
+and the ClientApp (client/app.py) only relays each message here over the site's private channel
+(client/channel.py). In Ray simulation the same SiteService lives in each actor's process (`local_service`).
+
+What stays warm: the opened site (data, tokenizer, one model on the site's device; client/federated.py's
+OpenSite). It is reopened when the site was re-ingested, its site.toml changed, or a run asks for another model
+configuration, so no request is served from stale state; every request loads the incoming weights. Under DP-SGD
+the accountant's state is the site's ledger on disk (privacy/dp_sgd.py), read at each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from client.channel import EVALUATE, REPORT, SECURE, TRAIN, listen, recv_frame, send_frame
+from client.federated import OpenSite, evaluate_round, last_ingest, load_weights, open_site, secure_update, train_round
+from client.site import load_site
+from transport.protocol import SITE_ID, SKIPPED
+
+OPS = (TRAIN, SECURE, EVALUATE, REPORT)
+
+
+class SiteService:
+    """One site, opened once and reused; `handle` answers one relayed request."""
+
+    def __init__(self, site_dir: Path, log=None):
+        self.site_dir = Path(site_dir).resolve()
+        self.opened: OpenSite | None = None
+        self.key: tuple | None = None  # what `opened` was built from
+        self.builds = 0  # models built by this service (the count the warm-runtime test checks)
+        self.requests = 0
+        self.log = log or (lambda line: None)
+
+    def site(self, model_name: str) -> OpenSite:
+        """The opened site for this model configuration, reopened when the site or its configuration changed."""
+        site = load_site(self.site_dir)  # names a missing or broken site.toml
+        st = (self.site_dir / "site.toml").stat()
+        key = (st.st_mtime_ns, st.st_size, last_ingest(site)[0], model_name)
+        if self.opened is None or key != self.key:
+            why = "first request" if self.key is None else "site re-ingested, site.toml or model changed"
+            self.opened, self.key = None, None  # free the old model before building the next
+            self.opened, self.key = open_site(site, model_name), key
+            self.builds += 1
+            self.log(f"opened {site.site_id} for model {model_name} ({why}); models built: {self.builds}")
+        return self.opened
+
+    def handle(self, header: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+        """A relayed request {op, config} with the packed global weights -> (answer header, answer arrays)."""
+        op, config = header["op"], header["config"]
+        if op not in OPS:
+            raise ValueError(f"unknown request {op!r}; expected one of {OPS}")
+        self.requests += 1
+        what = f"request {self.requests}: {op} {config.get('phase', '')} round {config.get('server-round', '')}"
+        self.log(f"{what} started")
+        o = self.site(str(config["model"]))
+        t0 = time.perf_counter()
+        try:
+            answer, out = self._run(op, o, config, arrays)
+        except BaseException:
+            self.opened, self.key = None, None  # a request that failed half-way may leave the model changed
+            raise
+        self.log(f"{what} in {time.perf_counter() - t0:.2f}s (pid {os.getpid()}, models built {self.builds})")
+        return answer, out
+
+    def _run(self, op: str, o: OpenSite, config: dict, arrays: dict[str, np.ndarray]):
+        if op == TRAIN:
+            weights, result = train_round(o, arrays, config)
+            answer = {SITE_ID: o.site.site_id, SKIPPED: result.skipped}
+            return ({**answer, "metrics": result.to_metrics()}, weights) if weights is not None else (answer, {})
+        if op == SECURE:
+            updates, indicators, metrics = secure_update(o, arrays, config)
+            return {"metrics": metrics}, {f"u{i}": u for i, u in enumerate(updates + indicators)}
+        if op == EVALUATE:
+            return {SITE_ID: o.site.site_id, "metrics": evaluate_round(o, arrays, config)}, {}
+        from client.report import report_round  # matplotlib and scipy: only once a report is asked for
+
+        load_weights(o, arrays)
+        return {"report": report_round(o, config)}, {}
+
+
+_local: OrderedDict[Path, SiteService] = OrderedDict()
+LOCAL_SITES = 8  # warm sites one process keeps (a Ray actor may serve several virtual sites in turn)
+
+
+def local_service(site_dir: Path) -> SiteService:
+    """This process's own service for a site: Ray simulation actors and in-process grids."""
+    key = Path(site_dir).resolve()
+    service = _local.pop(key, None) or SiteService(key)
+    _local[key] = service
+    while len(_local) > LOCAL_SITES:
+        _local.popitem(last=False)
+    return service
+
+
+def serve(site_dir: Path, socket_path: Path, log_path: Path | None = None) -> None:
+    """Answer relayed requests one at a time until SIGTERM; the site is opened before the first one arrives."""
+    log_file = open(log_path, "a", buffering=1) if log_path else sys.stderr
+
+    def log(line: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [service pid {os.getpid()}] {line}", file=log_file, flush=True)
+
+    service = SiteService(site_dir, log)
+    site = load_site(service.site_dir)
+    try:
+        service.site(site.model_config)  # warm before the first round: data, tokenizer, model
+    except Exception as e:  # noqa: BLE001 - the run's first request reports it again, to the coordinator
+        log(f"could not open the site yet: {type(e).__name__}: {e}")
+    server = listen(socket_path)
+    signal.signal(signal.SIGTERM, lambda *_: (server.close(), os._exit(0)))
+    (socket_path.parent / "service.json").write_text(json.dumps({"pid": os.getpid(), "socket": str(socket_path)}))
+    log(f"listening on {socket_path}")
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            try:
+                header, arrays = recv_frame(conn)
+            except (OSError, ConnectionError, ValueError) as e:
+                log(f"dropped a malformed request: {e}")
+                continue
+            try:
+                answer, out = service.handle(header, arrays)
+            except Exception as e:  # noqa: BLE001 - the relay raises it, Flower turns it into an error reply
+                log(f"request failed: {traceback.format_exc()}")
+                answer, out = {"error": f"{type(e).__name__}: {e}"}, {}
+            del arrays
+            try:
+                send_frame(conn, answer, out)
+            except OSError as e:  # the relay went away (its message timed out): the next request is unaffected
+                log(f"could not answer: {e}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--site", type=Path, required=True)
+    p.add_argument("--socket", type=Path, required=True)
+    p.add_argument("--log", type=Path)
+    a = p.parse_args()
+    serve(a.site, a.socket, a.log)
+
+
+if __name__ == "__main__":
+    main()
