@@ -70,7 +70,8 @@ def measure(config: str, sites: int) -> dict:
     from m3fm.model.configs import get_config
     from m3fm.model.m3fm import M3FM
     from m3fm.model.packing import group_of_packed, layout
-    from server.strategy import array_view, build_strategy, train_round
+    from server.strategy import build_strategy, train_round
+    from server.task_sum import array_view
     from transport.protocol import ARRAYS, COUNT, METRICS, SITE, SITE_ID, SKIPPED
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1

@@ -9,6 +9,7 @@ messages whose protocol stages `secaggplus_mod` answers before `secure_train` is
 """
 
 import json
+import time
 from pathlib import Path
 
 import flwr.compat.common.recorddict_compat as compat
@@ -20,8 +21,9 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, clip_inputs_inplace
 
 from client import channel
-from transport.protocol import (ARRAYS, CONFIG, METRICS, PACKED_ORDER_KEY, REPORT_JSON, REPORT_RECORD, SERVICE_SOCKET,
-                                SIM_SITES, SITE, SITE_DIR, SITE_ID, SKIPPED, TRAIN)
+from transport.processes import process_age
+from transport.protocol import (ARRAYS, CLIENTAPP_AGE, CONFIG, METRICS, PACKED_ORDER_KEY, RELAY_TIME, REPORT_JSON,
+                                REPORT_RECORD, SERVICE_SOCKET, SIM_SITES, SITE, SITE_DIR, SITE_ID, SKIPPED, TRAIN)
 
 
 def clip_for_central_dp(msg: Message, context: Context, call_next) -> Message:
@@ -64,11 +66,15 @@ def _arrays(msg: Message) -> dict:
 
 
 def _train(msg: Message, context: Context) -> Message:
+    age, t0 = process_age(), time.perf_counter()
     answer, weights = ask_site(context, channel.TRAIN, dict(msg.content[CONFIG]), _arrays(msg))
     content = RecordDict({SITE: ConfigRecord({SITE_ID: answer[SITE_ID], SKIPPED: answer[SKIPPED]})})
     if "metrics" in answer:
         content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in weights.items()})
-        content[METRICS] = MetricRecord(answer["metrics"])
+        times = {RELAY_TIME: time.perf_counter() - t0}
+        if SERVICE_SOCKET in context.node_config:  # a process per message (a simulation's actor lives on)
+            times[CLIENTAPP_AGE] = age
+        content[METRICS] = MetricRecord({**answer["metrics"], **times})
     return Message(content=content, reply_to=msg)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from client.channel import EVALUATE, REPORT, SECURE, TRAIN, listen, recv_frame, send_frame
 from client.federated import OpenSite, evaluate_round, last_ingest, load_weights, open_site, secure_update, train_round
 from client.site import load_site
-from transport.protocol import SITE_ID, SKIPPED
+from transport.protocol import SERVICE_TIME, SITE_ID, SKIPPED
 
 OPS = (TRAIN, SECURE, EVALUATE, REPORT)
 
@@ -76,7 +76,10 @@ class SiteService:
         except BaseException:
             self.opened, self.key = None, None  # a request that failed half-way may leave the model changed
             raise
-        self.log(f"{what} in {time.perf_counter() - t0:.2f}s (pid {os.getpid()}, models built {self.builds})")
+        took = time.perf_counter() - t0
+        if "metrics" in answer and op == TRAIN:
+            answer["metrics"][SERVICE_TIME] = took
+        self.log(f"{what} in {took:.2f}s (pid {os.getpid()}, models built {self.builds})")
         return answer, out
 
     def _run(self, op: str, o: OpenSite, config: dict, arrays: dict[str, np.ndarray]):

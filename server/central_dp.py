@@ -42,7 +42,8 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from privacy.dp_sgd import epsilon_of
-from server.strategy import TaskAwareFedAvg, array_view, npy_array
+from server.strategy import TaskAwareFedAvg
+from server.task_sum import array_view, npy_array
 from transport.protocol import ARRAYS
 
 

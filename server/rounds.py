@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,12 @@ from server.central_dp import TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
 from server.report import write_run_report
 from server.delivery import Only, RoundAttempts, deliver, stream
-from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, Run, SiteMetric, SiteReport,
+from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, RoundTiming, Run, SiteMetric, SiteReport,
                           interrupt_attempts, last_checkpoint, latest_run, now, open_server_store)
 from server.secure import secure_train_round
-from server.strategy import (RoundOutcome, TaskAwareFedAvg, array_record, build_strategy, evaluate_round,
-                             train_round, weighted_metrics)
+from server.strategy import (RoundOutcome, TaskAwareFedAvg, build_strategy, evaluate_round, train_round,
+                             weighted_metrics)
+from server.task_sum import array_record
 from transport.protocol import (ARRAYS, CONFIG, COUNT, DP, REPORT, REPORT_JSON, REPORT_RECORD, SITE_ID, SKIPPED,
                                 EvaluateConfig, ReportConfig, RoundConfig)
 
@@ -256,11 +258,30 @@ def privacy_rows(strategy, outcome: RoundOutcome, run_id: int, rnd: int) -> list
     return rows
 
 
+class RoundClock:
+    """Seconds from the round's start to each of its marks (kept in round_timings): what a round's fixed cost is
+    made of (benchmarks/round_overhead.py)."""
+
+    def __init__(self):
+        self.t0, self.marks = time.perf_counter(), {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = round(time.perf_counter() - self.t0, 4)
+
+    def arrivals(self, replies: Iterator[Message]) -> Iterator[Message]:
+        """The replies as they arrive, marking the first and the last."""
+        for reply in replies:
+            self.marks.setdefault("first_reply", round(time.perf_counter() - self.t0, 4))
+            self.mark("last_reply")
+            yield reply
+
+
 def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id: int, rnd: int,
               arrays: ArrayRecord, shapes: dict[str, torch.Tensor], flwr_run_id: int | None, log) -> ArrayRecord:
-    t0 = time.perf_counter()
+    clock = RoundClock()
     phase, phase_round = cfg.phase_of(rnd)
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
+    clock.mark("sites")
     attempts = RoundAttempts(engine, run_id, rnd, flwr_run_id)
     inner: TaskAwareFedAvg = getattr(strategy, "strategy", strategy)
     if cfg.secagg is not None:
@@ -281,7 +302,9 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
 
         replies = deliver(grid, messages, nodes, cfg.round_timeout, cfg.round_retries, cfg.min_sites, inner.sent_to,
                           on_attempt=lambda lost: attempts.end(lost, inner, log))
-        outcome = train_round(strategy, rnd, replies)  # each reply is folded as it arrives
+        clock.mark("configured")
+        outcome = train_round(strategy, rnd, clock.arrivals(replies))  # each reply is folded as it arrives
+    clock.mark("aggregated")
     problems = [RejectedReply(run_id=run_id, round=rnd, kind="rejected", **r) for r in outcome.rejections]
     problems += [RejectedReply(run_id=run_id, round=rnd, kind="skip", **r) for r in outcome.skips]
     if len(outcome.accepted) < cfg.min_sites:
@@ -309,17 +332,20 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
             else:
                 problems.append(RejectedReply(run_id=run_id, round=rnd, site_id=e["site_id"], node_id=e["node_id"],
                                               kind="evaluate", reason=e["error"]))
+        clock.mark("evaluated")
     rows += privacy_rows(strategy, outcome, run_id, rnd)
     path = cfg.run_dir(run_id) / f"round-{rnd:04d}.pt"
     state = unpack_state({k: a.numpy() for k, a in arrays.items()}, shapes)
     sha = save_round(path, cfg, rnd, state, strategy.state())
-    seconds = time.perf_counter() - t0
+    clock.mark("checkpointed")
+    seconds = time.perf_counter() - clock.t0
     with Session(engine) as s:
         s.add(Round(run_id=run_id, round=rnd, phase=phase.name, phase_round=phase_round, flwr_run_id=_text(flwr_run_id),
                     sites_replied=outcome.replies, sites_accepted=len(outcome.accepted),
                     train_metrics=dict(outcome.metrics or {}), evaluate_metrics=evaluate_metrics, seconds=seconds))
         s.add_all(rows + problems)
         s.add(Checkpoint(run_id=run_id, round=rnd, path=str(path), sha256=sha))
+        s.add(RoundTiming(run_id=run_id, round=rnd, marks=clock.marks))
         attempts.finish(s)
         run = s.get(Run, run_id)
         run.updated_at = now()

@@ -31,7 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from m3fm.data.store import now, open_versioned
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5  # 5: round_timings
 
 
 # how a run stands: the ServerApp writes running/completed/failed; the coordinator process writes stopped (`flwr stop`,
@@ -147,6 +147,17 @@ class RoundAttempt(Base):
     detail: Mapped[str | None] = mapped_column(Text)  # whose replies were lost and why, or what interrupted it
     started_at: Mapped[datetime] = mapped_column(default=now)
     ended_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class RoundTiming(Base):
+    """Where a recorded round's wall time went, as the coordinator saw it (server/rounds.py RoundClock): seconds
+    from the round's start to each mark (sites connected, messages sent, first and last reply, aggregated,
+    evaluated, checkpointed)."""
+    __tablename__ = "round_timings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    marks: Mapped[dict] = mapped_column(JSON)
 
 
 class Coordinator(Base):

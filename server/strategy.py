@@ -5,11 +5,10 @@ reply by reply as the replies arrive.
 off the SuperLink. Every reply is checked before it counts (same keys, shapes and dtypes as the global model, all
 finite, sample counts that name real parameter groups, an update no larger than the configured bound); a failing
 reply is dropped and recorded in the round's outcome with its reason. A good one is folded into a `TaskAwareSum`
-and let go before the next one is taken, so the coordinator holds the global model, one running sum and one
+(server/task_sum.py) and let go before the next one is taken, so the coordinator holds the global model, one running sum and one
 reply, whatever the number of sites. Each parameter ends up averaged over the sites that trained its group
 (m3fm/model/groups.py; weights travel packed, one vector per group, m3fm/model/packing.py), weighted by their
-sample counts for that group; a parameter nobody trained keeps its value. `task_aware_average` is the same average
-over a list of replies, kept as the reference the running sum is tested against. FedProx and FedAdam keep
+sample counts for that group; a parameter nobody trained keeps its value. FedProx and FedAdam keep
 Flower's own logic around that average (the proximal term travels in the train config; FedAdam's server step runs
 on the task-aware average).
 
@@ -19,93 +18,18 @@ evaluation) is one `RoundOutcome`, the strategy's `outcome`; `train_round` and `
 
 from __future__ import annotations
 
-import io
 import math
-import mmap
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.constant import SType
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from m3fm.model.packing import group_of_packed
+from server.task_sum import TaskAwareSum, array_record, array_view, squared_distance
 from transport.protocol import (ARRAYS, COUNT, DP, ITEMS, METRICS, NUM_EXAMPLES, SITE, SITE_ID, SKIPPED, counts_of,
                                 train_type)
-
-CHUNK = 1 << 16  # values per step of the loops over a group: temporaries stay in cache, never a group's size
-
-
-# ---- arrays on the wire, without extra copies ----
-
-def array_view(a: Array) -> np.ndarray:
-    """An Array's values as a read-only view into its .npy bytes. Array.numpy() copies them, which for the shared
-    trunk (about 80% of the model) would hold most of a reply twice."""
-    if a.stype != SType.NUMPY:
-        raise TypeError(f"unsupported serialization {a.stype!r}")
-    data = memoryview(a.data)
-    major = data[6] if len(data) > 9 else 0
-    start = {1: 10, 2: 12}.get(major)
-    if start is None:  # not a version 1 or 2 .npy
-        return a.numpy()
-    header_len = int.from_bytes(data[8:start], "little")
-    head = io.BytesIO(data[:start + header_len].tobytes())
-    version = np.lib.format.read_magic(head)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read(head)
-    if fortran_order or dtype.hasobject:
-        return a.numpy()
-    count = math.prod(shape)
-    return np.frombuffer(a.data, dtype=dtype, count=count, offset=start + header_len).reshape(shape)
-
-
-def npy_array(x: np.ndarray) -> Array:
-    """An Array holding x's .npy bytes, made with one copy (Array(x) writes through a BytesIO and copies again)."""
-    x = np.ascontiguousarray(x)
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(x))
-    return Array(dtype=str(x.dtype), shape=tuple(int(n) for n in x.shape), stype=SType.NUMPY,
-                 data=b"".join((head.getvalue(), x.reshape(-1).view(np.uint8).data)))
-
-
-def array_record(packed: dict[str, np.ndarray], consume: bool = False) -> ArrayRecord:
-    """consume: empty `packed` as it goes, so each array is let go as soon as its bytes are made."""
-    record = ArrayRecord()
-    for key in list(packed):
-        record[key] = npy_array(packed.pop(key) if consume else packed[key])
-    return record
-
-
-def zeros(size: int, dtype) -> np.ndarray:
-    """A zeroed vector in its own private anonymous memory map. The kernel zeroes the pages on first touch either
-    way, but np.zeros also advises huge pages, and under THP defrag=madvise that first touch compacts memory
-    (measured on the benchmark machine: 0.76 s to first touch 0.9 GiB from np.zeros, 0.4 s from this map)."""
-    dtype = np.dtype(dtype)
-    memory = mmap.mmap(-1, max(1, size * dtype.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(memory, dtype, count=size)
-
-
-def squared_distance(x: np.ndarray, ref: np.ndarray) -> float:
-    """||x - ref||^2, chunk by chunk: float32 dot products per chunk (BLAS), summed in float64; a chunk whose
-    float32 sum overflows is summed again in float64. nan/inf when x holds a non-finite value."""
-    x, ref = x.reshape(-1), ref.reshape(-1)
-    scratch = np.empty(min(CHUNK, x.size), np.result_type(x.dtype, np.float32))
-    total = 0.0
-    for start in range(0, x.size, CHUNK):
-        xs, rs = x[start:start + CHUNK], ref[start:start + CHUNK]
-        d = scratch[:xs.size]
-        np.subtract(xs, rs, out=d)
-        part = float(np.dot(d, d))
-        if not math.isfinite(part) and np.isfinite(xs).all():
-            d64 = xs.astype(np.float64) - rs
-            part = float(np.dot(d64, d64))
-        total += part
-    return total
-
-
-# ---- the checks and the average ----
 
 def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], max_update_norm: float) -> str | None:
     """Why a train reply cannot be aggregated, or None when it can."""
@@ -140,75 +64,6 @@ def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], m
     if (norm := squared ** 0.5) > max_update_norm:
         return f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g}"
     return None
-
-
-class TaskAwareSum:
-    """The task-aware average of replies folded one at a time. Per packed key it keeps the weighted sum of the
-    sites' updates (weights minus the global ones) in the model's float type, plus the total weight and the number
-    of sites: summing updates rather than weights keeps float32 exact to its last bit or so (an update is small next
-    to the weights), and a float64 sum would double the coordinator's largest buffer. Weights are sample counts for
-    the key's group, or 1 (`uniform`: central DP); a site that did not train a group adds nothing to it."""
-
-    def __init__(self, reference: Mapping[str, np.ndarray], uniform: bool = False):
-        self.reference, self.uniform = reference, uniform
-        self.sums: dict[str, np.ndarray] = {}  # made on a key's first contribution
-        self.weights: dict[str, int] = defaultdict(int)
-        self.contributors = {key: 0 for key in reference}
-
-    def add(self, arrays: Mapping[str, np.ndarray], counts: Mapping[str, int]) -> None:
-        for key, ref in self.reference.items():
-            n = counts.get(group_of_packed(key), 0)
-            if n <= 0:
-                continue
-            w = 1 if self.uniform else n
-            acc = self.sums.get(key)
-            if acc is None:
-                acc = self.sums[key] = zeros(ref.size, np.result_type(ref.dtype, np.float32))
-            x, r = arrays[key].reshape(-1), ref.reshape(-1)
-            scratch = np.empty(min(CHUNK, r.size), acc.dtype)
-            for start in range(0, r.size, CHUNK):
-                stop = start + CHUNK
-                d = scratch[:min(CHUNK, r.size - start)]
-                np.subtract(x[start:stop], r[start:stop], out=d)
-                if w != 1:
-                    d *= w
-                acc[start:stop] += d
-            self.weights[key] += w
-            self.contributors[key] += 1
-
-    def result(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """-> the averaged arrays (the running sums, reused in place), and per key the sites that trained it
-        (0: the global value, unchanged). The sum cannot take more replies afterwards."""
-        out = {}
-        for key, ref in self.reference.items():
-            acc = self.sums.pop(key, None)
-            if acc is None:
-                out[key] = ref
-                continue
-            acc /= self.weights[key]
-            acc += ref.reshape(-1)
-            out[key] = acc.reshape(ref.shape).astype(ref.dtype, copy=False)
-        return out, dict(self.contributors)
-
-
-def task_aware_average(reference: dict[str, np.ndarray], replies: list[tuple[dict[str, np.ndarray], dict[str, int]]],
-                       uniform: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The batch form of TaskAwareSum, in float64 over a list: the reference its running sum is tested against.
-    replies: (arrays, group -> sample count); uniform: every site that trained a group counts once (central DP).
-    -> new arrays, and per key the number of sites that trained it (0: kept as it was)."""
-    out, contributors = {}, {}
-    for key, ref in reference.items():
-        group = group_of_packed(key)
-        weighted = [(arrays[key], 1 if uniform else counts[group]) for arrays, counts in replies
-                    if counts.get(group, 0) > 0]
-        contributors[key] = len(weighted)
-        if not weighted:
-            out[key] = ref
-            continue
-        total = sum(w for _, w in weighted)
-        acc = sum(a.astype(np.float64) * (w / total) for a, w in weighted)
-        out[key] = np.asarray(acc, dtype=ref.dtype)
-    return out, contributors
 
 
 def weighted_metrics(replies: list[tuple[MetricRecord, int]]) -> MetricRecord:

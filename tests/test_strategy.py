@@ -8,7 +8,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from m3fm.model.groups import parameter_group
 from m3fm.model.packing import pack_state, unpack_state
-from server.strategy import build_strategy, task_aware_average
+from server.strategy import build_strategy
+from server.task_sum import task_aware_average
 
 REF = {"shared": np.zeros(3, np.float32), "head:yes_no": np.zeros(2, np.float32),
        "head:lung_rads": np.full(2, 5.0, np.float32), "scale:lung": np.zeros(4, np.float32)}

@@ -13,7 +13,8 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.delivery import NO_REPLY, deliver, stream
-from server.strategy import TaskAwareSum, array_view, build_strategy, npy_array, task_aware_average
+from server.strategy import build_strategy
+from server.task_sum import TaskAwareSum, array_view, npy_array, task_aware_average
 from sim.inprocess_grid import InProcessGrid
 
 GROUPS = {"shared", "head:yes_no", "head:lung_rads", "scale:lung"}

@@ -27,6 +27,12 @@ def proc_start(pid: int) -> int | None:
     return None if fields is None else int(fields[19])
 
 
+def process_age(pid: int | str = "self") -> float:
+    """Seconds since the process started (/proc's clock-tick resolution)."""
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - int(_stat(pid)[19]) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_identity(pid: int) -> str:
     """'pid:start': names one process for its whole life (a pid alone may be reused)."""
     return f"{pid}:{proc_start(pid)}"

@@ -33,7 +33,11 @@ COUNT = "n."  # "n.<group>": the site's sample count for a parameter group ("n.s
 ITEMS = "items."  # "items.<task or objective>": items seen (training) or scored (evaluation)
 LOSS = "loss."  # "loss.<task or objective>": mean training loss
 DP = "dp."  # DP-SGD spend of the round (privacy/dp_sgd.py): per site, kept in the ledger, never averaged
-NUM_EXAMPLES, STEPS, SECONDS = "num-examples", "steps", "seconds"
+NUM_EXAMPLES, STEPS, SECONDS = "num-examples", "steps", "seconds"  # SECONDS: the local training itself
+TIME = "time."  # where a site's reply time went besides training (benchmarks/round_overhead.py):
+CLIENTAPP_AGE = "time.clientapp"  # the ClientApp process's age when it asked the service (start, imports, task pull)
+SERVICE_TIME = "time.service"  # the service's whole request: weights in, training, weights out
+RELAY_TIME = "time.relay"  # the relay's request to the service, channel transfers included
 
 # node config keys (what `m3fm-client start` gives its SuperNode) and the simulation's run config key
 SITE_DIR, SERVICE_SOCKET = "site-dir", "service-socket"  # the site folder; its warm service's channel
