@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;display:block;max-width:100%;overflow-x:auto}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.suppressed{color:#999;font-style:italic}
 figure{display:inline-block;margin:0 1em 1em 0}figcaption{font-size:90%;text-align:center}"""
 

@@ -246,11 +246,10 @@ def report(
 ) -> None:
     """The run report: site x task AUC (from the sites' reports), learning curves, epsilon per site, replies that
     did not count; as report.json and a self-contained report.html."""
-    from rich.table import Table
     from sqlalchemy.orm import Session
 
     from server.config import load_server_config
-    from server.report import shown_auc, write_run_report
+    from server.report import auc_table, write_run_report
     from server.store import open_server_store
 
     console = Console()
@@ -265,13 +264,7 @@ def report(
         out = load_server_config(config).run_dir(run_id)
     json_path, html_path, summary = write_run_report(engine, run_id, out)
     engine.dispose()
-    t = Table(title=f"run {run_id} {summary['name']!r} ({summary['status']}): AUC per task and site, test split")
-    t.add_column("task")  # tasks down, sites across: 19 tasks would not fit across a terminal
-    for site in summary["auc"]:
-        t.add_column(site)
-    for task in summary["tasks"]:
-        t.add_row(task, *[shown_auc(row.get(task)) for row in summary["auc"].values()])
-    console.print(t if summary["auc"] else "no site reports for this run")
+    console.print(auc_table(summary) if summary["auc"] else "no site reports for this run")
     for site, e in summary["epsilon"].items():
         console.print(f"epsilon {site}: {e['epsilon']:.3f} ({e['mechanism']}, delta {e['delta']:g})")
     console.print(f"{len(summary['rejected'])} replies did not count; wrote {json_path} and {html_path}")

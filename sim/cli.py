@@ -1,5 +1,6 @@
 """`m3fm-sim`: every site on one machine. Cohort generation and federated runs join here."""
 
+import json
 from pathlib import Path
 
 import typer
@@ -139,6 +140,16 @@ def run(
     html = [p for p in reports if p.suffix == ".html"]
     console.print(f"reports ({len(html)}: the run's and one per site that answered): "
                   f"{', '.join(str(p) for p in html) or 'none'}")
+    run_json = [p for p in reports if p.name == "report.json" and p.parent.name == "run"]
+    if run_json:
+        from server.report import above_chance, auc_table
+
+        summary = json.loads(run_json[0].read_text())
+        if summary["auc"]:
+            console.print(auc_table(summary))
+        sure = above_chance(summary)
+        console.print(f"{len(sure)} site-task AUCs are above 0.5 with 95% confidence"
+                      + (": " + ", ".join(f"{site} {t} (lower bound {lo:.2f})" for site, t, lo in sure) if sure else ""))
     console.print(f"{'[green]done[/green]' if ok else '[red]failed[/red]'} in {time.perf_counter() - t0:.0f}s")
     if not ok:
         raise typer.Exit(1)

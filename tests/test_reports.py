@@ -128,7 +128,11 @@ local_steps = 2
     assert summary["auc"][sites[0].site_id]["nodule_presence"] == reports[sites[0].site_id]["tasks"]["nodule_presence"]["auc"]
     assert [r["round"] for r in summary["rounds"]] == [1, 2] and summary["rounds"][0]["train_loss"] > 0
     page = parse_html(run_dir / "report.html")
-    assert len(page.images) >= 1  # the learning curve
+    assert len(page.images) >= 2  # a training-loss figure per phase: the two phases' losses are never joined
+    text = (run_dir / "report.html").read_text()
+    assert "<th>task</th>" in text and "pretrain.local_steps" in text and "multitask.rounds" in text
+    with_ci = [(site, t) for site, cis in summary["auc_ci"].items() for t in cis]
+    assert with_ci and len(re.findall(r"\d\.\d{3} \[\d\.\d{2}, \d\.\d{2}\]", text)) == len(with_ci)
 
     # the same through the command lines: a site's report of the coordinator's checkpoint, never overwritten
     out = tmp_path / "cli-report"
