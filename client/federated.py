@@ -11,6 +11,8 @@ relays these to and from Flower records.
 
 from __future__ import annotations
 
+import zlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,20 +119,38 @@ def train_round(o: OpenSite, packed: dict[str, np.ndarray], config: dict
         return None, LocalRound(skipped=f"site {site.site_id} trains only under DP-SGD (privacy.require_dp in its "
                                         "site.toml) and this run has no [privacy.dp_sgd]")
     load_weights(o, packed)
-    if dp is None:
-        run = {"pretrain": local_pretrain, "multitask": local_multitask}[pc.name]
-        out = run(o.model, o.data, o.tokenizer, pc, rc.phase_round, site.min_cell_size, seed=rc.seed,
-                  proximal_mu=rc.proximal_mu)
-    else:
-        run = {"pretrain": private_pretrain, "multitask": private_multitask}[pc.name]
-        out = run(o.model, o.data, o.tokenizer, pc, rc.phase_round, site.min_cell_size, dp, budget,
-                  PrivacyLedger(site.work_dir), (rc.run_name, rc.server_round), seed=rc.seed,
-                  plan=dp_plan(o, config, site.min_cell_size))
+    # under DP-SGD the noise comes from torch's generator too: it must stay unpredictable, never seeded from the run
+    with round_rng(o, rc) if dp is None else nullcontext():
+        out = _train(o, rc, pc, dp, budget, config)
     if not out["trained"]:
         return None, LocalRound(skipped=out["reason"])
     result = LocalRound(counts=out["counts"], items=out["items"], loss=out["loss"], privacy=out.get("privacy", {}),
                         steps=out["steps"], seconds=out["seconds"])
     return pack_state(o.model.state_dict()), result
+
+
+@contextmanager
+def round_rng(o: OpenSite, rc: RoundConfig):
+    """Torch's global generator (dropout, drop path) seeded from the run's seed, the site and the round, and put
+    back afterwards: a round trains the same whether the site's model is warm or freshly built. Plain training
+    only (see train_round)."""
+    device = next(o.model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(zlib.crc32(f"{rc.seed}|{o.site.site_id}|{rc.phase}|{rc.phase_round}".encode()))
+        yield
+
+
+def _train(o: OpenSite, rc: RoundConfig, pc: PhaseConfig, dp: DPSGDConfig | None, budget: SiteBudget,
+           config: dict) -> dict:
+    site = o.site
+    if dp is None:
+        run = {"pretrain": local_pretrain, "multitask": local_multitask}[pc.name]
+        return run(o.model, o.data, o.tokenizer, pc, rc.phase_round, site.min_cell_size, seed=rc.seed,
+                   proximal_mu=rc.proximal_mu)
+    run = {"pretrain": private_pretrain, "multitask": private_multitask}[pc.name]
+    return run(o.model, o.data, o.tokenizer, pc, rc.phase_round, site.min_cell_size, dp, budget,
+               PrivacyLedger(site.work_dir), (rc.run_name, rc.server_round), seed=rc.seed,
+               plan=dp_plan(o, config, site.min_cell_size))
 
 
 def secure_update(o: OpenSite, packed: dict[str, np.ndarray], config: dict

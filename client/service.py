@@ -126,7 +126,12 @@ def serve(site_dir: Path, socket_path: Path, log_path: Path | None = None) -> No
     except Exception as e:  # noqa: BLE001 - the run's first request reports it again, to the coordinator
         log(f"could not open the site yet: {type(e).__name__}: {e}")
     server = listen(socket_path)
-    signal.signal(signal.SIGTERM, lambda *_: (server.close(), os._exit(0)))
+    def stop(*_):
+        server.close()
+        socket_path.unlink(missing_ok=True)  # no socket left behind for a relay to find dead
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     (socket_path.parent / "service.json").write_text(json.dumps({"pid": os.getpid(), "socket": str(socket_path)}))
     log(f"listening on {socket_path}")
     while True:

@@ -28,15 +28,15 @@ from server.coordinator import coordinate, free_port
 from transport.flower import flower_bin, flower_env, stop, wait_for_port
 from server.store import RejectedReply, Round, SiteMetric, latest_run, open_server_store
 
-# rounds per preset: small enough for the README's 10-minute run on 2 cores. Every Flower message starts a
-# ClientApp process (about 10 s of imports), so a round costs about a minute there whatever its steps: the demo
-# takes one round per phase, three tasks per multitask step (a site with every task has 19), and evaluates after
-# the last round only.
+# rounds per preset: small enough for the README's 10-minute run on 2 cores. A round's fixed cost is a few seconds
+# now that each site's service stays warm (client/service.py), so the demo spreads its steps over several rounds:
+# two pretraining rounds, three multitask rounds of three tasks per step (a site with every task has 19), and an
+# evaluation after the last round only.
 RUN_PLANS = {
     "tiny": {"evaluate_every": 1, "pretrain": {"rounds": 1, "local_steps": 2},
              "multitask": {"rounds": 1, "local_steps": 2}},
-    "demo": {"evaluate_every": 0, "pretrain": {"rounds": 1, "local_steps": 4},
-             "multitask": {"rounds": 1, "local_steps": 3, "tasks_per_step": 3}},
+    "demo": {"evaluate_every": 0, "pretrain": {"rounds": 2, "local_steps": 2},
+             "multitask": {"rounds": 3, "local_steps": 2, "tasks_per_step": 3}},
 }
 
 
