@@ -106,7 +106,7 @@ def test_ten_rounds_through_real_processes_keep_one_service_per_site_and_a_kille
     _, all_sites, _ = ingested
     sites = [load_site(copy_site(s.site_dir, tmp / "sites")) for s in all_sites[:2]]  # own logs, own services
     toml = TOML.format(name="warm", timeout=120, multitask=9).replace("min_sites = 2", "min_sites = 1")
-    toml = toml.replace("[multitask]\nrounds = 9\nlocal_steps = 1", "[multitask]\nrounds = 9\nlocal_steps = 12")
+    toml = toml.replace("[multitask]\nrounds = 9\nlocal_steps = 1", "[multitask]\nrounds = 9\nlocal_steps = 2")
     server, clients, db, _ = federation(tmp, procs, sites, toml)
     first, second = (s.work_dir for s in sites)
     deadline = time.monotonic() + 400
