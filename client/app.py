@@ -22,8 +22,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, clip_inputs_i
 
 from client import channel
 from transport.processes import process_age
-from transport.protocol import (ARRAYS, CLIENTAPP_AGE, CONFIG, METRICS, PACKED_ORDER_KEY, RELAY_TIME, REPORT_JSON,
-                                REPORT_RECORD, SERVICE_SOCKET, SIM_SITES, SITE, SITE_DIR, SITE_ID, SKIPPED, TRAIN)
+from transport.protocol import (ARRAYS, CLIENTAPP_AGE, CLIENTAPP_STARTED, CONFIG, METRICS, PACKED_ORDER_KEY,
+                                RELAY_ANSWERED, RELAY_TIME, REPORT_JSON, REPORT_RECORD, SERVICE_SOCKET, SIM_SITES, SITE,
+                                SITE_DIR, SITE_ID, SKIPPED, TRAIN)
 
 
 def clip_for_central_dp(msg: Message, context: Context, call_next) -> Message:
@@ -73,7 +74,8 @@ def _train(msg: Message, context: Context) -> Message:
         content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in weights.items()})
         times = {RELAY_TIME: time.perf_counter() - t0}
         if SERVICE_SOCKET in context.node_config:  # a process per message (a simulation's actor lives on)
-            times[CLIENTAPP_AGE] = age
+            now = time.time()
+            times.update({CLIENTAPP_AGE: age, CLIENTAPP_STARTED: now - age - times[RELAY_TIME], RELAY_ANSWERED: now})
         content[METRICS] = MetricRecord({**answer["metrics"], **times})
     return Message(content=content, reply_to=msg)
 

@@ -28,8 +28,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from server.task_sum import TaskAwareSum, array_record, array_view, squared_distance
-from transport.protocol import (ARRAYS, COUNT, DP, ITEMS, METRICS, NUM_EXAMPLES, SITE, SITE_ID, SKIPPED, counts_of,
-                                train_type)
+from transport.protocol import (ARRAYS, COUNT, DP, ITEMS, METRICS, NUM_EXAMPLES, SITE, SITE_ID, SKIPPED, TIME,
+                                counts_of, train_type)
 
 def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], max_update_norm: float) -> str | None:
     """Why a train reply cannot be aggregated, or None when it can."""
@@ -72,7 +72,8 @@ def weighted_metrics(replies: list[tuple[MetricRecord, int]]) -> MetricRecord:
     sums, weights = defaultdict(float), defaultdict(float)
     for metrics, w in replies:
         for k, v in metrics.items():
-            if k.startswith((COUNT, DP)) or not isinstance(v, (int, float)):  # dp.*: per site, in the ledger
+            # dp.*: per site, in the ledger; time.*: per site, where its reply time went (in site_metrics)
+            if k.startswith((COUNT, DP, TIME)) or not isinstance(v, (int, float)):
                 continue
             summed = k.startswith(ITEMS) or k == NUM_EXAMPLES
             sums[k] += float(v) * (1 if summed else w)

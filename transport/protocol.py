@@ -38,6 +38,8 @@ TIME = "time."  # where a site's reply time went besides training (benchmarks/ro
 CLIENTAPP_AGE = "time.clientapp"  # the ClientApp process's age when it asked the service (start, imports, task pull)
 SERVICE_TIME = "time.service"  # the service's whole request: weights in, training, weights out
 RELAY_TIME = "time.relay"  # the relay's request to the service, channel transfers included
+CLIENTAPP_STARTED = "time.clientapp-started"  # when the ClientApp process started (Unix time, s)
+RELAY_ANSWERED = "time.relay-answered"  # when the relay had the service's answer (Unix time, s)
 
 # node config keys (what `m3fm-client start` gives its SuperNode) and the simulation's run config key
 SITE_DIR, SERVICE_SOCKET = "site-dir", "service-socket"  # the site folder; its warm service's channel
