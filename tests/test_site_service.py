@@ -64,8 +64,9 @@ def copy_site(src_dir, dest_root):
     """A site folder and its work folder (site.toml's work_dir is ../work/<site>), so it can be changed."""
     site = load_site(src_dir)
     shutil.copytree(src_dir, dest_root / src_dir.name)
-    # not the folder of a service that ran there (a socket cannot be copied)
-    shutil.copytree(site.work_dir, dest_root / "work" / src_dir.name, ignore=shutil.ignore_patterns("service"))
+    # not what services and SuperNodes that ran there left (a socket cannot be copied; their logs are theirs)
+    shutil.copytree(site.work_dir, dest_root / "work" / src_dir.name,
+                    ignore=shutil.ignore_patterns("service", "service.log", "supernode.log"))
     return dest_root / src_dir.name
 
 
