@@ -84,7 +84,6 @@ class RoundConfig:
 
     @classmethod
     def from_config(cls, config: dict) -> "RoundConfig":
-        known = set(cls(phase="", phase_round=0, rounds=0, local_steps=0, lr=0.0, batch_size=0, model="").to_config())
         return cls(phase=str(config["phase"]), phase_round=int(config["phase-round"]), rounds=int(config["rounds"]),
                    local_steps=int(config["local-steps"]), lr=float(config["lr"]),
                    batch_size=int(config["batch-size"]), model=str(config["model"]),
@@ -93,7 +92,10 @@ class RoundConfig:
                    seed=int(config.get("seed", 0)), run_name=str(config.get("run-name", "")),
                    server_round=int(config.get("server-round", 0)),
                    proximal_mu=float(config.get("proximal-mu", 0.0)),
-                   extra={k: v for k, v in config.items() if k not in known})
+                   extra={k: v for k, v in config.items() if k not in ROUND_KEYS})
+
+
+ROUND_KEYS = frozenset(RoundConfig("", 0, 0, 0, 0.0, 0, "").to_config())  # what is not `extra`
 
 
 @dataclass
@@ -151,13 +153,6 @@ class LocalRound:
         metrics.update({f"{ITEMS}{k}": int(n) for k, n in self.items.items()})
         metrics.update({f"{LOSS}{k}": float(v) for k, v in self.loss.items()})
         return metrics
-
-    @classmethod
-    def from_metrics(cls, metrics: dict, skipped: str = "") -> "LocalRound":
-        pick = lambda prefix: {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}  # noqa: E731
-        return cls(counts=pick(COUNT), items=pick(ITEMS), loss=pick(LOSS),
-                   privacy={k: v for k, v in metrics.items() if k.startswith(DP)},
-                   steps=int(metrics.get(STEPS, 0)), seconds=float(metrics.get(SECONDS, 0.0)), skipped=skipped)
 
 
 def counts_of(metrics) -> dict[str, int]:
