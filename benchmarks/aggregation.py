@@ -6,7 +6,7 @@ folding S sites' replies one at a time, as server/delivery.py hands them over, a
 Each case runs in a fresh process, so no peak carries over. The global model is the configuration's packed
 layout (sizes from the model on the meta device) filled with random float32 values; each reply is a fresh
 ArrayRecord of those vectors plus a small site-specific update, every site training every group, made only when
-the strategy asks for the next reply. A reply holds its .npy bytes as a pulled one does; they are written in
+the strategy asks for the next reply, joined into one float32 vector as replies travel (transport/wire.py). A reply holds its .npy bytes as a pulled one does; they are written in
 place (a bytearray), so making a reply costs no second copy of it (Flower's own inflate of a pulled reply briefly
 does: that is not measured here). `before` is the process's resident memory before the global model exists
 (Python, NumPy, torch, Flower: the constant), `peak` its VmHWM at the end; `peak/model` is (peak - before) over
@@ -89,10 +89,19 @@ def measure(config: str, sites: int) -> dict:
     noise = rng.standard_normal(CHUNK, dtype=np.float32) * 1e-3
     making = [0.0]
 
-    def site_update(ref: np.ndarray, scale: np.float32):
-        def fill(out, start):
+    starts = np.cumsum([0, *sizes.values()])  # where each packed group begins in the joined vector
+    parts = list(reference.values())
+
+    def site_update(scale: np.float32):
+        def fill(out, start):  # out: the joined vector's values [start, start + out.size)
             np.multiply(noise[:out.size], scale, out=out)
-            out += ref[start:start + out.size]
+            g = int(np.searchsorted(starts, start, side="right")) - 1
+            done = 0
+            while done < out.size:
+                at = start + done - starts[g]
+                n = min(out.size - done, parts[g].size - at)
+                out[done:done + n] += parts[g][at:at + n]
+                done, g = done + n, g + 1
         return fill
 
     def replies():
@@ -100,7 +109,7 @@ def measure(config: str, sites: int) -> dict:
             t0 = time.perf_counter()
             sent = Message(RecordDict(), dst_node_id=node, message_type="train.multitask")
             sent.metadata.__dict__["_message_id"] = f"m{node}"
-            arrays = record({k: (n, site_update(reference[k], np.float32(node))) for k, n in sizes.items()})
+            arrays = record({"float32": (int(starts[-1]), site_update(np.float32(node)))})
             counts = {f"{COUNT}{group_of_packed(k)}": 10 + node for k in sizes}
             msg = Message(RecordDict({SITE: ConfigRecord({SITE_ID: f"site-{node}", SKIPPED: ""}),
                                       METRICS: MetricRecord({**counts, "loss.x": 1.0}), ARRAYS: arrays}), reply_to=sent)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import flwr.compat.common.recorddict_compat as compat
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -25,6 +25,7 @@ from transport.processes import process_age
 from transport.protocol import (ARRAYS, CLIENTAPP_AGE, CLIENTAPP_STARTED, CONFIG, METRICS, PACKED_ORDER_KEY,
                                 RELAY_ANSWERED, RELAY_TIME, REPORT_JSON, REPORT_RECORD, SERVICE_SOCKET, SIM_SITES, SITE,
                                 SITE_DIR, SITE_ID, SKIPPED, TRAIN)
+from transport.wire import record_like
 
 
 def clip_for_central_dp(msg: Message, context: Context, call_next) -> Message:
@@ -71,7 +72,7 @@ def _train(msg: Message, context: Context) -> Message:
     answer, weights = ask_site(context, channel.TRAIN, dict(msg.content[CONFIG]), _arrays(msg))
     content = RecordDict({SITE: ConfigRecord({SITE_ID: answer[SITE_ID], SKIPPED: answer[SKIPPED]})})
     if "metrics" in answer:
-        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in weights.items()})
+        content[ARRAYS] = record_like(weights, msg.content[ARRAYS])  # joined, as the coordinator sent it
         times = {RELAY_TIME: time.perf_counter() - t0}
         if SERVICE_SOCKET in context.node_config:  # a process per message (a simulation's actor lives on)
             now = time.time()

@@ -192,7 +192,7 @@ def start(
         signal.signal(s, on_signal)
     try:
         code = supervise(launch, log_path, superlink, offline_limit, restarts, console.print, stopping, stop,
-                         tick=keeper.check)
+                         tick=lambda: stopping or keeper.check())  # a signal also reaches the service: no restart
     finally:
         stop(keeper.proc)
     if code:

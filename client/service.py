@@ -32,9 +32,17 @@ import numpy as np
 from client.channel import EVALUATE, REPORT, SECURE, TRAIN, listen, recv_frame, send_frame
 from client.federated import OpenSite, evaluate_round, last_ingest, load_weights, open_site, secure_update, train_round
 from client.site import load_site
+from m3fm.model.packing import packed_sizes, split_joined
 from transport.protocol import SERVICE_TIME, SITE_ID, SKIPPED
 
 OPS = (TRAIN, SECURE, EVALUATE, REPORT)
+
+
+def packed_weights(o: OpenSite, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The relayed weights as the model's packed vectors: they travel joined, one vector per dtype
+    (transport/wire.py); already packed ones (in-process callers) pass as they are."""
+    sizes = packed_sizes(o.model.state_dict())
+    return arrays if arrays.keys() == sizes.keys() else split_joined(arrays, sizes)
 
 
 class SiteService:
@@ -83,6 +91,8 @@ class SiteService:
         return answer, out
 
     def _run(self, op: str, o: OpenSite, config: dict, arrays: dict[str, np.ndarray]):
+        if op != SECURE:  # SecAgg+ sends the packed vectors in its own order (server/secure.py)
+            arrays = packed_weights(o, arrays)
         if op == TRAIN:
             weights, result = train_round(o, arrays, config)
             answer = {SITE_ID: o.site.site_id, SKIPPED: result.skipped}

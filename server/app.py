@@ -12,12 +12,14 @@ from flwr.serverapp import Grid, ServerApp
 from server.config import load_server_config
 from server.lifecycle import watch_coordinator
 from server.rounds import run_federation
+from transport.object_pulls import quick_object_pulls
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    quick_object_pulls()  # this flwr-serverapp process pulls every reply's objects from the SuperLink
     rc = context.run_config
     if rc.get("coordinator"):
         watch_coordinator(str(rc["coordinator"]))

@@ -43,7 +43,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from privacy.dp_sgd import epsilon_of
 from server.strategy import TaskAwareFedAvg
-from server.task_sum import array_view, npy_array
+from server.task_sum import array_view, npy_array, record_values
 from transport.protocol import ARRAYS
 
 
@@ -106,8 +106,8 @@ class ServerClippingDP(TaskAwareCentralDP, DifferentialPrivacyServerSideFixedCli
     def clip_reply(self, msg: Message) -> None:
         """Clip a checked reply's whole update to clipping_norm, in the message (as Flower's wrapper does)."""
         reference = self.strategy.reference
-        record = msg.content.array_records[ARRAYS]
-        clipped = [array_view(record[k]) for k in reference]
+        values = record_values(msg.content.array_records[ARRAYS], reference)  # checked: it fits
+        clipped = [values[k] for k in reference]
         compute_clip_model_update(param1=clipped, param2=list(reference.values()), clipping_norm=self.clipping_norm)
         msg.content[ARRAYS] = ArrayRecord({k: npy_array(v) for k, v in zip(reference, clipped)})
 

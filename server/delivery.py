@@ -24,12 +24,15 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from server.store import RoundAttempt, now
+from server.task_sum import array_view
+from transport.protocol import ARRAYS
+from transport.wire import joined_record
 
 POLL_S = 0.1  # between pulls of the replies still awaited
 LOST_CODES = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE,
@@ -47,8 +50,26 @@ def lost_reason(reply: Message | None) -> str | None:
     return None
 
 
+def on_wire(messages: list[Message]) -> list[Message]:
+    """The messages with their weights joined, one Array per dtype (transport/wire.py): a message is then a few
+    objects, not two per parameter group. Messages sharing one ArrayRecord (a round's) share its joined copy."""
+    joined: dict[int, tuple[ArrayRecord, ArrayRecord]] = {}  # id(record) -> (record, kept alive while in use)
+    out = []
+    for m in messages:
+        content = m.content
+        if ARRAYS in content.array_records:
+            record = content.array_records[ARRAYS]
+            if id(record) not in joined:
+                joined[id(record)] = (record, joined_record({k: array_view(a) for k, a in record.items()}))
+            content = RecordDict({**content, ARRAYS: joined[id(record)][1]})
+        out.append(Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type,
+                           ttl=m.metadata.ttl, group_id=m.metadata.group_id))
+    return out
+
+
 def push(grid, messages: list[Message], sent_to: dict[str, int]) -> dict[str, int]:
-    """Push messages -> message id -> node of those the SuperLink took (also recorded in sent_to)."""
+    """Push messages, weights joined -> message id -> node of those the SuperLink took (also recorded in sent_to)."""
+    messages = on_wire(messages)
     taken = {i for i in grid.push_messages(messages) if i}
     pushed = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in taken}
     sent_to.update(pushed)
@@ -93,7 +114,8 @@ def deliver(grid, make_messages: Callable[[list[int]], list[Message]], nodes: li
     for attempt in range(1, retries + 2):
         messages = make_messages(targets)
         pending = push(grid, messages, sent_to)
-        lost = {m.metadata.dst_node_id: NOT_PUSHED for m in messages if m.metadata.message_id not in pending}
+        taken = set(pending.values())  # the messages passed in never get ids: push sends joined copies
+        lost = {m.metadata.dst_node_id: NOT_PUSHED for m in messages if m.metadata.dst_node_id not in taken}
         for node, reply in arrivals(grid, pending, timeout):
             if (reason := lost_reason(reply)) is None:
                 answered.add(node)

@@ -27,7 +27,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from server.task_sum import TaskAwareSum, array_record, array_view, squared_distance
+from server.task_sum import TaskAwareSum, array_record, array_view, record_values, squared_distance
 from transport.protocol import (ARRAYS, COUNT, DP, ITEMS, METRICS, NUM_EXAMPLES, SITE, SITE_ID, SKIPPED, TIME,
                                 counts_of, train_type)
 
@@ -35,10 +35,11 @@ def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], m
     """Why a train reply cannot be aggregated, or None when it can."""
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         return f"reply lacks the {ARRAYS!r} array record or the {METRICS!r} metric record"
-    arrays, metrics = content.array_records[ARRAYS], content.metric_records[METRICS]
-    missing, unexpected = reference.keys() - arrays.keys(), arrays.keys() - reference.keys()
-    if missing or unexpected:
-        return f"keys differ from the global model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+    metrics = content.metric_records[METRICS]
+    try:
+        values = record_values(content.array_records[ARRAYS], reference)
+    except ValueError as e:
+        return str(e)
     counts = counts_of(metrics)
     if bad := sorted(g for g in counts if g not in groups):
         return f"sample counts name unknown parameter groups {bad[:5]}"
@@ -46,18 +47,7 @@ def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], m
         return f"sample counts must be non-negative integers with {COUNT}shared > 0, got {counts}"
     squared = 0.0
     for key, ref in reference.items():
-        a = arrays[key]
-        if tuple(a.shape) != ref.shape:
-            return f"shape of {key}: expected {ref.shape}, got {tuple(a.shape)}"
-        if a.dtype != str(ref.dtype):
-            return f"dtype of {key}: expected {ref.dtype}, got {a.dtype}"
-        try:
-            x = array_view(a)
-        except (ValueError, TypeError) as e:
-            return f"unreadable values of {key}: {e}"
-        if x.shape != ref.shape or x.dtype != ref.dtype:  # the bytes say otherwise than the array's own fields
-            return f"values of {key}: expected {ref.dtype} {ref.shape}, the data holds {x.dtype} {x.shape}"
-        part = squared_distance(x, ref)
+        part = squared_distance(values[key], ref)
         if not math.isfinite(part):
             return f"non-finite values in {key}"
         squared += part
@@ -172,7 +162,7 @@ class TaskAwareFedAvg(FedAvg):
             return
         metrics = msg.content.metric_records[METRICS]
         counts = {g: int(n) for g, n in counts_of(metrics).items()}
-        running.add({k: array_view(a) for k, a in msg.content.array_records[ARRAYS].items()}, counts)
+        running.add(record_values(msg.content.array_records[ARRAYS], self.reference), counts)
         counted.append((MetricRecord(dict(metrics)), counts["shared"]))
         out.accepted.append({**who, "metrics": dict(metrics)})
 

@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
-from m3fm.model.packing import group_of_packed
+from m3fm.model.packing import group_of_packed, split_joined
 
 CHUNK = 1 << 16  # values per step of the loops over a group: temporaries stay in cache, never a group's size
 
@@ -51,6 +51,36 @@ def npy_array(x: np.ndarray) -> Array:
     np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(x))
     return Array(dtype=str(x.dtype), shape=tuple(int(n) for n in x.shape), stype=SType.NUMPY,
                  data=b"".join((head.getvalue(), x.reshape(-1).view(np.uint8).data)))
+
+
+def record_values(record: ArrayRecord, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A reply's arrays -> packed key -> read-only view, whether they came joined, one vector per dtype
+    (transport/wire.py), or one Array per packed key; ValueError saying where they do not fit the global model."""
+    if record.keys() != reference.keys():
+        if record.keys() & reference.keys():
+            missing, unexpected = reference.keys() - record.keys(), record.keys() - reference.keys()
+            raise ValueError(f"keys differ from the global model: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        return split_joined({k: _view(k, a) for k, a in record.items()},
+                            {k: (ref.size, ref.dtype) for k, ref in reference.items()})
+    out = {}
+    for key, ref in reference.items():
+        a = record[key]
+        if tuple(a.shape) != ref.shape:
+            raise ValueError(f"shape of {key}: expected {ref.shape}, got {tuple(a.shape)}")
+        if a.dtype != str(ref.dtype):
+            raise ValueError(f"dtype of {key}: expected {ref.dtype}, got {a.dtype}")
+        x = out[key] = _view(key, a)
+        if x.shape != ref.shape or x.dtype != ref.dtype:  # the bytes say otherwise than the array's own fields
+            raise ValueError(f"values of {key}: expected {ref.dtype} {ref.shape}, the data holds {x.dtype} {x.shape}")
+    return out
+
+
+def _view(key: str, a: Array) -> np.ndarray:
+    try:
+        return array_view(a)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"unreadable values of {key}: {e}") from e
 
 
 def array_record(packed: dict[str, np.ndarray], consume: bool = False) -> ArrayRecord:

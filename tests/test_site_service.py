@@ -143,3 +143,8 @@ def test_ten_rounds_through_real_processes_keep_one_service_per_site_and_a_kille
                  if re.search(r"request \d+: train .* round (6|10) in", line)}
     assert restarted and str(victim) not in restarted
     assert "restarting it" in (tmp / f"{sites[0].site_id}.log").read_text()
+    # each message's ClientApp was a fork of the site's warm SuperExec (transport/superexec.py), not a new
+    # `flwr-clientapp` interpreter
+    node_log = (second / "supernode.log").read_text()
+    assert len(re.findall(r"m3fm superexec: ClientApp for task \d+ forked as pid \d+", node_log)) >= 10
+    assert "Start `flwr-clientapp` process" not in node_log

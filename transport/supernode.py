@@ -1,5 +1,5 @@
-"""`flower-supernode`, with two changes: the process ends when the SuperNode's main thread ends, and it looks for
-messages more often.
+"""`flower-supernode`, with three changes: the process ends when the SuperNode's main thread ends, it looks for
+messages more often, and its ClientApps start warm.
 
 Flower 1.41 serves the SuperNode's Runtime API from a non-daemon thread. When the main thread (the connection to
 the SuperLink) dies of an exception - a CA file that holds no certificate raises `ssl.SSLError` there - Python
@@ -12,13 +12,22 @@ round's fixed cost. Here those sleeps are capped at POLL_ENV seconds (default 0.
 hundred bytes each, against a SuperLink that answers them from memory). The patch replaces that one module's
 `time` name; `pinned_sleeps` checks the module still looks as it did when this was written.
 
+Unless the caller picks an isolation mode or TLS for the Runtime API, the SuperNode runs with `--isolation process`
+and this starts transport/superexec.py beside it (what Flower's subprocess mode does with `flower-superexec`): each
+message's ClientApp is then a fork of a process that has imported Flower already, not a new interpreter.
+
     python -m transport.supernode FLOWER_SUPERNODE_ARGS...
 """
 
+import argparse
 import os
+import subprocess
 import sys
 import time
 import traceback
+
+from transport.object_pulls import quick_object_pulls
+from transport.processes import die_with_parent
 
 POLL_ENV, POLL_DEFAULT = "M3FM_SUPERNODE_POLL_S", 0.25
 
@@ -46,11 +55,27 @@ def pinned_sleeps(cap: float) -> None:
     start_client_internal.time = _CappedSleep(cap)
 
 
+def warm_clientapps(argv: list[str]) -> list[str]:
+    """argv for Flower with `--isolation process`, and transport/superexec.py started for this SuperNode; argv as
+    given when it names an isolation mode or Runtime API TLS (Flower's own `flower-superexec` then)."""
+    if any(a.startswith(("--isolation", "--ssl-", "--appio-ssl-")) for a in argv):
+        return argv
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", default="9094")  # Flower's SUPERNODE_UVICORN_DEFAULT_PORT
+    known, _ = ap.parse_known_args(argv)
+    host = f"[{known.host}]" if ":" in known.host else known.host
+    subprocess.Popen([sys.executable, "-m", "transport.superexec", "--insecure", "--runtime-api-address",
+                      f"{host}:{known.port}", "--parent-pid", str(os.getpid())], preexec_fn=die_with_parent)
+    return [*argv, "--isolation", "process"]
+
+
 def main() -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     pinned_sleeps(float(os.environ.get(POLL_ENV, POLL_DEFAULT)))
-    sys.argv[0] = "flower-supernode"
+    quick_object_pulls()
+    sys.argv = ["flower-supernode", *warm_clientapps(sys.argv[1:])]
     code = 0
     try:
         flower_supernode()

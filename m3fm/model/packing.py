@@ -66,3 +66,29 @@ def unpack_state(packed: dict[str, np.ndarray], reference: dict[str, torch.Tenso
             offset += k
     return {n: out[n] for n in reference}
 
+
+
+def packed_sizes(reference: dict[str, torch.Tensor]) -> dict[str, tuple[int, np.dtype]]:
+    """Packed key -> (values, numpy dtype) of the vectors pack_state makes from a state dict like `reference`."""
+    return {key: (sum(reference[n].numel() for n in names), torch.empty(0, dtype=reference[names[0]].dtype).numpy().dtype)
+            for key, names in layout(reference).items()}
+
+
+def split_joined(joined: dict[str, np.ndarray], sizes: dict[str, tuple[int, np.dtype]]) -> dict[str, np.ndarray]:
+    """The packed vectors as they travel, one vector per dtype (transport/wire.py), -> packed key -> a view of its
+    part; `sizes` (packed_sizes, or the global model's vectors) gives the order and lengths. ValueError naming the
+    dtype whose vector does not fit."""
+    need: dict[str, int] = defaultdict(int)
+    for size, dtype in sizes.values():
+        need[np.dtype(dtype).name] += size
+    if sorted(joined) != sorted(need):
+        raise ValueError(f"expected one vector per dtype {sorted(need)}, got {sorted(joined)}")
+    for name, v in joined.items():
+        if v.ndim != 1 or v.dtype != np.dtype(name) or v.size != need[name]:
+            raise ValueError(f"the {name} vector: expected {need[name]} values of {name}, got {v.dtype} {v.shape}")
+    out, offset = {}, defaultdict(int)
+    for key, (size, dtype) in sizes.items():
+        name = np.dtype(dtype).name
+        out[key] = joined[name][offset[name]:offset[name] + size]
+        offset[name] += size
+    return out

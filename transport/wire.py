@@ -1,0 +1,46 @@
+"""Weights on the wire: one Flower Array per dtype, the packed vectors (m3fm/model/packing.py) joined in order.
+
+Flower moves each Array as its own objects (the Array and its 5 MB chunks), one HTTP request each, through the
+SuperLink, which answers about a hundred of them a second on two busy cores (traced with FLWR_LOG_LEVEL=DEBUG:
+a tiny model's 35 packed groups were ~70 objects, 1.2-1.8 s per hop between SuperNode and SuperLink, most of a
+round's fixed cost). Joined, a tiny model is 2 objects per message; a large one is its bytes in 5 MB chunks either
+way. Both ends know the order and lengths from the model's configuration (packing.packed_sizes on the site, the
+global model's vectors on the coordinator), so nothing else travels; packing.split_joined checks the lengths.
+A record keyed by packed group (the SecAgg+ path, tests, a clipped reply) is read as it is.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
+
+
+def joined_record(packed: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """packed key -> vector => ArrayRecord of one .npy vector per dtype name, parts in `packed`'s order; each
+    value is copied once, straight into the Array's bytes."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for v in packed.values():
+        v = np.ascontiguousarray(v).reshape(-1)
+        parts.setdefault(v.dtype.name, []).append(v)
+    record = ArrayRecord()
+    for name, vectors in parts.items():
+        size = sum(v.size for v in vectors)
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(np.dtype(name)),
+                                                    "fortran_order": False, "shape": (size,)})
+        data = b"".join([head.getvalue(), *(v.view(np.uint8).data for v in vectors)])
+        record[name] = Array(dtype=name, shape=(size,), stype=SType.NUMPY, data=data)
+    return record
+
+
+def record_like(packed: Mapping[str, np.ndarray], received: ArrayRecord) -> ArrayRecord:
+    """A reply's weights in the form its message brought them: joined (what the coordinator sends,
+    server/delivery.py), or one Array per packed key (in-process callers); Flower's client-side clipping mod
+    requires the reply's keys to be the message's."""
+    if received.keys() == packed.keys():
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in packed.items()})
+    return joined_record(packed)
