@@ -7,11 +7,13 @@ ingested tiny cohort, and where it goes.
 Two pretraining rounds, then multitask rounds, no evaluation (the README main job's shape). Round wall time is
 the coordinator's (wait for sites, send, wait, aggregate, checkpoint); compute is the seconds each site's reply
 reports for its local training. The breakdown per round (seconds):
+  wait sites              from the round's start until min_sites are connected (the first round: the sites'
+                          SuperNodes joining the run; part of the round's time, not of any message's)
   to first / last reply   from the round's start (sites connected, messages configured and pushed)
   to clientapp            from the push to the last ClientApp process's start: SuperLink, the SuperNode's pull
-                          of the message (it looks every 0.25 s), flower-superexec's look for a task (0.1 s)
-  clientapp               the slowest ClientApp process's age when it asked its service: process start,
-                          imports, the task's pull from the SuperNode (Flower starts one process per message)
+                          of the message (it looks every 0.25 s), the SuperExec's look for a task (0.1 s)
+  clientapp               the slowest ClientApp process's age when it asked its service: the fork of the
+                          site's warm SuperExec (transport/superexec.py), the task's pull from the SuperNode
   service - compute       the service's request beyond training: weights in, weights out
   relay - service         the channel between ClientApp and service
   reply path              from the last relay's answer to the coordinator having the last reply: the reply's
@@ -64,7 +66,7 @@ def main() -> None:
             pushed = marks.get("start_unix", 0.0) + marks.get("configured", 0.0)  # messages go out right after
             rows.append({"round": r.round, "phase": r.phase, "sites": r.sites_accepted, "round_s": r.seconds,
                          "compute_s": slowest[SECONDS], "fixed_s": r.seconds - slowest[SECONDS],
-                         "first_reply_s": marks.get("first_reply"), "last_reply_s": marks.get("last_reply"),
+                         "wait_sites_s": marks.get("sites"), "first_reply_s": marks.get("first_reply"), "last_reply_s": marks.get("last_reply"),
                          "to_clientapp_s": max(m.get(CLIENTAPP_STARTED, 0.0) for m in sites) - pushed,
                          "clientapp_s": max(m.get(CLIENTAPP_AGE, 0.0) for m in sites),
                          "service_minus_compute_s": max(m.get(SERVICE_TIME, 0.0) - m[SECONDS] for m in sites),

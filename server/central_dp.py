@@ -45,6 +45,7 @@ from privacy.dp_sgd import epsilon_of
 from server.strategy import TaskAwareFedAvg
 from server.task_sum import array_view, npy_array, record_values
 from transport.protocol import ARRAYS
+from transport.wire import arrays_of
 
 
 class TaskAwareCentralDP:
@@ -106,7 +107,7 @@ class ServerClippingDP(TaskAwareCentralDP, DifferentialPrivacyServerSideFixedCli
     def clip_reply(self, msg: Message) -> None:
         """Clip a checked reply's whole update to clipping_norm, in the message (as Flower's wrapper does)."""
         reference = self.strategy.reference
-        values = record_values(msg.content.array_records[ARRAYS], reference)  # checked: it fits
+        values = record_values(arrays_of(msg.content), reference)  # checked: it fits
         clipped = [values[k] for k in reference]
         compute_clip_model_update(param1=clipped, param2=list(reference.values()), clipping_norm=self.clipping_norm)
         msg.content[ARRAYS] = ArrayRecord({k: npy_array(v) for k, v in zip(reference, clipped)})

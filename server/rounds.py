@@ -12,6 +12,7 @@ round in flight, and `--resume` starts after the last checkpoint.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
@@ -142,6 +143,15 @@ def start_or_resume(s: Session, cfg: ServerConfig, resume: bool, flwr_run_id: in
 
 def run_federation(grid, cfg: ServerConfig, resume: bool = False, flwr_run_id: int | None = None, log=print) -> int:
     """Drive every remaining round of the run; returns the run's id in the server database."""
+    gc.collect()
+    gc.freeze()  # what exists by now lives as long as the run: later collections skip it (delivery.push)
+    try:
+        return _run_federation(grid, cfg, resume, flwr_run_id, log)
+    finally:
+        gc.unfreeze()
+
+
+def _run_federation(grid, cfg: ServerConfig, resume: bool, flwr_run_id: int | None, log) -> int:
     engine = open_server_store(cfg.database_url)
     with Session(engine) as s:
         run, first, weights, strategy_state = start_or_resume(s, cfg, resume, flwr_run_id)

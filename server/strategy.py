@@ -30,14 +30,15 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from server.task_sum import TaskAwareSum, array_record, array_view, record_values, squared_distance
 from transport.protocol import (ARRAYS, COUNT, DP, ITEMS, METRICS, NUM_EXAMPLES, SITE, SITE_ID, SKIPPED, TIME,
                                 counts_of, train_type)
+from transport.wire import arrays_of, drop_arrays
 
 def reply_problem(content, reference: dict[str, np.ndarray], groups: set[str], max_update_norm: float) -> str | None:
     """Why a train reply cannot be aggregated, or None when it can."""
-    if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+    if (arrays := arrays_of(content)) is None or not isinstance(content.get(METRICS), MetricRecord):
         return f"reply lacks the {ARRAYS!r} array record or the {METRICS!r} metric record"
-    metrics = content.metric_records[METRICS]
+    metrics = content[METRICS]
     try:
-        values = record_values(content.array_records[ARRAYS], reference)
+        values = record_values(arrays, reference)
     except ValueError as e:
         return str(e)
     counts = counts_of(metrics)
@@ -133,7 +134,9 @@ class TaskAwareFedAvg(FedAvg):
         for msg in replies:
             self.outcome.replies += 1
             self._take(msg, running, counted)
-            del msg  # its arrays go now, before the next reply is pulled
+            if msg.has_content():
+                drop_arrays(msg.content)  # its arrays go now, before the next reply is pulled
+            del msg
         if not self.outcome.accepted:
             return None, None
         averaged, self.outcome.contributors = running.result()
@@ -162,7 +165,7 @@ class TaskAwareFedAvg(FedAvg):
             return
         metrics = msg.content.metric_records[METRICS]
         counts = {g: int(n) for g, n in counts_of(metrics).items()}
-        running.add(record_values(msg.content.array_records[ARRAYS], self.reference), counts)
+        running.add(record_values(arrays_of(msg.content), self.reference), counts)
         counted.append((MetricRecord(dict(metrics)), counts["shared"]))
         out.accepted.append({**who, "metrics": dict(metrics)})
 
