@@ -36,7 +36,7 @@ RUN_PLANS = {
     "tiny": {"evaluate_every": 1, "pretrain": {"rounds": 1, "local_steps": 2},
              "multitask": {"rounds": 1, "local_steps": 2}},
     "demo": {"evaluate_every": 0, "pretrain": {"rounds": 2, "local_steps": 2},
-             "multitask": {"rounds": 3, "local_steps": 2, "tasks_per_step": 3}},
+             "multitask": {"rounds": 4, "local_steps": 2, "tasks_per_step": 3}},
 }
 
 
