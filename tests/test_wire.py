@@ -12,7 +12,7 @@ from server.strategy import reply_problem
 from server.task_sum import array_view, record_values
 from transport.object_pulls import quick_object_pulls
 from transport.protocol import ARRAYS, COUNT, METRICS
-from transport.superexec import check_flower, fork_executor_class
+from transport.superexec import ForkExecutor, check_flower
 from transport.wire import joined_record, record_like
 
 
@@ -79,6 +79,6 @@ def test_flowers_pull_backoff_and_executor_are_still_where_the_patches_expect():
     finally:
         inflatable_utils.pull_objects.__kwdefaults__.update(before)
     check_flower()
-    executor = fork_executor_class()()
+    executor = ForkExecutor()
     executor.reconcile()  # no children yet: nothing to reap
     assert executor.children == set()

@@ -2,7 +2,7 @@
 
 Flower 1.41 runs every message's ClientApp in a new process (no isolation mode keeps one alive). Its SuperExec
 starts `flwr-clientapp`, a new interpreter that imports flwr (0.8 s of CPU, measured) before it asks for its
-task: with three sites on two cores that was 5.8-6.4 s of every round (benchmarks/round_overhead.py). This is
+task: with three sites on two cores that was 4-6 s of every round (benchmarks/round_overhead.py). This is
 Flower's own SuperExec loop (`run_superexec`: task claims, tokens, signal handling) with one change, its executor:
 `ForkExecutor` forks this process, which has imported `run_clientapp` already, and the child runs Flower's
 `run_clientapp` exactly as `flwr-clientapp` would, then exits. Each message still gets a process of its own (a
@@ -22,71 +22,65 @@ import os
 import sys
 import traceback
 
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec import run_superexec as superexec_module
+from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
+from flwr.supercore.tls import validate_and_resolve_root_certificates
+from flwr.supernode.runtime.run_clientapp import run_clientapp  # imported once here, not once per message
+
 from transport.object_pulls import quick_object_pulls
 
 
-def check_flower():
+def check_flower() -> None:
     """Flower's SuperExec module and subprocess executor, checked to still be what this was written against."""
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec import run_superexec as module
-    from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
-
-    if not callable(getattr(module, "get_executor", None)) or not hasattr(TaskType, "CLIENT_APP"):
+    if not callable(getattr(superexec_module, "get_executor", None)) or not hasattr(TaskType, "CLIENT_APP"):
         raise RuntimeError("flwr.supercore.superexec.run_superexec no longer picks its executor with get_executor: "
                            "revisit transport/superexec.py for this Flower version")
     for name in ("launch", "reconcile", "close", "get_eligible_capacity"):
         if not callable(getattr(SubprocessExecutor, name, None)):
             raise RuntimeError(f"Flower's SubprocessExecutor has no {name}(): revisit transport/superexec.py")
-    return module, TaskType, LaunchResult, SubprocessExecutor
 
 
-def fork_executor_class():
-    _, TaskType, LaunchResult, SubprocessExecutor = check_flower()
-    from flwr.supernode.runtime.run_clientapp import run_clientapp  # imported once here, not once per message
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
+class ForkExecutor(SubprocessExecutor):
+    """ClientApp tasks: a fork of this process runs `run_clientapp`; other task types as Flower does."""
 
-    class ForkExecutor(SubprocessExecutor):
-        """ClientApp tasks: a fork of this process runs `run_clientapp`; other task types as Flower does."""
+    def __init__(self):
+        self.children: set[int] = set()
 
-        def __init__(self):
-            self.children: set[int] = set()
+    def launch(self, spec):
+        if spec.task_type != TaskType.CLIENT_APP:
+            return super().launch(spec)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(run_child(spec))  # never back into the parent's loop
+        self.children.add(pid)
+        print(f"m3fm superexec: ClientApp for task {spec.task_id} forked as pid {pid}", flush=True)
+        return LaunchResult.accepted()
 
-        def launch(self, spec):
-            if spec.task_type != TaskType.CLIENT_APP:
-                return super().launch(spec)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                os._exit(_run_child(spec, run_clientapp, validate_and_resolve_root_certificates))
-            self.children.add(pid)
-            print(f"m3fm superexec: ClientApp for task {spec.task_id} forked as pid {pid}", flush=True)
-            return LaunchResult.accepted()
-
-        def reconcile(self) -> None:
-            """Reap children that have ended (called by Flower's loop before every task claim)."""
-            for pid in list(self.children):
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    self.children.discard(pid)
-
-    return ForkExecutor
+    def reconcile(self) -> None:
+        """Reap children that have ended (Flower's loop calls this before every task claim)."""
+        for pid in list(self.children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.children.discard(pid)
 
 
-def _run_child(spec, run_clientapp, resolve_certificates) -> int:
-    """In the forked child: Flower's `flwr-clientapp` body; returns the exit code (never returns to the loop)."""
+def run_child(spec) -> int:
+    """In the forked child: Flower's `flwr-clientapp` body -> its exit code."""
     code = 1
     try:
         run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
-                      certificates=resolve_certificates(spec.root_certificates_path, spec.insecure),
+                      certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
                       parent_pid=spec.parent_pid, runtime_dependency_install=spec.runtime_dependency_install)
         code = 0
     except SystemExit as e:  # run_clientapp ends with flwr_exit -> sys.exit(code)
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - the child must never fall back into the parent's loop
+    except BaseException:  # noqa: BLE001 - whatever happened, the child ends here
         traceback.print_exc()
     finally:
         sys.stdout.flush()
@@ -101,13 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--insecure", action="store_true")
     ap.add_argument("--root-certificates", default=None)
     args = ap.parse_args(argv)
+    check_flower()
     quick_object_pulls()  # the forked ClientApps inherit it: their pull of the task's objects
-    module = check_flower()[0]
-    executor = fork_executor_class()()
-    module.get_executor = lambda *a, **k: executor
+    executor = ForkExecutor()
+    superexec_module.get_executor = lambda *a, **k: executor
     sys.argv[0] = "flower-superexec"
-    module.run_superexec(runtime_api_address=args.runtime_api_address, insecure=args.insecure,
-                         root_certificates_path=args.root_certificates, parent_pid=args.parent_pid)
+    superexec_module.run_superexec(runtime_api_address=args.runtime_api_address, insecure=args.insecure,
+                                   root_certificates_path=args.root_certificates, parent_pid=args.parent_pid)
 
 
 if __name__ == "__main__":
