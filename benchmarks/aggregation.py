@@ -6,8 +6,9 @@ folding S sites' replies one at a time, as server/delivery.py hands them over, a
 Each case runs in a fresh process, so no peak carries over. The global model is the configuration's packed
 layout (sizes from the model on the meta device) filled with random float32 values; each reply is a fresh
 ArrayRecord of those vectors plus a small site-specific update, every site training every group, made only when
-the strategy asks for the next reply, joined into one float32 vector as replies travel (transport/wire.py). A reply holds its .npy bytes as a pulled one does; they are written in
-place (a bytearray), so making a reply costs no second copy of it (Flower's own inflate of a pulled reply briefly
+the strategy asks for the next reply, joined into one float32 vector as replies travel (transport/wire.py). A
+reply holds its .npy bytes as a pulled one does; they are written in place (a bytearray), so making a reply costs
+no second copy of it (Flower's own inflate of a pulled reply briefly
 does: that is not measured here). `before` is the process's resident memory before the global model exists
 (Python, NumPy, torch, Flower: the constant), `peak` its VmHWM at the end; `peak/model` is (peak - before) over
 the model's bytes. Throughput is the replies' bytes over the time spent in the strategy (checks, fold, the new

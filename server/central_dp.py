@@ -43,9 +43,9 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from privacy.dp_sgd import epsilon_of
 from server.strategy import TaskAwareFedAvg
-from server.task_sum import array_view, npy_array, record_values
+from server.task_sum import array_view, record_values
 from transport.protocol import ARRAYS
-from transport.wire import arrays_of
+from transport.wire import arrays_of, npy_array
 
 
 class TaskAwareCentralDP:

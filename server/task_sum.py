@@ -1,8 +1,8 @@
 """The task-aware average, folded one reply at a time, and the arrays it reads straight off the wire.
 
 A reply's arrays arrive as .npy bytes (Flower's Array); `array_view` reads them in place where Array.numpy()
-would copy, and `npy_array` writes one with a single copy. `TaskAwareSum` keeps per packed key the weighted sum
-of the sites' updates; `task_aware_average` is the same average over a list, in float64, the reference it is
+would copy (transport/wire.py's `npy_array` writes one with a single copy). `TaskAwareSum` keeps per packed key
+the weighted sum of the sites' updates; `task_aware_average` is the same average over a list, in float64, the reference it is
 tested against. Loops go chunk by chunk so temporaries stay in cache and never reach a group's size.
 """
 
@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
 from m3fm.model.packing import group_of_packed, split_joined
+from transport.wire import npy_array
 
 CHUNK = 1 << 16  # values per step of the loops over a group: temporaries stay in cache, never a group's size
 
@@ -42,15 +43,6 @@ def array_view(a: Array) -> np.ndarray:
         return a.numpy()
     count = math.prod(shape)
     return np.frombuffer(a.data, dtype=dtype, count=count, offset=start + header_len).reshape(shape)
-
-
-def npy_array(x: np.ndarray) -> Array:
-    """An Array holding x's .npy bytes, made with one copy (Array(x) writes through a BytesIO and copies again)."""
-    x = np.ascontiguousarray(x)
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(x))
-    return Array(dtype=str(x.dtype), shape=tuple(int(n) for n in x.shape), stype=SType.NUMPY,
-                 data=b"".join((head.getvalue(), x.reshape(-1).view(np.uint8).data)))
 
 
 def record_values(record: ArrayRecord, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -14,8 +14,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from server.delivery import NO_REPLY, deliver, stream
 from server.strategy import build_strategy
-from server.task_sum import TaskAwareSum, array_view, npy_array, task_aware_average
+from server.task_sum import TaskAwareSum, array_view, task_aware_average
 from sim.inprocess_grid import InProcessGrid
+from transport.wire import npy_array
 
 GROUPS = {"shared", "head:yes_no", "head:lung_rads", "scale:lung"}
 # sizes that cross the fold's chunk boundary (server/strategy.py CHUNK) and end mid-chunk

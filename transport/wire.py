@@ -21,6 +21,12 @@ from flwr.common.constant import SType
 from transport.protocol import ARRAYS
 
 
+def npy_array(x: np.ndarray) -> Array:
+    """An Array holding x's .npy bytes, made with one copy (Array(x) writes through a BytesIO and copies again)."""
+    x = np.ascontiguousarray(x)
+    return _npy(x.dtype, x.shape, [x])
+
+
 def joined_record(packed: Mapping[str, np.ndarray]) -> ArrayRecord:
     """packed key -> vector => ArrayRecord of one .npy vector per dtype name, parts in `packed`'s order; each
     value is copied once, straight into the Array's bytes."""
@@ -28,15 +34,17 @@ def joined_record(packed: Mapping[str, np.ndarray]) -> ArrayRecord:
     for v in packed.values():
         v = np.ascontiguousarray(v).reshape(-1)
         parts.setdefault(v.dtype.name, []).append(v)
-    record = ArrayRecord()
-    for name, vectors in parts.items():
-        size = sum(v.size for v in vectors)
-        head = io.BytesIO()
-        np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(np.dtype(name)),
-                                                    "fortran_order": False, "shape": (size,)})
-        data = b"".join([head.getvalue(), *(v.view(np.uint8).data for v in vectors)])
-        record[name] = Array(dtype=name, shape=(size,), stype=SType.NUMPY, data=data)
-    return record
+    return ArrayRecord({name: _npy(np.dtype(name), (sum(v.size for v in vectors),), vectors)
+                        for name, vectors in parts.items()})
+
+
+def _npy(dtype: np.dtype, shape: tuple, parts: list[np.ndarray]) -> Array:
+    """An Array of `shape` whose .npy bytes are a version 1 header and then the contiguous `parts`, in order."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                "fortran_order": False, "shape": tuple(int(n) for n in shape)})
+    return Array(dtype=np.dtype(dtype).name, shape=tuple(int(n) for n in shape), stype=SType.NUMPY,
+                 data=b"".join([head.getvalue(), *(p.reshape(-1).view(np.uint8).data for p in parts)]))
 
 
 def record_like(packed: Mapping[str, np.ndarray], received: ArrayRecord) -> ArrayRecord:
@@ -44,7 +52,7 @@ def record_like(packed: Mapping[str, np.ndarray], received: ArrayRecord) -> Arra
     server/delivery.py), or one Array per packed key (in-process callers); Flower's client-side clipping mod
     requires the reply's keys to be the message's."""
     if received.keys() == packed.keys():
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in packed.items()})
+        return ArrayRecord({k: npy_array(v) for k, v in packed.items()})
     return joined_record(packed)
 
 

@@ -67,10 +67,10 @@ def unpack_state(packed: dict[str, np.ndarray], reference: dict[str, torch.Tenso
     return {n: out[n] for n in reference}
 
 
-
 def packed_sizes(reference: dict[str, torch.Tensor]) -> dict[str, tuple[int, np.dtype]]:
     """Packed key -> (values, numpy dtype) of the vectors pack_state makes from a state dict like `reference`."""
-    return {key: (sum(reference[n].numel() for n in names), torch.empty(0, dtype=reference[names[0]].dtype).numpy().dtype)
+    return {key: (sum(reference[n].numel() for n in names),
+                  torch.empty(0, dtype=reference[names[0]].dtype).numpy().dtype)
             for key, names in layout(reference).items()}
 
 
