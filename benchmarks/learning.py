@@ -22,10 +22,9 @@ from pathlib import Path
 import common
 import numpy as np
 
+from m3fm.tasks import HEADLINE_TASKS
 from sim.compare import ARMS, GROUPS, compare
 
-HEADLINE = ("nodule_presence", "emphysema", "consolidation", "cvd_diagnosis", "covid19", "lung_rads",
-            "lung_cancer_risk")
 
 
 def auc_of(summary: dict, arm: str, site: str, task: str):
@@ -53,7 +52,7 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     first = runs[0]
-    cells = [(site, task) for site in first["sites"] for task in HEADLINE
+    cells = [(site, task) for site in first["sites"] for task in HEADLINE_TASKS
              if auc_of(first, "federated", site, task) is not None]
     fig, (ax, curve) = plt.subplots(2, 1, figsize=(max(8, 0.7 * len(cells)), 8))
     width = 0.8 / len(ARMS)
@@ -92,7 +91,7 @@ def main() -> None:
     ap.add_argument("--tasks-per-step", type=int, default=1, help="micro-batches (one task each) per step; 0: all")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--tasks", nargs="*", default=list(HEADLINE),
+    ap.add_argument("--tasks", nargs="*", default=list(HEADLINE_TASKS),
                     help="the multitask phase's tasks (default: the headline ones; none given: every task)")
     ap.add_argument("--warmup", type=int, default=20, help="warmup steps per phase")
     ap.add_argument("--out", type=Path, default=Path("/tmp/m3fm-learning"))
@@ -122,7 +121,7 @@ def main() -> None:
              "seconds": round(float(np.mean([r["seconds"][arm] for r in runs])))} for arm in ARMS]
     tasks = []
     for site in runs[0]["sites"]:
-        for task in HEADLINE:
+        for task in HEADLINE_TASKS:
             first = runs[0]["arms"]["federated"]["sites"].get(site, {}).get(task)
             if not first or not isinstance(first.get("auc"), float):
                 continue

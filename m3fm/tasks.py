@@ -247,6 +247,9 @@ AUXILIARY_TASKS: tuple[Task, ...] = (
 )
 
 ALL_TASKS: tuple[Task, ...] = TASKS + AUXILIARY_TASKS
+# the tasks a short run is judged on, every task group's main question (benchmarks/learning.py, the demo run)
+HEADLINE_TASKS = ("nodule_presence", "emphysema", "consolidation", "cvd_diagnosis", "covid19", "lung_rads",
+                  "lung_cancer_risk")
 TASK_BY_NAME: dict[str, Task] = {t.name: t for t in ALL_TASKS}
 TASK_INDEX: dict[str, int] = {t.name: i for i, t in enumerate(ALL_TASKS)}
 

@@ -12,6 +12,7 @@ from monai.transforms import LoadImage
 from pydicom.uid import CTImageStorage
 from sklearn.metrics import roc_auc_score
 
+from client.site import load_site
 from m3fm.tasks import TASKS, get_task
 from sim.cohort.dicom_writer import SeriesInfo, write_series
 from sim.cohort.generate import exam_findings, generate_cohort, label_rows, plan_site
@@ -215,3 +216,14 @@ def test_cohort_command_prints_the_summary(tmp_path):
     assert "site-01" in res.stdout and "nodule_presence" in res.stdout and "2 sites written" in res.stdout
     again = subprocess.run([exe, "cohort", str(tmp_path / "c")], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "nothing is overwritten" in again.stdout
+
+
+def test_a_preset_with_its_own_splits_writes_them_into_the_site_config(tmp_path):
+    """The demo holds out a third of each site's patients (so a test split can bound an AUC away from chance);
+    presets without splits leave the site default."""
+    demo = build_sites("demo", sites=1, exams_per_site=1)[0]
+    tiny = build_sites("tiny", sites=1, exams_per_site=1)[0]
+    generate_cohort(tmp_path / "demo", [demo], seed=0)
+    generate_cohort(tmp_path / "tiny", [tiny], seed=0)
+    assert load_site(tmp_path / "demo" / "site-01").splits == {"train": 0.55, "val": 0.1, "test": 0.35}
+    assert load_site(tmp_path / "tiny" / "site-01").splits == {"train": 0.7, "val": 0.15, "test": 0.15}

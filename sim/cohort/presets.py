@@ -67,6 +67,7 @@ class SiteProfile:
     min_cell_size: int = 5
     min_slices: int = 64  # ingestion rejects shorter series (the paper excluded series under 64 slices)
     model_config: str = "base"  # whose image scales ingestion caches crops for
+    splits: tuple[float, float, float] | None = None  # train, val, test shares of patients; None: the site default
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,18 @@ class Preset:
     enrichment: float = 1.0
     min_slices: int = 64
     model_config: str = "base"
+    splits: tuple[float, float, float] | None = None
 
 
 PRESETS = {
     # coarse voxels: about 2.1-2.5 mm in-plane (the field of view fits the body) and 5 mm slices
     # coarse presets keep shorter series: a 10 mm reconstruction of a tiny chest has about 30 slices
     "tiny": Preset("tiny", 3, 16, 128, None, (5.0,), enrichment=3.0, min_slices=16, model_config="tiny"),
-    # demo: sized so `m3fm-sim run` (generate, ingest, 2 federated rounds) stays within 10 minutes on 2 cores
-    "demo": Preset("demo", 4, 28, 192, None, (2.5, 3.0), enrichment=2.0, min_slices=32, model_config="small"),
+    # demo: sized so `m3fm-sim run` (generate, ingest, federated pretraining and multitask training) stays within
+    # 10 minutes on 2 cores and still shows learning: the eval preset's voxels and model, 288 exams, and a third of
+    # each site's patients held out, so its test split can bound an AUC away from chance
+    "demo": Preset("demo", 4, 64, 128, None, (5.0,), enrichment=3.0, min_slices=16, model_config="tiny",
+                   splits=(0.55, 0.1, 0.35)),
     # eval: sized for the learning benchmark (benchmarks/learning.py): each labelling site's test split holds >= 5
     # positives and negatives for the headline tasks; the sizes vary (240, 300, 180, 360 exams), so site-03
     # holds 17% of the exams
@@ -126,6 +131,7 @@ def build_sites(preset: str, sites: int | None = None, exams_per_site: int | Non
             enrichment=p.enrichment,
             min_slices=p.min_slices,
             model_config=p.model_config,
+            splits=p.splits,
         ))
     return profiles
 
