@@ -82,8 +82,7 @@ def main() -> None:
     for arm, (summary, text) in ARMS.items():
         for seed in args.seeds:
             # without text: every clinical sentence dropped, in training and in evaluation
-            silent = mock.patch.object(m3fm.data.collate, "clinical_text", lambda *a, **k: "")
-            with nullcontext() if text else silent:
+            with nullcontext() if text else mock.patch.object(m3fm.data.collate, "clinical_text", lambda *a, **k: ""):
                 row = run(datas, args.task, args.steps, args.batch_size, args.lr, seed, summary)
             rows.append({"arm": arm, "seed": seed, **row})
             print(rows[-1], flush=True)

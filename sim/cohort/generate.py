@@ -186,6 +186,9 @@ def _render(args):
 
 def site_toml(site: SiteProfile, seed: int) -> dict:
     sc = site.scanner
+    ingest = {"min_slices": site.min_slices, "model_config": site.model_config}
+    if site.splits:  # otherwise the site default (client/site.py)
+        ingest["splits"] = dict(zip(("train", "val", "test"), site.splits))
     return {
         "site_id": site.site_id,
         "name": site.name + " (synthetic)",
@@ -195,8 +198,7 @@ def site_toml(site: SiteProfile, seed: int) -> dict:
         "device": {"device": "auto"},
         # ingestion writes its cache and database here, never into this folder
         "storage": {"work_dir": f"../work/{site.site_id}"},
-        "ingest": {"min_slices": site.min_slices, "model_config": site.model_config,
-                   **({"splits": dict(zip(("train", "val", "test"), site.splits))} if site.splits else {})},
+        "ingest": ingest,
         "scanner": {"manufacturer": sc.manufacturer, "model": sc.model, "kvp": sc.kvp, "kernel": sc.kernel,
                     "noise_hu": sc.noise_hu, "matrix": site.matrix, "slice_thickness_mm": list(site.slice_thickness),
                     "rescale_intercept": sc.rescale_intercept, "rescale_slope": sc.rescale_slope},
