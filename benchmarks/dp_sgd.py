@@ -1,65 +1,126 @@
-"""DP-SGD cost at a site: seconds per optimizer step of a private local round (Opacus per-sample gradients,
-clipping, noise, Poisson sampling) over the same round without DP, per phase, on an ingested tiny site.
+"""DP-SGD cost at a site: seconds per optimizer step and peak memory of a patient-level private local round over the
+same round without DP, per model configuration and phase, at equal patients per step.
 
-  python benchmarks/dp_sgd.py [--steps 6] [--batch 4] [--work /tmp/m3fm-bench]
+  python benchmarks/dp_sgd.py [--configs tiny small] [--base] [--steps 8] [--batch 4] [--clipping hooks ghost]
+                              [--work /tmp/m3fm-bench] [--device cpu]
 
-Both rounds run the code sites run (m3fm/local.py, privacy/dp_local.py) from the same initial weights. A
-measurement, never pass/fail.
+Both rounds run the code sites run (m3fm/local.py with one task or scale per step, privacy/dp_local.py) from the
+same initial weights on a tiny synthetic site ingested for each configuration's crops. A plain step trains `batch`
+items of one key; a private step Poisson-samples `batch` patients on average and trains one item of each. Every
+(configuration, phase, mode) runs in a fresh process, so its peak memory (VmHWM on CPU, max allocated on a GPU) is
+its own; step time is (a round of 2 + steps steps - a round of 2 steps) / steps, after a warm-up round, so round
+setup is left out. --base adds M3FM-Base at batch 2. A measurement, never pass/fail.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import shutil
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import common
-import torch
 
-from client.site import load_site
-from m3fm.data.datasets import SiteData
-from m3fm.local import PhaseConfig, local_multitask, local_pretrain
-from m3fm.model.configs import get_config
-from m3fm.model.m3fm import M3FM
-from m3fm.model.text import load_tokenizer
-from privacy.budget import DPSGDConfig, SiteBudget
-from privacy.dp_local import private_multitask, private_pretrain
-from privacy.dp_sgd import PrivacyLedger
+import tomli_w
+
+
+def site_for(config: str, work: Path) -> Path:
+    """The tiny cohort's first site, ingested again with `config`'s crops (reused when there)."""
+    tiny = common.tiny_cohort(work / "dp-cohort", sites=1, exams=16)[0]
+    if config == "tiny":
+        return tiny
+    folder = work / f"dp-site-{config}"
+    if not (folder / "site.toml").is_file():
+        from client.ingest import ingest_site
+        from client.site import load_site
+
+        shutil.copytree(tiny, folder, ignore=shutil.ignore_patterns("site.toml"), dirs_exist_ok=True)
+        toml = tomllib.loads((tiny / "site.toml").read_text())
+        toml["storage"]["work_dir"] = str(work / f"dp-work-{config}")
+        toml["ingest"]["model_config"] = config
+        (folder / "site.toml").write_text(tomli_w.dumps(toml))
+        ingest_site(load_site(folder), workers=2)
+    return folder
+
+
+def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch: int, device: str,
+            clipping: str) -> dict:
+    """In a fresh process: seconds per step and peak memory of `mode` (plain or dp) rounds."""
+    import torch
+
+    from client.site import load_site
+    from m3fm.data.datasets import SiteData
+    from m3fm.local import PhaseConfig, local_multitask, local_pretrain
+    from m3fm.model.configs import get_config
+    from m3fm.model.m3fm import M3FM
+    from m3fm.model.text import load_tokenizer
+    from privacy.budget import DPSGDConfig, SiteBudget
+    from privacy.dp_local import private_multitask, private_pretrain
+    from privacy.dp_sgd import PrivacyLedger
+
+    torch.set_num_threads(1)
+    site = load_site(Path(site_dir))
+    cfg = get_config(config)
+    data, tokenizer = SiteData(site.database_url, site.work_dir, cfg), load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = M3FM(cfg).to(device)
+    dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, physical_batch=batch, clipping=clipping)
+    ledger_dir = tempfile.mkdtemp()
+
+    def one_round(n: int) -> float:
+        pc = PhaseConfig(phase, rounds=1, local_steps=n, batch_size=batch, tasks_per_step=1)
+        t0 = time.perf_counter()
+        if mode == "plain":
+            out = (local_pretrain if phase == "pretrain" else local_multitask)(model, data, tokenizer, pc, 1, 1)
+        else:
+            run = private_pretrain if phase == "pretrain" else private_multitask
+            out = run(model, data, tokenizer, pc, 1, 1, dp, SiteBudget(None, None), PrivacyLedger(Path(ledger_dir)),
+                      ("bench", 1))
+        assert out["trained"], out
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    one_round(1)  # warm-up: allocator, first-call costs
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    short, long = one_round(2), one_round(2 + steps)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else common.rss_bytes_peak()
+    shutil.rmtree(ledger_dir, ignore_errors=True)
+    return {"step_s": (long - short) / steps, "peak_mib": peak / 2**20}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--configs", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--base", action="store_true", help="also M3FM-Base at batch 2")
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--clipping", nargs="+", default=["hooks", "ghost"], help="Opacus per-sample clipping modes")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "m3fm-bench")
     args = ap.parse_args()
-    site = load_site(common.tiny_cohort(args.work / "dp-cohort", sites=1, exams=16)[0])
-    cfg = get_config(site.model_config)
-    data, tokenizer = SiteData(site.database_url, site.work_dir, cfg), load_tokenizer(cfg)
-    dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, physical_batch=args.batch)
-    budget = SiteBudget(None, None)
+    runs = [(c, args.batch) for c in args.configs] + ([("base", 2)] if args.base else [])
+    ctx = mp.get_context("spawn")
     rows = []
-    for phase, plain, private in (("pretrain", local_pretrain, private_pretrain),
-                                  ("multitask", local_multitask, private_multitask)):
-        pc = PhaseConfig(phase, rounds=1, local_steps=args.steps, batch_size=args.batch, tasks_per_step=1)
-        seconds = {}
-        for mode in ("plain", "dp-sgd"):
-            torch.manual_seed(0)
-            model = M3FM(cfg)
-            t0 = time.perf_counter()
-            if mode == "plain":
-                out = plain(model, data, tokenizer, pc, 1, 1)
-            else:
-                with tempfile.TemporaryDirectory() as ledger_dir:
-                    out = private(model, data, tokenizer, pc, 1, 1, dp, budget, PrivacyLedger(Path(ledger_dir)),
-                                  ("bench", 1))
-            assert out["trained"], out
-            seconds[mode] = (time.perf_counter() - t0) / args.steps
-        rows.append({"phase": phase, "config": cfg.name, "batch": args.batch, "steps": args.steps,
-                     "plain_step_s": seconds["plain"], "dp_step_s": seconds["dp-sgd"],
-                     "dp_over_plain": seconds["dp-sgd"] / seconds["plain"]})
-    common.report("dp_sgd", "DP-SGD step time over plain step time (same site, same steps)", rows)
+    for config, batch in runs:
+        site = str(site_for(config, args.work))
+        for phase in ("pretrain", "multitask"):
+            with ctx.Pool(1, maxtasksperchild=1) as pool:
+                plain = pool.apply(measure, (site, config, phase, "plain", args.steps, batch, args.device, "hooks"))
+            for clipping in args.clipping:
+                with ctx.Pool(1, maxtasksperchild=1) as pool:
+                    dp = pool.apply(measure, (site, config, phase, "dp", args.steps, batch, args.device, clipping))
+                rows.append({"config": config, "phase": phase, "batch": batch, "clipping": clipping,
+                             "plain step s": plain["step_s"], "dp step s": dp["step_s"],
+                             "dp / plain": dp["step_s"] / plain["step_s"], "plain peak MiB": plain["peak_mib"],
+                             "dp peak MiB": dp["peak_mib"], "dp / plain memory": dp["peak_mib"] / plain["peak_mib"]})
+                print(rows[-1], flush=True)
+    common.report("dp_sgd", f"patient-level DP-SGD step over plain step ({args.device}, {args.steps} timed steps, "
+                  "equal patients per step)", rows, {"device": args.device, "steps": args.steps})
 
 
 if __name__ == "__main__":

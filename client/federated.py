@@ -30,9 +30,9 @@ from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.text import TextTokenizer, load_tokenizer
-from privacy.dp_local import private_multitask, private_pretrain
+from privacy.dp_local import key_steps, patients_by_key, plan_entries, private_multitask, private_pretrain
 from privacy.budget import DPSGDConfig, SiteBudget
-from privacy.dp_sgd import PrivacyLedger, sample_rate
+from privacy.dp_sgd import PrivacyLedger
 from transport.protocol import (ITEMS, NUM_EXAMPLES, SITE_ID, SKIPPED, TRAINED_MARK_KEY, EvaluateConfig, LocalRound,
                                 RoundConfig)
 
@@ -168,18 +168,19 @@ def secure_update(o: OpenSite, packed: dict[str, np.ndarray], config: dict
 
 
 def dp_plan(o: OpenSite, config: dict, min_items: int) -> list[tuple[float, int]] | None:
-    """For noise derived from a target epsilon: this site's (sample rate, steps) over the run's whole plan
-    (`dp-plan`: PHASE:STEPS:BATCH per phase)."""
+    """For noise derived from a target epsilon: this site's (patient sampling rate, steps) per key over the run's
+    whole plan (`dp-plan`: PHASE:STEPS:BATCH per phase)."""
     if not float(config.get("dp-target-epsilon", 0)) or not config.get("dp-plan"):
         return None
     plan, scales = [], round_config(config)[1].scales if config["phase"] == "pretrain" else ()
     for part in str(config["dp-plan"]).split(","):
         phase, steps, batch = part.split(":")
         pc = PhaseConfig(phase, batch_size=int(batch), scales=scales if phase == "pretrain" else ())
-        _, per_key = (pretrain_population(o.data, pc, o.model, 1, min_items) if phase == "pretrain"
-                      else multitask_population(o.data, pc, 1, min_items))
-        if items := sum(per_key.values()):
-            plan.append((sample_rate(items, int(batch)), int(steps)))
+        ds, per_key = (pretrain_population(o.data, pc, o.model, 1, min_items) if phase == "pretrain"
+                       else multitask_population(o.data, pc, 1, min_items))
+        if per_key:
+            units = patients_by_key(o.data, ds, per_key)
+            plan += plan_entries(units, key_steps(sorted(units), int(steps)), int(batch))
     return plan
 
 

@@ -23,7 +23,7 @@ from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer
 from m3fm.report_html import figure, page, roc_png, table, write_text_atomic
 from m3fm.tasks import TASK_INDEX
-from privacy.dp_sgd import PrivacyLedger
+from privacy.dp_sgd import MECHANISM, PrivacyLedger
 from transport.protocol import ReportConfig
 
 
@@ -37,7 +37,7 @@ def privacy_spent(site: SiteConfig) -> dict:
     if not ledger.rounds:
         return {"mechanism": "none", "epsilon": 0.0, "private_rounds": 0}
     last = ledger.rounds[-1]
-    return {"mechanism": "dp-sgd", "epsilon": float(last["epsilon"]), "delta": float(last["delta"]),
+    return {"mechanism": MECHANISM, "epsilon": float(last["epsilon"]), "delta": float(last["delta"]),
             "private_rounds": len(ledger.rounds), "runs": sorted({str(r["run"]) for r in ledger.rounds})}
 
 

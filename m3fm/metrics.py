@@ -41,13 +41,37 @@ def delong(y: np.ndarray, score: np.ndarray) -> tuple[float, float]:
     return float(auc), float(var)
 
 
-def auc_ci(y: np.ndarray, score: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """-> (AUC, lower, upper): the DeLong normal interval, clipped to [0, 1]."""
+def normal_ci(estimate: float, se: float, level: float = 0.95) -> tuple[float, float]:
+    """The normal interval estimate +- z * se, clipped to [0, 1]."""
     from scipy.stats import norm
 
+    half = norm.ppf(0.5 + level / 2) * se
+    return float(max(0.0, estimate - half)), float(min(1.0, estimate + half))
+
+
+def auc_ci(y: np.ndarray, score: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """-> (AUC, lower, upper): the DeLong normal interval, clipped to [0, 1]."""
     auc, var = delong(y, score)
-    half = norm.ppf(0.5 + level / 2) * np.sqrt(var)
-    return auc, float(max(0.0, auc - half)), float(min(1.0, auc + half))
+    return auc, *normal_ci(auc, np.sqrt(var), level)
+
+
+# A site whose scores separate its classes perfectly has DeLong variance 0; floored so that one site cannot take the
+# whole weight of a meta-analysis (0.01 is about the standard error of one misranked pair among 10 x 10).
+MIN_AUC_SE = 0.01
+
+
+def pooled_auc(aucs: list[float], ses: list[float], level: float = 0.95) -> dict:
+    """Fixed-effect inverse-variance meta-analysis of several sites' AUCs, each with its DeLong standard error:
+    the across-site AUC and its CI from the aggregates the sites send (no score leaves a site). I2 (Higgins &
+    Thompson 2002) is the share of the spread between sites beyond chance: where it is high, the sites' AUCs differ
+    and the pooled AUC is their weighted average, not one shared value."""
+    a, se = np.asarray(aucs, dtype=np.float64), np.maximum(np.asarray(ses, dtype=np.float64), MIN_AUC_SE)
+    w = 1.0 / se**2
+    auc = float((w * a).sum() / w.sum())
+    q = float((w * (a - auc) ** 2).sum())
+    i2 = max(0.0, (q - (len(a) - 1)) / q) if q > 0 else 0.0
+    return {"auc": auc, "auc_ci": list(normal_ci(auc, 1.0 / np.sqrt(w.sum()), level)), "sites": len(a),
+            "i2": float(i2)}
 
 
 def calibration_error(y: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
@@ -81,11 +105,13 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, min_cell: int, threshold: f
     out = {"n": shown(n, min_cell)}
     if min(positives, n - positives) < min_cell:
         out["positives"] = SUPPRESSED if n >= min_cell and 0 < positives < n else shown(positives, min_cell)
-        out.update({k: SUPPRESSED for k in ("auc", "auc_ci", "calibration_error", "sensitivity", "specificity")})
+        out.update({k: SUPPRESSED for k in ("auc", "auc_ci", "auc_se", "calibration_error", "sensitivity",
+                                            "specificity")})
         return out
-    auc, lo, hi = auc_ci(y, score)
+    auc, var = delong(y, score)
+    lo, hi = normal_ci(auc, np.sqrt(var))
     sens, spec = sensitivity_specificity(y, score, threshold)
-    out.update({"positives": positives, "auc": auc, "auc_ci": [lo, hi],
+    out.update({"positives": positives, "auc": auc, "auc_ci": [lo, hi], "auc_se": float(np.sqrt(var)),
                 "calibration_error": calibration_error(y, score), "threshold": threshold,
                 "sensitivity": sens, "specificity": spec})
     if roc:

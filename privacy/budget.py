@@ -13,6 +13,9 @@ class PrivacyConfigError(ValueError):
     pass
 
 
+CLIPPING = ("hooks", "ghost")
+
+
 @dataclass
 class DPSGDConfig:
     """[privacy.dp_sgd] of server.toml: one of noise_multiplier or target_epsilon."""
@@ -21,17 +24,23 @@ class DPSGDConfig:
     noise_multiplier: float = 0.0  # 0: derived from target_epsilon over the run's whole plan
     target_epsilon: float = 0.0
     physical_batch: int = 8  # items per forward pass; memory, not privacy
+    # how Opacus bounds each item's gradient: "hooks" (per-sample gradients, then clip) or "ghost" (per-sample
+    # gradient norms without the per-sample gradients, then a second backward pass; Opacus's ghost clipping)
+    clipping: str = "hooks"
 
     def __post_init__(self):
         if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
             raise PrivacyConfigError("[privacy.dp_sgd] needs exactly one of noise_multiplier > 0 or target_epsilon > 0")
         if self.max_grad_norm <= 0 or not 0 < self.delta < 1 or self.physical_batch < 1:
             raise PrivacyConfigError("[privacy.dp_sgd] needs max_grad_norm > 0, 0 < delta < 1, physical_batch >= 1")
+        if self.clipping not in CLIPPING:
+            raise PrivacyConfigError(f"[privacy.dp_sgd] clipping must be one of {', '.join(CLIPPING)}, "
+                                     f"got {self.clipping!r}")
 
     def to_config(self) -> dict:
         return {"dp-noise-multiplier": self.noise_multiplier, "dp-target-epsilon": self.target_epsilon,
                 "dp-max-grad-norm": self.max_grad_norm, "dp-delta": self.delta,
-                "dp-physical-batch": self.physical_batch}
+                "dp-physical-batch": self.physical_batch, "dp-clipping": self.clipping}
 
     @classmethod
     def from_config(cls, config: dict) -> "DPSGDConfig | None":
@@ -41,7 +50,8 @@ class DPSGDConfig:
         return cls(max_grad_norm=float(config["dp-max-grad-norm"]), delta=float(config["dp-delta"]),
                    noise_multiplier=float(config["dp-noise-multiplier"]),
                    target_epsilon=float(config["dp-target-epsilon"]),
-                   physical_batch=int(config["dp-physical-batch"]))
+                   physical_batch=int(config["dp-physical-batch"]),
+                   clipping=str(config.get("dp-clipping", "hooks")))
 
 
 @dataclass

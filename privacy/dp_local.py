@@ -1,5 +1,7 @@
-"""The two local training phases under DP-SGD (privacy/dp_sgd.py): same data, losses and counts as
-m3fm/local.py, but Poisson-sampled steps, per-item clipping and noise, and the site's accountant charged.
+"""The two local training phases under patient-level DP-SGD (privacy/dp_sgd.py): same data, losses, counts and
+key order (one scale or one task per step) as m3fm/local.py, but each step Poisson-samples patients, takes one item
+of each, clips it, adds the noise once, and the site's accountant is charged per patient. `tasks_per_step` does
+not apply: a step trains one task, so a patient contributes one clipped gradient to it.
 
 Parameters the phase never trains are frozen first (the predictors while
 pretraining, the MIM/MLM heads during multitask training): noise on them would
@@ -18,12 +20,13 @@ import torch
 
 from m3fm.data.collate import collate_pretrain, collate_qa
 from m3fm.local import PhaseConfig, multitask_population, pretrain_population, text_items, too_few
-from m3fm.model.groups import multitask_group_counts, pretrain_group_counts
+from m3fm.model.groups import multitask_group_counts, parameter_group, pretrain_group_counts
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer
 from m3fm.train import build_optimizer, model_device, pretrain_loss, qa_loss, set_lr
 from privacy.budget import DPSGDConfig, SiteBudget
-from privacy.dp_sgd import PrivacyLedger, fill_missing_grad_samples, plan_round, private_training
+from privacy.dp_sgd import (PatientSampler, PrivacyLedger, fill_missing_grad_samples, plan_round, private_training,
+                            sample_rate)
 
 UNTRAINED_BY_PHASE = {"pretrain": ("heads.", "task_id_head.", "task_encoder."),
                       "multitask": ("mim_decoder.", "mlm_head.")}
@@ -35,12 +38,50 @@ def freeze_outside_phase(model: M3FM, phase: str) -> None:
             p.requires_grad_(False)
 
 
-def micro_batches(indices: list[int], keys: list[str], size: int) -> list[tuple[str, list[int]]]:
-    """A step's sampled items as one-key micro-batches of at most `size` items."""
-    by_key = defaultdict(list)
-    for i in indices:
-        by_key[keys[i]].append(i)
-    return [(k, rows[j:j + size]) for k, rows in sorted(by_key.items()) for j in range(0, len(rows), size)]
+def key_groups(phase: str, key: str) -> set[str]:
+    """The parameter groups (m3fm/model/groups.py) a step of one key can reach: the shared trunk and the key's own
+    tokenizer, task embedding and predictor, never another key's."""
+    return set(pretrain_group_counts({key: 1}, 1) if phase == "pretrain" else multitask_group_counts({key: 1}))
+
+
+class KeyParameters:
+    """Per step, only the parameters the step's key can reach take part: clipped, noised and moved. Which key a
+    step trains is a fixed schedule, not data, so leaving another key's parameters out releases nothing; noising
+    them would move every other task's predictor by noise alone at every step (Adam scales that noise up to a
+    full step), and cost a zero per-sample gradient and a noise draw for each."""
+
+    def __init__(self, model: M3FM, phase: str):
+        self.phase = phase
+        self.params = [(parameter_group(n), p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def only(self, key: str) -> None:
+        groups = key_groups(self.phase, key)
+        for group, p in self.params:
+            p.requires_grad_(group in groups)
+
+
+def micro_batches(items: list[int], key: str, size: int) -> list[tuple[str, list[int]]]:
+    """A step's sampled items (one key) as micro-batches of at most `size` items."""
+    return [(key, items[j:j + size]) for j in range(0, len(items), size)]
+
+
+def patients_by_key(data, ds, per_key: dict[str, int]) -> dict[str, list[list[int]]]:
+    """key -> one list per training patient with items of that key: the patient's item indices into ds."""
+    units: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, k in enumerate(ds.keys):
+        if k in per_key:
+            units[k][data.patient_of(ds.exam_id(i))].append(i)
+    return {k: [by_patient[p] for p in sorted(by_patient)] for k, by_patient in sorted(units.items())}
+
+
+def key_steps(keys: list[str], steps: int, first_step: int = 0) -> list[str]:
+    """The key each step trains: round robin over the phase's steps, as m3fm/local.py does."""
+    return [keys[s % len(keys)] for s in range(first_step, first_step + steps)]
+
+
+def plan_entries(units: dict[str, list[list[int]]], schedule: list[str], batch_size: int) -> list[tuple[float, int]]:
+    """(patient sampling rate, steps) per key of a schedule."""
+    return [(sample_rate(len(units[k]), batch_size), schedule.count(k)) for k in sorted(set(schedule))]
 
 
 def private_step(dp_optimizer, micro: list[tuple[str, list[int]]], loss_of) -> None:
@@ -59,29 +100,32 @@ def private_step(dp_optimizer, micro: list[tuple[str, list[int]]], loss_of) -> N
         dp_optimizer.zero_grad(set_to_none=True)
 
 
-def _private_round(model: M3FM, phase: str, ds, per_key: dict[str, int], pc: PhaseConfig, phase_round: int,
+def _private_round(model: M3FM, phase: str, data, ds, per_key: dict[str, int], pc: PhaseConfig, phase_round: int,
                    dp: DPSGDConfig, budget: SiteBudget, ledger: PrivacyLedger, where: tuple[str, int], seed: int,
                    plan, make_loss) -> dict:
-    """The private local round both phases share: ceiling check, Opacus wrapping, Poisson-sampled steps, ledger.
-    make_loss(items, tc, rng) -> (loss_of(key, rows) -> loss tensor, losses recorded per key)."""
+    """The private local round both phases share: ceiling check, Opacus wrapping, patient-sampled steps, ledger.
+    make_loss(tc, rng) -> (loss_of(key, item indices into ds) -> loss tensor, losses recorded per key)."""
     t0 = time.perf_counter()
-    items = [i for i, k in enumerate(ds.keys) if k in per_key]
-    keys = [ds.keys[i] for i in items]
-    planned, refusal = plan_round(dp, budget, ledger, len(items), pc.batch_size, pc.local_steps, plan)
+    units = patients_by_key(data, ds, per_key)
+    schedule = key_steps(sorted(units), pc.local_steps, (phase_round - 1) * pc.local_steps)
+    planned, refusal = plan_round(dp, budget, ledger, plan_entries(units, schedule, pc.batch_size), plan)
     if refusal:
         return {"trained": False, "reason": refusal, "counts": {}}
     freeze_outside_phase(model, phase)
+    reach = KeyParameters(model, phase)
     tc = pc.train_config()
     rng = random.Random(f"{seed}|dp-{phase}|{phase_round}")
-    dp_optimizer, next_indices, finish = private_training(model, build_optimizer(model, tc), len(items),
-                                                          pc.batch_size, planned, dp, ledger, rng.randrange(2**31))
-    loss_of, losses = make_loss(items, tc, rng)
+    dp_optimizer, finish = private_training(model, build_optimizer(model, tc), planned, dp, ledger)
+    sampler = PatientSampler(units, pc.batch_size, rng.randrange(2**31))
+    loss_of, losses = make_loss(tc, rng)
     model.train()
-    for i in range(pc.local_steps):
+    for i, key in enumerate(schedule):
+        reach.only(key)
         set_lr(dp_optimizer, (phase_round - 1) * pc.local_steps + i, tc)
-        private_step(dp_optimizer, micro_batches(next_indices(), keys, dp.physical_batch), loss_of)
+        dp_optimizer.expected_batch_size = sampler.expected_batch(key)
+        private_step(dp_optimizer, micro_batches(sampler.sample(key), key, dp.physical_batch), loss_of)
     return {"trained": True, "steps": pc.local_steps, "loss": {k: float(np.mean(v)) for k, v in losses.items()},
-            "seconds": time.perf_counter() - t0, "privacy": finish(*where, phase).metrics()}
+            "seconds": time.perf_counter() - t0, "privacy": finish(sampler, *where, phase).metrics()}
 
 
 def private_pretrain(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int, min_items: int,
@@ -91,18 +135,18 @@ def private_pretrain(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfi
     if not per_scale:
         return too_few("pretrain", min_items)
 
-    def make_loss(items, tc, rng):
+    def make_loss(tc, rng):
         generator, losses = torch.Generator().manual_seed(rng.randrange(2**31)), defaultdict(list)
 
         def loss_of(scale, rows):
-            batch = collate_pretrain([ds[items[i]] for i in rows], tokenizer, model.cfg)
+            batch = collate_pretrain([ds[i] for i in rows], tokenizer, model.cfg)
             loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator, per_sample=True)
             losses["mim"].append(mim.item())
             losses["mlm"].append(mlm.item())
             return loss
         return loss_of, losses
 
-    out = _private_round(model, "pretrain", ds, per_scale, pc, phase_round, dp, budget, ledger, where, seed, plan,
+    out = _private_round(model, "pretrain", data, ds, per_scale, pc, phase_round, dp, budget, ledger, where, seed, plan,
                          make_loss)
     if out["trained"]:
         out.update(counts=pretrain_group_counts(per_scale, text_items(data, ds, per_scale)),
@@ -118,16 +162,16 @@ def private_multitask(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConf
         return too_few("multitask", min_items)
     device = model_device(model)
 
-    def make_loss(items, tc, rng):
+    def make_loss(tc, rng):
         collate, losses = partial(collate_qa, tokenizer=tokenizer, cfg=model.cfg, rng=rng), defaultdict(list)
 
         def loss_of(task, rows):
-            loss, answer_loss = qa_loss(model, collate([ds[items[i]] for i in rows]).to(device), tc)
+            loss, answer_loss = qa_loss(model, collate([ds[i] for i in rows]).to(device), tc)
             losses[task].append(answer_loss.item())
             return loss
         return loss_of, losses
 
-    out = _private_round(model, "multitask", ds, per_task, pc, phase_round, dp, budget, ledger, where, seed, plan,
+    out = _private_round(model, "multitask", data, ds, per_task, pc, phase_round, dp, budget, ledger, where, seed, plan,
                          make_loss)
     if out["trained"]:
         out.update(counts=multitask_group_counts(per_task), items={f"task:{t}": n for t, n in per_task.items()})

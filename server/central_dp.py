@@ -42,6 +42,8 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from privacy.dp_sgd import epsilon_of
+
+MECHANISM = "central-dp per site"  # the unit is a site: its whole update is clipped and noised
 from server.strategy import TaskAwareFedAvg
 from server.task_sum import array_view, record_values
 from transport.protocol import ARRAYS

@@ -36,12 +36,13 @@
     tasks = []                # empty: every task a site has labels for
     tasks_per_step = 0        # 0: one micro-batch of every task per optimizer step
 
-    [privacy.dp_sgd]          # sample-level DP-SGD at every site (Opacus); a site's own
+    [privacy.dp_sgd]          # patient-level DP-SGD at every site (Opacus); a site's own
     noise_multiplier = 1.0    # [privacy] max_epsilon / delta in site.toml wins over these
     # target_epsilon = 8.0    # instead of noise_multiplier: noise chosen for the whole run
     max_grad_norm = 1.0
     delta = 1e-5
     physical_batch = 8
+    clipping = "hooks"        # or "ghost": Opacus's ghost clipping (per-sample norms, two backward passes)
 
     [privacy.secagg]          # secure aggregation (Flower's SecAgg+ workflow; fedavg only)
     num_shares = 1.0          # fraction of the round's sites (or a count > 1) holding each secret's shares
@@ -215,14 +216,15 @@ def _privacy(d: dict, where: str) -> tuple[DPSGDConfig | None, CentralDPConfig |
     dp = central = None
     if "dp_sgd" in d:
         t, w = d["dp_sgd"], f"{where} [privacy.dp_sgd]"
-        _known(t, {"noise_multiplier", "target_epsilon", "max_grad_norm", "delta", "physical_batch"}, w)
+        _known(t, {"noise_multiplier", "target_epsilon", "max_grad_norm", "delta", "physical_batch", "clipping"}, w)
         positive = (lambda v: v > 0, "must be positive")
         try:
             dp = DPSGDConfig(noise_multiplier=_take(t, "noise_multiplier", float, 0.0, w, *positive),
                              target_epsilon=_take(t, "target_epsilon", float, 0.0, w, *positive),
                              max_grad_norm=_take(t, "max_grad_norm", float, 1.0, w, *positive),
                              delta=_take(t, "delta", float, 1e-5, w, lambda v: 0 < v < 1, "must be in (0, 1)"),
-                             physical_batch=_take(t, "physical_batch", int, 8, w, *positive))
+                             physical_batch=_take(t, "physical_batch", int, 8, w, *positive),
+                             clipping=_take(t, "clipping", str, DPSGDConfig.clipping, w))
         except PrivacyConfigError as e:
             raise ServerConfigError(f"{w}: {e}") from None
     if "central_dp" in d:

@@ -17,6 +17,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from m3fm.metrics import pooled_auc
 from m3fm.report_html import figure, new_axes, page, png, table, write_text_atomic
 from m3fm.tasks import TASK_INDEX
 from server.store import PrivacyLedger, RejectedReply, Round, Run, SiteMetric, SiteReport
@@ -68,7 +69,7 @@ def run_summary(s: Session, run_id: int) -> dict:
     return {"run_id": run.id, "name": run.name, "status": run.status, "error": run.error,
             "total_rounds": run.total_rounds, "config": run.config, "rounds": curves,
             "site_curves": {site: {k: dict(sorted(v.items())) for k, v in kinds.items()} for site, kinds in per_site.items()},
-            "auc": auc, "auc_ci": auc_ci, "tasks": tasks, "site_reports": reports, "epsilon": epsilon, "rejected": rejected}
+            "auc": auc, "auc_ci": auc_ci, "pooled": pooled_over_sites(reports, tasks), "tasks": tasks, "site_reports": reports, "epsilon": epsilon, "rejected": rejected}
 
 
 def phase_curves_png(summary: dict, kind: str, phase: str) -> str | None:
@@ -107,6 +108,17 @@ def flat(config: dict, prefix: str = "") -> list[list]:
     return rows
 
 
+def pooled_over_sites(reports: dict[str, dict], tasks: list[str]) -> dict[str, dict]:
+    """Per yes/no task that two or more sites could score: the fixed-effect meta-analysis of their AUCs
+    (m3fm.metrics.pooled_auc), built from what each site sent (AUC and DeLong standard error, never scores)."""
+    pooled = {}
+    for t in tasks:
+        views = [rep["tasks"][t] for rep in reports.values() if isinstance(rep["tasks"].get(t, {}).get("auc_se"), float)]
+        if len(views) >= 2:
+            pooled[t] = pooled_auc([v["auc"] for v in views], [v["auc_se"] for v in views])
+    return pooled
+
+
 def auc_cell(summary: dict, site: str, task: str):
     """'0.812 [0.70, 0.92]' where the site sent a CI, else the AUC (or suppressed)."""
     v, ci = summary["auc"][site].get(task, ""), summary.get("auc_ci", {}).get(site, {}).get(task)
@@ -115,13 +127,24 @@ def auc_cell(summary: dict, site: str, task: str):
 
 def auc_matrix(summary: dict) -> tuple[list[str], list[list]]:
     """(headers, rows) of the AUC matrix: tasks down, sites across (17 tasks fit a page's height, not its width)."""
-    sites = list(summary["auc"])
-    return ["task", *sites], [[t, *[auc_cell(summary, site, t) for site in sites]] for t in summary["tasks"]]
+    sites, pooled = list(summary["auc"]), summary.get("pooled", {})
+
+    def across(t: str) -> str:
+        p = pooled.get(t)
+        return f"{p['auc']:.3f} [{p['auc_ci'][0]:.2f}, {p['auc_ci'][1]:.2f}] I² {p['i2']:.0%}" if p else ""
+    return (["task", *sites, *(["all sites (fixed-effect)"] if pooled else [])],
+            [[t, *[auc_cell(summary, site, t) for site in sites], *([across(t)] if pooled else [])]
+             for t in summary["tasks"]])
 
 
 def above_chance(summary: dict) -> list[tuple[str, str, float]]:
     """(site, task, lower CI bound) wherever a site's test AUC is above 0.5 with 95% confidence."""
     return [(site, t, ci[0]) for site, cis in summary.get("auc_ci", {}).items() for t, ci in cis.items() if ci[0] > 0.5]
+
+
+def pooled_above_chance(summary: dict) -> list[tuple[str, float]]:
+    """(task, lower CI bound) wherever the sites' pooled AUC is above 0.5 with 95% confidence."""
+    return [(t, p["auc_ci"][0]) for t, p in summary.get("pooled", {}).items() if p["auc_ci"][0] > 0.5]
 
 
 def render_html(summary: dict) -> str:
@@ -145,7 +168,8 @@ def render_html(summary: dict) -> str:
     config = table(["setting", "value"], flat(summary["config"] or {}))
     return page(f"M3FM federated run {summary['name']}", [
         ("About", about),
-        ("AUC per task and site (test split, 95% DeLong CI; mean over views for multi-answer tasks)",
+        ("AUC per task and site (test split, 95% DeLong CI; mean over views for multi-answer tasks; all sites: "
+         "fixed-effect meta-analysis of the sites' yes/no AUCs, I² the share of their spread beyond chance)",
          matrix if sites else "<p>no site reports</p>"),
         ("Learning curves (one figure per phase)", curves or "<p>no losses recorded</p>"),
         ("Validation AUC over rounds (where evaluation ran)", aucs or "<p>no evaluation with an AUC in this run</p>"),

@@ -30,7 +30,8 @@ from m3fm.checkpoint import read_checkpoint, write_checkpoint
 from m3fm.model.configs import get_config
 from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.m3fm import M3FM
-from server.central_dp import TaskAwareCentralDP, wrap_central_dp
+from privacy.dp_sgd import MECHANISM as DP_SGD_MECHANISM
+from server.central_dp import MECHANISM as CENTRAL_DP_MECHANISM, TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
 from server.report import write_run_report
 from server.delivery import Only, RoundAttempts, deliver, stream
@@ -256,13 +257,13 @@ def privacy_rows(strategy, outcome: RoundOutcome, run_id: int, rnd: int) -> list
     for a in outcome.accepted:
         m = a["metrics"]
         if f"{DP}epsilon" in m:
-            rows.append(PrivacyLedger(run_id=run_id, round=rnd, site_id=a["site_id"], mechanism="dp-sgd",
+            rows.append(PrivacyLedger(run_id=run_id, round=rnd, site_id=a["site_id"], mechanism=DP_SGD_MECHANISM,
                                       epsilon=m[f"{DP}epsilon"], epsilon_round=m[f"{DP}epsilon-round"],
                                       delta=m[f"{DP}delta"], noise_multiplier=m[f"{DP}noise-multiplier"],
                                       sample_rate=m[f"{DP}sample-rate"], steps=int(m[f"{DP}steps"])))
     if isinstance(strategy, TaskAwareCentralDP) and strategy.releases:
         eps, before = strategy.epsilon(), strategy.epsilon(strategy.releases - 1)
-        rows.append(PrivacyLedger(run_id=run_id, round=rnd, site_id="*", mechanism="central-dp", epsilon=eps,
+        rows.append(PrivacyLedger(run_id=run_id, round=rnd, site_id="*", mechanism=CENTRAL_DP_MECHANISM, epsilon=eps,
                                   epsilon_round=eps - before, delta=strategy.delta,
                                   noise_multiplier=strategy.noise_multiplier, sample_rate=1.0, steps=strategy.releases))
     return rows

@@ -113,7 +113,7 @@ class PrivacyLedger(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
     round: Mapped[int] = mapped_column(Integer)
     site_id: Mapped[str] = mapped_column(String)  # "*" for central DP (the released aggregate)
-    mechanism: Mapped[str] = mapped_column(String)  # dp-sgd | central-dp
+    mechanism: Mapped[str] = mapped_column(String)  # "dp-sgd per patient" | "central-dp per site"
     epsilon: Mapped[float] = mapped_column(Float)  # total after this round
     epsilon_round: Mapped[float] = mapped_column(Float)
     delta: Mapped[float] = mapped_column(Float)

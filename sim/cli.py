@@ -142,7 +142,7 @@ def run(
                   f"{', '.join(str(p) for p in html) or 'none'}")
     run_json = [p for p in reports if p.name == "report.json" and p.parent.name == "run"]
     if run_json:
-        from server.report import above_chance, auc_table
+        from server.report import above_chance, auc_table, pooled_above_chance
 
         summary = json.loads(run_json[0].read_text())
         if summary["auc"]:
@@ -150,6 +150,9 @@ def run(
         sure = above_chance(summary)
         console.print(f"{len(sure)} site-task AUCs are above 0.5 with 95% confidence"
                       + (": " + ", ".join(f"{site} {t} (lower bound {lo:.2f})" for site, t, lo in sure) if sure else ""))
+        pooled = pooled_above_chance(summary)
+        console.print(f"{len(pooled)} tasks are above 0.5 with 95% confidence pooled over sites (fixed-effect)"
+                      + (": " + ", ".join(f"{t} (lower bound {lo:.2f})" for t, lo in pooled) if pooled else ""))
     console.print(f"{'[green]done[/green]' if ok else '[red]failed[/red]'} in {time.perf_counter() - t0:.0f}s")
     if not ok:
         raise typer.Exit(1)

@@ -256,6 +256,6 @@ def test_ray_engine_runs_secure_aggregation_with_central_dp_in_a_loopback_only_n
     with Session(engine) as s:
         assert [(r.round, r.sites_accepted) for r in s.scalars(select(Round).order_by(Round.round))] == [(1, 3), (2, 3)]
         assert [(r.round, r.mechanism) for r in s.scalars(select(PrivacyLedger).order_by(PrivacyLedger.round))] == \
-            [(1, "central-dp"), (2, "central-dp")]
+            [(1, "central-dp per site"), (2, "central-dp per site")]
         assert sorted(r.site_id for r in s.scalars(select(SiteReport))) == ["site-01", "site-02", "site-03"]
     engine.dispose()

@@ -1,10 +1,11 @@
-"""Sample-level DP-SGD at a site and site-level central DP at the server (in-process; the real processes:
+"""Patient-level DP-SGD at a site and site-level central DP at the server (in-process; the real processes:
 test_deployment.py)."""
 
 import dataclasses
 import math
 import shutil
 import tomllib
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -18,8 +19,11 @@ from typer.testing import CliRunner
 
 from client.app import app as client_app
 from client.federated import open_site, train_round
-from m3fm.model.packing import pack_state
-from privacy.dp_sgd import PrivacyLedger, epsilon_of, noise_for_target
+from m3fm.data.datasets import PretrainDataset, QADataset, SiteData
+from m3fm.model.configs import get_config
+from m3fm.model.packing import group_of_packed, pack_state
+from m3fm.tasks import get_task
+from privacy.dp_sgd import PatientSampler, PrivacyLedger, epsilon_of, noise_for_target
 from server.central_dp import wrap_central_dp
 from server.cli import app as server_cli
 from server.config import ServerConfigError, load_server_config
@@ -69,37 +73,77 @@ def opacus_epsilon(history, delta):
     return accountant.get_epsilon(delta)
 
 
-def test_site_epsilon_is_opacus_accountant_and_accumulates_over_rounds_and_processes(fresh_ledgers, tiny_model,
-                                                                                    tmp_path):
+def patient_entries(site, cfg, rnd: int, sigma: float) -> list[tuple]:
+    """The accountant entries a private round must charge, worked out here from the site's database: per key (scale
+    or task), Poisson rate 1 / ceil(patients with items of the key / batch 4) and the steps the key trains."""
+    pc = phase_config(cfg, rnd)
+    data = SiteData(site.database_url, site.work_dir, get_config(cfg.model))
+    if pc["phase"] == "pretrain":
+        ds = PretrainDataset(data, "train")
+    else:
+        ds = QADataset(data, "train")
+    patients = defaultdict(set)
+    for i, key in enumerate(ds.keys):
+        patients[key].add(data.patient_of(ds.exam_id(i)))
+    keys = sorted(k for k in patients if ds.keys.count(k) >= site.min_cell_size)
+    steps = [keys[s % len(keys)] for s in range(2)]  # local_steps 2, round robin from the phase's first step
+    return [(sigma, 1 / math.ceil(len(patients[k]) / 4), steps.count(k)) for k in sorted(set(steps))]
+
+
+def test_site_epsilon_is_per_patient_and_opacus_accountant_over_rounds_and_processes(fresh_ledgers, tiny_model,
+                                                                                     tmp_path):
     site = fresh_ledgers[0]
     cfg = private_toml(tmp_path)
     packed = pack_state(tiny_model.state_dict())
     history = []
-    for rnd in (1, 2):  # pretraining, then multitask: each call builds a new PrivacyEngine from the site's disk
+    for rnd in (1, 2):  # pretraining, then multitask: each call builds a new accountant from the site's disk
         weights, result = train_round(open_site(site, cfg.model), packed, dict(phase_config(cfg, rnd)))
         assert not result.skipped and weights is not None
         metrics = result.to_metrics()
-        items = sum(v for k, v in metrics.items() if k.startswith("items."))
-        q = 1 / math.ceil(items / 4)  # batch_size 4: Opacus's Poisson rate for that many items
-        assert metrics["dp.sample-rate"] == pytest.approx(q)
-        history.append((1.3, q, 2))
+        entries = patient_entries(site, cfg, rnd, 1.3)
+        history += entries
+        assert metrics["dp.sample-rate"] == pytest.approx(max(q for _, q, _ in entries))
         assert metrics["dp.noise-multiplier"] == 1.3 and metrics["dp.steps"] == 2
         assert metrics["dp.epsilon"] == pytest.approx(opacus_epsilon(history, 1e-5), rel=1e-9)
         assert metrics["dp.epsilon-round"] > 0
     ledger = PrivacyLedger(site.work_dir)  # what the next client process will load
     assert sum(h[2] for h in ledger.history) == 4
-    assert [r["round"] for r in ledger.rounds] == [1, 2]
+    assert [(r["round"], r["unit"]) for r in ledger.rounds] == [(1, "patient"), (2, "patient")]
     assert ledger.epsilon(1e-5) == pytest.approx(opacus_epsilon(history, 1e-5))
+
+
+def test_patients_are_the_sampling_unit_whatever_their_number_of_items():
+    """A patient with ten items is sampled as often as one with one item (rate q), and a step never takes two items
+    of one patient: the bound the accountant's per-patient epsilon rests on."""
+    units = {"emphysema": [[10 * p + j for j in range(1 + 9 * (p % 2))] for p in range(40)]}  # 1 or 10 items each
+    sampler = PatientSampler(units, batch_size=8, seed=3)
+    q, steps = sampler.rate["emphysema"], 3000
+    assert q == 1 / math.ceil(40 / 8)
+    picked = np.zeros(40)
+    for _ in range(steps):
+        items = sampler.sample("emphysema")
+        owners = [i // 10 for i in items]
+        assert len(set(owners)) == len(owners)  # one item per sampled patient
+        picked[owners] += 1
+    rate = picked / steps
+    few, many = rate[0::2], rate[1::2]
+    assert abs(few.mean() - q) < 0.01 and abs(many.mean() - q) < 0.01  # the item count does not raise the rate
+    assert sampler.entries(1.1) == [[1.1, q, steps]]
 
 
 def test_dp_sgd_changes_the_weights_within_the_clipped_noisy_step(fresh_ledgers, tiny_model, tmp_path):
     site = fresh_ledgers[1]
     cfg = private_toml(tmp_path)
     packed = pack_state(tiny_model.state_dict())
-    weights, _ = train_round(open_site(site, cfg.model), packed, dict(phase_config(cfg, 2)))  # multitask round
-    moved = {k for k in packed if not np.array_equal(packed[k], weights[k])}
+    weights, result = train_round(open_site(site, cfg.model), packed, dict(phase_config(cfg, 2)))  # multitask round
+    moved = {group_of_packed(k) for k in packed if not np.array_equal(packed[k], weights[k])}
     assert "shared" in moved and any(k.startswith("head:") for k in moved)
     assert not moved & {"mim", "mlm"}  # frozen outside their phase: no noise on weights no data touched
+    # two steps train two of the site's tasks (one task a step): only those tasks' embeddings and predictors move,
+    # every other task's stay exactly as they were (no noise-only steps on them)
+    trained = sorted(k[len("items.task:"):] for k in result.to_metrics() if k.startswith("items.task:"))[:2]
+    assert {g for g in moved if g.startswith("task:")} == {f"task:{t}" for t in trained}
+    assert {g for g in moved if g.startswith("head:")} == {f"head:{get_task(t).head}" for t in trained}
     assert all(np.isfinite(w).all() for w in weights.values())
 
 
@@ -140,7 +184,7 @@ def test_server_records_a_skipping_site_continues_and_fills_the_ledger(fresh_led
     for site in sites[:2]:  # the ledger's last row is the site's own accountant on its disk
         last = max((r for r in rows if r.site_id == site.site_id), key=lambda r: r.round)
         assert last.epsilon == pytest.approx(PrivacyLedger(site.work_dir).epsilon(1e-5))
-        assert last.mechanism == "dp-sgd" and last.steps == 2
+        assert last.mechanism == "dp-sgd per patient" and last.steps == 2
     shown = CliRunner().invoke(server_cli, ["status", "--database", cfg.database_url], terminal_width=200)
     assert shown.exit_code == 0 and "privacy spent" in shown.stdout
     assert all(s.site_id in shown.stdout for s in sites)  # the capped site appears among the skips
@@ -237,8 +281,8 @@ def test_central_dp_run_writes_epsilon_per_round_to_the_ledger(ingested, tmp_pat
     run_id = run_federation(InProcessGrid(client_app, nodes), cfg, log=lambda *_: None)
     with Session(open_server_store(cfg.database_url)) as s:
         rows = s.scalars(select(LedgerRow).where(LedgerRow.run_id == run_id).order_by(LedgerRow.round)).all()
-    assert [(r.round, r.site_id, r.mechanism, r.steps) for r in rows] == [(1, "*", "central-dp", 1),
-                                                                         (2, "*", "central-dp", 2)]
+    assert [(r.round, r.site_id, r.mechanism, r.steps) for r in rows] == [(1, "*", "central-dp per site", 1),
+                                                                         (2, "*", "central-dp per site", 2)]
     for r in rows:
         assert r.epsilon == pytest.approx(opacus_epsilon([(2.0, 1.0, r.steps)], 1e-5))
     assert rows[1].epsilon_round == pytest.approx(rows[1].epsilon - rows[0].epsilon)

@@ -132,7 +132,14 @@ local_steps = 2
     text = (run_dir / "report.html").read_text()
     assert "<th>task</th>" in text and "pretrain.local_steps" in text and "multitask.rounds" in text
     with_ci = [(site, t) for site, cis in summary["auc_ci"].items() for t in cis]
-    assert with_ci and len(re.findall(r"\d\.\d{3} \[\d\.\d{2}, \d\.\d{2}\]", text)) == len(with_ci)
+    pooled = summary["pooled"]  # the meta-analysis of every yes/no task two or more sites scored, and no other
+    both = [t for t in summary["tasks"] if sum(isinstance(r["tasks"].get(t, {}).get("auc_se"), float)
+                                                for r in reports.values()) >= 2]
+    assert sorted(pooled) == sorted(both)
+    for t, p in pooled.items():
+        aucs = [r["tasks"][t]["auc"] for r in reports.values() if isinstance(r["tasks"].get(t, {}).get("auc_se"), float)]
+        assert p["sites"] == len(aucs) and min(aucs) - 1e-9 <= p["auc"] <= max(aucs) + 1e-9
+    assert with_ci and len(re.findall(r"\d\.\d{3} \[\d\.\d{2}, \d\.\d{2}\]", text)) == len(with_ci) + len(pooled)
 
     # the same through the command lines: a site's report of the coordinator's checkpoint, never overwritten
     out = tmp_path / "cli-report"

@@ -114,6 +114,9 @@ class PretrainDataset(Dataset):
                       if data.in_split(exam_id, split) for region in sorted(entries[0].crops)]
         self.keys = [data.series[e][0].crops[r].scale for e, r in self.items]
 
+    def exam_id(self, i: int) -> str:
+        return self.items[i][0]
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -170,6 +173,9 @@ class QADataset(Dataset):
                 if name in tasks:
                     self.items.append({"exam_id": exam_id, "task": name, "side": None, "slice_location": None})
         self.keys = [it["task"] for it in self.items]
+
+    def exam_id(self, i: int) -> str:
+        return self.items[i]["exam_id"]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
