@@ -171,6 +171,8 @@ def test_loopback_run_survives_a_coordinator_crash_and_resumes(ingested, cluster
         accountant = RDPAccountant()
         accountant.history = [tuple(h) for h in disk.history]
         assert second.epsilon == pytest.approx(accountant.get_epsilon(1e-5)) and second.epsilon > first.epsilon
+        assert second.mechanism == "dp-sgd per patient" and second.epsilon <= 8.0  # the unit is the patient
+        assert {r["unit"] for r in disk.rounds} == {"patient"}
         both = RDPAccountant()
         both.history = [(1.1, first.sample_rate, 1), (1.1, second.sample_rate, 1)]
         assert second.epsilon >= both.get_epsilon(1e-5) * (1 - 1e-9)  # continued from round 1, never restarted
