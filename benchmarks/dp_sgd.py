@@ -1,7 +1,7 @@
 """DP-SGD cost at a site: seconds per optimizer step and peak memory of a patient-level private local round over the
 same round without DP, per model configuration and phase, at equal patients per step.
 
-  python benchmarks/dp_sgd.py [--configs tiny small] [--base] [--steps 8] [--batch 4] [--clipping hooks ghost]
+  python benchmarks/dp_sgd.py [--configs tiny small] [--base] [--steps 8] [--batch 4] [--clipping hooks fast]
                               [--work /tmp/m3fm-bench] [--device cpu]
 
 Both rounds run the code sites run (m3fm/local.py with one task or scale per step, privacy/dp_local.py) from the
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--base", action="store_true", help="also M3FM-Base at batch 2")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--clipping", nargs="+", default=["hooks", "ghost"], help="Opacus per-sample clipping modes")
+    ap.add_argument("--clipping", nargs="+", default=["hooks", "fast"], help="Opacus per-sample clipping modes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "m3fm-bench")
     args = ap.parse_args()

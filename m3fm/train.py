@@ -128,16 +128,17 @@ def pretrain_loss(model: M3FM, batch: PretrainBatch, tokenizer: TextTokenizer, t
                   generator: torch.Generator | None = None, per_sample: bool = False):
     """MIM on a CT batch plus MLM on its text -> (loss, mim, mlm); the batch is moved to the model's device here,
     after the MLM masks are drawn on its CPU copy (`generator` is a CPU generator).
-    per_sample: the MLM form DP-SGD needs (M3FM.forward_mlm)."""
+    per_sample: each sample's loss (B,) for DP-SGD (and MLM in the form it needs, M3FM.forward_mlm)."""
     device = model_device(model)
     mlm_inputs = None
     if batch.text_ids is not None:
         mlm_inputs = mask_for_mlm(batch.text_ids, tokenizer, tc.mlm_prob, generator)
     batch = batch.to(device)
     with autocast(device, tc):
-        mim, _, _ = model.forward_mim(batch.image, batch.voxel_size, batch.scale, tc.mask_ratio, generator)
+        mim, _, _ = model.forward_mim(batch.image, batch.voxel_size, batch.scale, tc.mask_ratio, generator,
+                                      reduce=not per_sample)
         loss = mim
-        mlm = torch.zeros((), device=device)
+        mlm = torch.zeros_like(mim)
         if mlm_inputs is not None:
             inputs, labels = (t.to(device) for t in mlm_inputs)
             mlm = model.forward_mlm(inputs, batch.text_mask, labels, per_sample=per_sample)
@@ -145,11 +146,12 @@ def pretrain_loss(model: M3FM, batch: PretrainBatch, tokenizer: TextTokenizer, t
     return loss, mim, mlm
 
 
-def qa_loss(model: M3FM, mb: QABatch, tc: TrainConfig):
-    """One one-task micro-batch -> (answer loss + weighted task-ID loss, answer loss); mb on the model's device."""
+def qa_loss(model: M3FM, mb: QABatch, tc: TrainConfig, per_sample: bool = False):
+    """One one-task micro-batch -> (answer loss + weighted task-ID loss, answer loss), () each or, per_sample,
+    (B,) each; mb on the model's device."""
     with autocast(model_device(model), tc):
         out, task_logits = model(mb)
-        answer_loss, id_loss = model.forward_task_loss(mb, out, task_logits)
+        answer_loss, id_loss = model.forward_task_loss(mb, out, task_logits, reduce=not per_sample)
     return answer_loss + tc.task_id_weight * id_loss, answer_loss
 
 

@@ -13,7 +13,7 @@ class PrivacyConfigError(ValueError):
     pass
 
 
-CLIPPING = ("hooks", "ghost")
+CLIPPING = ("hooks", "fast")
 
 
 @dataclass
@@ -24,8 +24,10 @@ class DPSGDConfig:
     noise_multiplier: float = 0.0  # 0: derived from target_epsilon over the run's whole plan
     target_epsilon: float = 0.0
     physical_batch: int = 8  # items per forward pass; memory, not privacy
-    # how Opacus bounds each item's gradient: "hooks" (per-sample gradients, then clip) or "ghost" (per-sample
-    # gradient norms without the per-sample gradients, then a second backward pass; Opacus's ghost clipping)
+    # how Opacus bounds each item's gradient: "hooks" (per-sample gradients kept, clipped, summed) or "fast"
+    # (Opacus's fast gradient clipping: per-sample gradient norms only, then a second backward pass of the
+    # clipped losses: less memory, more compute). Opacus's ghost clipping refuses this model: the text encoder
+    # runs twice a forward pass (question and clinical text), which it treats as parameter tying.
     clipping: str = "hooks"
 
     def __post_init__(self):

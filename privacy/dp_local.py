@@ -25,8 +25,7 @@ from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer
 from m3fm.train import build_optimizer, model_device, pretrain_loss, qa_loss, set_lr
 from privacy.budget import DPSGDConfig, SiteBudget
-from privacy.dp_sgd import (PatientSampler, PrivacyLedger, fill_missing_grad_samples, plan_round, private_training,
-                            sample_rate)
+from privacy.dp_sgd import PatientSampler, PrivacyLedger, plan_round, private_training, sample_rate
 
 UNTRAINED_BY_PHASE = {"pretrain": ("heads.", "task_id_head.", "task_encoder."),
                       "multitask": ("mim_decoder.", "mlm_head.")}
@@ -84,16 +83,16 @@ def plan_entries(units: dict[str, list[list[int]]], schedule: list[str], batch_s
     return [(sample_rate(len(units[k]), batch_size), schedule.count(k)) for k in sorted(set(schedule))]
 
 
-def private_step(dp_optimizer, micro: list[tuple[str, list[int]]], loss_of) -> None:
+def private_step(clipping, micro: list[tuple[str, list[int]]], loss_of) -> None:
     """Clip every item's gradient, accumulate over the micro-batches, add the noise once, step.
     An empty Poisson sample still takes a (noise-only) step: skipping it would reveal the batch was empty."""
+    dp_optimizer = clipping.optimizer
     if not micro:
-        fill_missing_grad_samples(dp_optimizer, 0)
+        clipping.nothing_sampled()
         dp_optimizer.step()
         dp_optimizer.zero_grad(set_to_none=True)
     for j, (key, rows) in enumerate(micro):
-        loss_of(key, rows).backward()
-        fill_missing_grad_samples(dp_optimizer, len(rows))
+        clipping.backward(loss_of(key, rows))
         if j < len(micro) - 1:
             dp_optimizer.signal_skip_step(True)  # Opacus: clip and accumulate only
         dp_optimizer.step()
@@ -115,15 +114,15 @@ def _private_round(model: M3FM, phase: str, data, ds, per_key: dict[str, int], p
     reach = KeyParameters(model, phase)
     tc = pc.train_config()
     rng = random.Random(f"{seed}|dp-{phase}|{phase_round}")
-    dp_optimizer, finish = private_training(model, build_optimizer(model, tc), planned, dp, ledger)
+    clipping, finish = private_training(model, build_optimizer(model, tc), planned, dp, ledger)
     sampler = PatientSampler(units, pc.batch_size, rng.randrange(2**31))
     loss_of, losses = make_loss(tc, rng)
     model.train()
     for i, key in enumerate(schedule):
         reach.only(key)
-        set_lr(dp_optimizer, (phase_round - 1) * pc.local_steps + i, tc)
-        dp_optimizer.expected_batch_size = sampler.expected_batch(key)
-        private_step(dp_optimizer, micro_batches(sampler.sample(key), key, dp.physical_batch), loss_of)
+        set_lr(clipping.optimizer, (phase_round - 1) * pc.local_steps + i, tc)
+        clipping.optimizer.expected_batch_size = sampler.expected_batch(key)
+        private_step(clipping, micro_batches(sampler.sample(key), key, dp.physical_batch), loss_of)
     return {"trained": True, "steps": pc.local_steps, "loss": {k: float(np.mean(v)) for k, v in losses.items()},
             "seconds": time.perf_counter() - t0, "privacy": finish(sampler, *where, phase).metrics()}
 
@@ -141,8 +140,8 @@ def private_pretrain(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfi
         def loss_of(scale, rows):
             batch = collate_pretrain([ds[i] for i in rows], tokenizer, model.cfg)
             loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator, per_sample=True)
-            losses["mim"].append(mim.item())
-            losses["mlm"].append(mlm.item())
+            losses["mim"].append(mim.mean().item())
+            losses["mlm"].append(mlm.mean().item())
             return loss
         return loss_of, losses
 
@@ -166,8 +165,8 @@ def private_multitask(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConf
         collate, losses = partial(collate_qa, tokenizer=tokenizer, cfg=model.cfg, rng=rng), defaultdict(list)
 
         def loss_of(task, rows):
-            loss, answer_loss = qa_loss(model, collate([ds[i] for i in rows]).to(device), tc)
-            losses[task].append(answer_loss.item())
+            loss, answer_loss = qa_loss(model, collate([ds[i] for i in rows]).to(device), tc, per_sample=True)
+            losses[task].append(answer_loss.mean().item())
             return loss
         return loss_of, losses
 

@@ -46,7 +46,9 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as privacy_analysis
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from privacy.budget import DPSGDConfig, PrivacyConfigError, SiteBudget
@@ -193,18 +195,66 @@ class PatientDPOptimizer(DPOptimizer):
                 p.grad /= n
 
 
-def private_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, planned: PrivateRound,
-                     dp: DPSGDConfig, ledger: PrivacyLedger):
-    """Wrap model and optimizer with Opacus (per-sample gradients, clipping, noise) -> (DP optimizer, a function
-    that records the round's sampler steps in the ledger once training is done)."""
-    wrapped = GradSampleModule(model)
-    dp_optimizer = PatientDPOptimizer(optimizer, noise_multiplier=planned.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                               expected_batch_size=1)  # set per step: the step's key has its own rate
+class Clipping:
+    """One micro-batch's per-item losses into clipped, summed gradients, in one of Opacus's two ways:
+      hooks  per-sample gradients from Opacus's hooks (GradSampleModule), clipped and summed by the optimizer;
+      fast   Opacus's fast gradient clipping (GradSampleModuleFastGradientClipping): each module's per-sample
+             gradients are reduced to norms as the backward pass goes, then a second backward pass of the losses
+             scaled by each item's clipping factor (DPTensorFastGradientClipping) sums the clipped gradients:
+             no per-sample gradient outlives its module, one more backward pass. (Its ghost variant, norms
+             without per-sample gradients, refuses a module called twice in a forward pass, as the text
+             encoder is: question, then clinical text.)"""
 
-    def finish(sampler: PatientSampler, run: str, server_round: int, phase: str) -> PrivateRound:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
+                 dp: DPSGDConfig):
+        self.two_pass = dp.clipping == "fast"
+        common = dict(noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                      expected_batch_size=1)  # set per step: each key has its own rate
+        if self.two_pass:
+            self.module = GradSampleModuleFastGradientClipping(model, max_grad_norm=dp.max_grad_norm,
+                                                               use_ghost_clipping=False)
+            self.optimizer = DPOptimizerFastGradientClipping(optimizer, **common)
+        else:
+            self.module = GradSampleModule(model)
+            self.optimizer = PatientDPOptimizer(optimizer, **common)
+
+    def backward(self, losses: torch.Tensor) -> None:
+        """losses: (B,) each item's loss. Parameters the micro-batch did not reach (its text encoder when no item
+        has text) count as a zero gradient for every item, so every parameter of the step is clipped and noised."""
+        params = self.optimizer.params
+        if self.two_pass:
+            for p in params:
+                p._norm_sample = losses.new_zeros(len(losses))  # overwritten where the backward pass reaches
+            DPTensorFastGradientClipping(self.module, self.optimizer, losses, "mean").backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            return
+        losses.mean().backward()
+        fill_missing_grad_samples(self.optimizer, len(losses))
+
+    def nothing_sampled(self) -> None:
+        """An empty Poisson sample: a zero sum, so the step is the noise alone."""
+        for p in self.optimizer.params:
+            if self.two_pass:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+    def close(self) -> None:
         # the site's service keeps this model for the next round: Opacus's own cleanup removes its hooks and the
         # per-sample attributes it added to the parameters
-        wrapped._close()
+        self.module._close()
+
+
+def private_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, planned: PrivateRound,
+                     dp: DPSGDConfig, ledger: PrivacyLedger):
+    """Wrap model and optimizer with Opacus (per-sample clipping, noise) -> (Clipping with the DP optimizer, a
+    function that records the round's sampler steps in the ledger once training is done)."""
+    clipping = Clipping(model, optimizer, planned.noise_multiplier, dp)
+
+    def finish(sampler: PatientSampler, run: str, server_round: int, phase: str) -> PrivateRound:
+        clipping.close()
         entries = sampler.entries(planned.noise_multiplier)
         history = ledger.history + entries
         done = PrivateRound(planned.noise_multiplier, max(e[1] for e in entries), sum(e[2] for e in entries),
@@ -213,12 +263,12 @@ def private_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
                                 **asdict(done)})
         return done
 
-    return dp_optimizer, finish
+    return clipping, finish
 
 
 def fill_missing_grad_samples(dp_optimizer, rows: int) -> None:
-    """Parameters this micro-batch did not reach (another scale's tokenizer) get zero per-sample gradients,
-    so Opacus can clip and noise every trainable parameter alike."""
+    """Parameters this micro-batch did not reach get zero per-sample gradients, so Opacus can clip and noise every
+    parameter of the step alike."""
     for p in dp_optimizer.params:
         if getattr(p, "grad_sample", None) is None:
             p.grad_sample = torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device)

@@ -42,7 +42,7 @@
     max_grad_norm = 1.0
     delta = 1e-5
     physical_batch = 8
-    clipping = "hooks"        # or "ghost": Opacus's ghost clipping (per-sample norms, two backward passes)
+    clipping = "hooks"        # or "fast": Opacus's fast gradient clipping (per-sample norms, two backward passes)
 
     [privacy.secagg]          # secure aggregation (Flower's SecAgg+ workflow; fedavg only)
     num_shares = 1.0          # fraction of the round's sites (or a count > 1) holding each secret's shares

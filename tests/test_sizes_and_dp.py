@@ -56,3 +56,59 @@ def test_opacus_per_sample_gradients_match_batch_gradient(tiny_cfg, tokenizer):
         assert any(n.startswith(prefix) and model.get_parameter(n).grad_sample is not None
                    for n in reference), prefix
     assert checked > 20
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "fast"])
+def test_the_private_step_equals_a_per_patient_reference_loop(tiny_cfg, tokenizer, clipping):
+    """The clipped, noised update of one private step (privacy/dp_sgd.py Clipping + Opacus's optimizer) equals a slow
+    reference: for each sampled patient's item alone, its gradient, clipped to C over every parameter of the step,
+    summed, plus N(0, sigma^2 C^2) per parameter, divided by the expected batch. One micro-batch of five patients
+    and a second of two, accumulated into one step as a site does; C is the median item's gradient norm."""
+    from m3fm.train import TrainConfig, qa_loss
+    from privacy.budget import DPSGDConfig
+    from privacy.dp_sgd import Clipping
+
+    sigma, expected = 0.7, 6.5
+    tc = TrainConfig()
+    samples = toy_qa_samples(tiny_cfg, "nodule_presence", 7, seed=3)
+    micro = [collate_qa(samples[:5], tokenizer, tiny_cfg), collate_qa(samples[5:], tokenizer, tiny_cfg)]
+    torch.manual_seed(0)
+    model = M3FM(tiny_cfg)
+    model.train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = [n for n, p in model.named_parameters() if not n.startswith(("mim_decoder.", "mlm_head."))]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+
+    # reference: one patient at a time, plain autograd
+    per_patient = []
+    for sample in samples:
+        model.zero_grad(set_to_none=True)
+        qa_loss(model, collate_qa([sample], tokenizer, tiny_cfg), tc)[0].backward()
+        per_patient.append({n: (model.get_parameter(n).grad if model.get_parameter(n).grad is not None
+                                else torch.zeros_like(start[n])).clone() for n in names})
+    norms = [float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))) for grads in per_patient]
+    C = sorted(norms)[3]  # the median: some items are clipped, some are not
+    assert min(norms) < C < max(norms)
+    total = {n: sum(g[n] * min(1.0, C / (norm + 1e-6)) for g, norm in zip(per_patient, norms)) for n in names}
+    torch.manual_seed(11)
+    noise = {n: torch.normal(0.0, sigma * C, size=start[n].shape) for n in names}
+    reference = {n: start[n] - (total[n] + noise[n]) / expected for n in names}  # SGD with lr 1
+
+    model.zero_grad(set_to_none=True)
+    dp = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=C, clipping=clipping)
+    private = Clipping(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0), sigma, dp)
+    private.optimizer.expected_batch_size = expected
+    for j, mb in enumerate(micro):
+        private.backward(qa_loss(model, mb, tc, per_sample=True)[0])
+        if j == 0:
+            private.optimizer.signal_skip_step(True)
+        else:
+            torch.manual_seed(11)  # the same noise draws, in the optimizer's parameter order
+        private.optimizer.step()
+        private.optimizer.zero_grad(set_to_none=True)
+    private.close()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == names  # the optimizer's order
+    for n in names:
+        assert torch.allclose(model.get_parameter(n).detach(), reference[n], atol=2e-6, rtol=1e-4), n
+    assert not torch.equal(model.get_parameter("heads.yes_no.fc1.weight"), start["heads.yes_no.fc1.weight"])

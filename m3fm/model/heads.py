@@ -54,29 +54,33 @@ def hazard_targets(years_to_event: torch.Tensor, event: torch.Tensor, horizon: i
     return y, mask
 
 
-def hazard_loss(cum_logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def hazard_loss(cum_logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """Censoring-masked BCE: each patient's mean over its known years, then the mean over patients.
 
     Per-patient first, so one patient's loss (and gradient) never depends on who else is in the batch:
     DP-SGD's sensitivity bound (privacy/dp_sgd.py) needs that."""
     mask = mask.float()
     cells = F.binary_cross_entropy_with_logits(cum_logits.float(), y.float(), reduction="none") * mask  # (B, Y)
-    return (cells.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    per_patient = cells.sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+    return per_patient.mean() if reduce else per_patient
 
 
-def task_loss(task: Task, out: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """out: raw head output (B, task.num_outputs); target as the task's loss kind expects."""
+def task_loss(task: Task, out: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor | None = None,
+              reduce: bool = True) -> torch.Tensor:
+    """out: raw head output (B, task.num_outputs); target as the task's loss kind expects -> () or, reduce=False,
+    each sample's loss (B,) (what ghost clipping scales per sample)."""
     if task.loss == "ce":
-        return F.cross_entropy(out.float(), target, ignore_index=-100)
+        return F.cross_entropy(out.float(), target, ignore_index=-100, reduction="mean" if reduce else "none")
     if task.loss == "hazard":
         if target_mask is None:
             raise ValueError(f"task {task.name!r} needs a censoring mask with its targets")
-        return hazard_loss(cumulative_hazard(out), target, target_mask)
+        return hazard_loss(cumulative_hazard(out), target, target_mask, reduce)
     if task.loss == "digits":  # (B, 3) digits; per-sample mean over its known digits, then over the batch
         per_digit = F.cross_entropy(out.float().reshape(-1, 10), target.reshape(-1), ignore_index=-100,
                                     reduction="none").reshape(target.shape)
         known = (target != -100).float()
-        return ((per_digit * known).sum(1) / known.sum(1).clamp(min=1)).mean()
+        per_sample = (per_digit * known).sum(1) / known.sum(1).clamp(min=1)
+        return per_sample.mean() if reduce else per_sample
     raise ValueError(f"task {task.name!r} has unknown loss kind {task.loss!r}")
 
 

@@ -85,32 +85,32 @@ class M3FM(nn.Module):
     def forward_decoder(self, latent, mask, ids_restore, scale: str):
         return self.mim_decoder.forward_decoder(latent, mask, ids_restore, scale)
 
-    def forward_loss(self, imgs, pred, mask, scale: str):
-        return self.mim_decoder.forward_loss(imgs, pred, mask, scale)
+    def forward_loss(self, imgs, pred, mask, scale: str, reduce: bool = True):
+        return self.mim_decoder.forward_loss(imgs, pred, mask, scale, reduce)
 
     def forward_mim(self, imgs: torch.Tensor, voxel_size: torch.Tensor, scale: str,
-                    mask_ratio: float | None = None, generator: torch.Generator | None = None):
-        """-> loss, pred (B, L, P), mask (B, L)."""
+                    mask_ratio: float | None = None, generator: torch.Generator | None = None, reduce: bool = True):
+        """-> loss () or, reduce=False, (B,); pred (B, L, P), mask (B, L)."""
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.forward_encoder(imgs, voxel_size, scale, ratio, generator)
         pred = self.forward_decoder(latent, mask, ids_restore, scale)
-        return self.forward_loss(imgs, pred, mask, scale), pred, mask
+        return self.forward_loss(imgs, pred, mask, scale, reduce), pred, mask
 
     # ---- masked language modeling ----
     def forward_mlm(self, input_ids: torch.Tensor, attn_mask: torch.Tensor, labels: torch.Tensor,
                     per_sample: bool = False) -> torch.Tensor:
         """input_ids, attn_mask, labels: (B, T); labels -100 where nothing is predicted.
 
-        per_sample: each record's mean over its masked tokens, then the mean over records, with the vocabulary
-        layer run at every position so its batch dimension stays B. DP-SGD needs both (per-sample gradients,
-        no cross-sample normalisation); the default only sends the masked positions through the vocabulary layer.
+        per_sample: each record's mean over its masked tokens (B,), with the vocabulary layer run at every
+        position so its batch dimension stays B. DP-SGD needs both (per-sample gradients, no cross-sample
+        normalisation); the default, the mean over masked tokens, only sends those through the vocabulary layer.
         """
         hidden = self.text_encoder(input_ids, attn_mask)  # (B, T, Dt)
         picked = labels != -100
         if per_sample:
             logits = self.mlm_head(hidden)  # (B, T, V)
             tokens = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            return (tokens.sum(1) / picked.sum(1).clamp(min=1)).mean()  # (B, T) -> ()
+            return tokens.sum(1) / picked.sum(1).clamp(min=1)  # (B, T) -> (B,)
         logits = self.mlm_head(hidden[picked])  # (N, V): only masked positions reach the vocabulary layer
         return F.cross_entropy(logits.float(), labels[picked])
 
@@ -141,11 +141,12 @@ class M3FM(nn.Module):
         task_logits = self.task_id_head(self.task_encoder.task_proj(task_token))
         return self.heads[task.head](feature), task_logits
 
-    def forward_task_loss(self, batch: QABatch, out: torch.Tensor, task_logits: torch.Tensor):
-        """-> answer loss, task-ID loss."""
+    def forward_task_loss(self, batch: QABatch, out: torch.Tensor, task_logits: torch.Tensor, reduce: bool = True):
+        """-> answer loss, task-ID loss: () each or, reduce=False, (B,) each."""
         task = get_task(batch.task)
         task_ids = torch.full((len(batch),), TASK_INDEX[task.name], device=task_logits.device)
-        return task_loss(task, out, batch.target, batch.target_mask), F.cross_entropy(task_logits.float(), task_ids)
+        return (task_loss(task, out, batch.target, batch.target_mask, reduce),
+                F.cross_entropy(task_logits.float(), task_ids, reduction="mean" if reduce else "none"))
 
     @torch.no_grad()
     def predict(self, batch: QABatch) -> torch.Tensor:

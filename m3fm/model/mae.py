@@ -68,8 +68,10 @@ class MIMDecoder(nn.Module):
         x = self.norm(run_blocks(self.blocks, x, None, self.cfg.act_checkpoint))
         return self.pred[scale](x[:, 1:])
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, scale: str) -> torch.Tensor:
-        """MSE on per-cube normalized voxels, averaged over masked cubes only."""
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, scale: str,
+                     reduce: bool = True) -> torch.Tensor:
+        """MSE on per-cube normalized voxels, averaged over masked cubes only -> () or, reduce=False, (B,)."""
         target = mim_target(imgs, self.cfg.scale(scale), self.slices[scale])
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, L)
-        return ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()  # per sample first (see heads.hazard_loss)
+        per_sample = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # per sample first (see heads.hazard_loss)
+        return per_sample.mean() if reduce else per_sample
