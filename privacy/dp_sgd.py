@@ -223,7 +223,7 @@ class Clipping:
         has text) count as a zero gradient for every item, so every parameter of the step is clipped and noised."""
         params = self.optimizer.params
         if self.two_pass:
-            for p in params:
+            for p in self.module.trainable_parameters:  # every parameter it wrapped, of this step's key or not
                 p._norm_sample = losses.new_zeros(len(losses))  # overwritten where the backward pass reaches
             DPTensorFastGradientClipping(self.module, self.optimizer, losses, "mean").backward()
             for p in params:

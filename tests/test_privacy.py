@@ -131,9 +131,10 @@ def test_patients_are_the_sampling_unit_whatever_their_number_of_items():
     assert sampler.entries(1.1) == [[1.1, q, steps]]
 
 
-def test_dp_sgd_changes_the_weights_within_the_clipped_noisy_step(fresh_ledgers, tiny_model, tmp_path):
+@pytest.mark.parametrize("clipping", ["hooks", "fast"])
+def test_dp_sgd_changes_the_weights_within_the_clipped_noisy_step(fresh_ledgers, tiny_model, tmp_path, clipping):
     site = fresh_ledgers[1]
-    cfg = private_toml(tmp_path)
+    cfg = private_toml(tmp_path, privacy=DP_SGD + f'clipping = "{clipping}"\n')
     packed = pack_state(tiny_model.state_dict())
     weights, result = train_round(open_site(site, cfg.model), packed, dict(phase_config(cfg, 2)))  # multitask round
     moved = {group_of_packed(k) for k in packed if not np.array_equal(packed[k], weights[k])}
