@@ -37,7 +37,8 @@ def privacy_spent(site: SiteConfig) -> dict:
     if not ledger.rounds:
         return {"mechanism": "none", "epsilon": 0.0, "private_rounds": 0}
     last = ledger.rounds[-1]
-    return {"mechanism": MECHANISM, "epsilon": float(last["epsilon"]), "delta": float(last["delta"]),
+    mechanism = MECHANISM if not ledger.item_level_rounds else f"{MECHANISM}, with older per-item rounds (not a bound)"
+    return {"mechanism": mechanism, "epsilon": float(last["epsilon"]), "delta": float(last["delta"]),
             "private_rounds": len(ledger.rounds), "runs": sorted({str(r["run"]) for r in ledger.rounds})}
 
 

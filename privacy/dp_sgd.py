@@ -88,6 +88,10 @@ def noise_for_target(target: float, delta: float, plan: list[tuple[float, int]])
     return hi
 
 
+UNIT = "patient"  # the privacy unit every ledger row and report names
+MECHANISM = f"dp-sgd per {UNIT}"
+
+
 class PrivacyLedger:
     """The site's accountant history and one entry per private round, in one JSON file written atomically."""
 
@@ -104,6 +108,8 @@ class PrivacyLedger:
                                          "(training with DP is refused until then)") from None
         self.history: list[list] = data["history"]
         self.rounds: list[dict] = data["rounds"]
+        # rounds of the item-level DP-SGD this replaced: their epsilon bounds an item, not a patient
+        self.item_level_rounds = sum(1 for r in self.rounds if r.get("unit") != UNIT)
 
     def epsilon(self, delta: float, extra: list | None = None) -> float:
         return epsilon_of(self.history + (extra or []), delta)
@@ -123,9 +129,6 @@ def sample_rate(num_patients: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_patients / batch_size)
 
 
-UNIT = "patient"  # the privacy unit every ledger row and report names
-MECHANISM = f"dp-sgd per {UNIT}"
-
 
 @dataclass
 class PrivateRound:
@@ -143,10 +146,15 @@ class PrivateRound:
 
 
 def plan_round(dp: DPSGDConfig, budget: SiteBudget, ledger: PrivacyLedger, entries: list[tuple[float, int]],
-               plan: list[tuple[float, int]] | None = None) -> tuple[PrivateRound, str | None]:
+               plan: list[tuple[float, int]] | None = None) -> tuple[PrivateRound | None, str | None]:
     """The round's DP parameters and the epsilon it would reach; a reason to refuse when that passes the ceiling.
     entries: the round's (patient sampling rate, steps) per key; plan: the same over the run's whole plan (for a
     noise derived from target_epsilon)."""
+    if ledger.item_level_rounds:
+        return None, (f"{ledger.path} holds {ledger.item_level_rounds} item-level DP-SGD round(s) from an older "
+                      "version: their epsilon bounds a training item, not a patient, so no per-patient total can be "
+                      "stated. Move the file aside (keep it: those patients did spend that budget) to start a "
+                      "per-patient ledger")
     delta = budget.delta_for(dp)
     sigma = dp.noise_multiplier or noise_for_target(dp.target_epsilon, delta, plan or entries)
     before = ledger.epsilon(delta)

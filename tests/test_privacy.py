@@ -2,6 +2,7 @@
 test_deployment.py)."""
 
 import dataclasses
+import json
 import math
 import shutil
 import tomllib
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from client.app import app as client_app
+from client.report import privacy_spent
 from client.federated import open_site, train_round
 from m3fm.data.datasets import PretrainDataset, QADataset, SiteData
 from m3fm.model.configs import get_config
@@ -160,6 +162,27 @@ def test_a_site_at_its_ceiling_refuses_and_its_own_delta_wins(fresh_ledgers, tin
     plain = load_server_config(private_toml(tmp_path, privacy="", name="plain").path)
     _, result = train_round(open_site(strict, plain.model), packed, dict(phase_config(plain, 1)))
     assert "trains only under DP-SGD" in result.skipped
+
+
+def test_a_ledger_with_item_level_rounds_is_not_extended_as_if_per_patient(fresh_ledgers, tiny_model, tmp_path):
+    """An accountant file from the item-level DP-SGD this replaced bounds items, not patients: the site refuses to
+    add per-patient rounds to it (naming the file and what to do), and its report does not call it a bound."""
+    site = fresh_ledgers[0]
+    path = site.work_dir / "privacy" / "accountant.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = {"history": [[1.1, 0.25, 2]], "rounds": [{"run": "old", "round": 1, "phase": "pretrain", "at": 0.0,
+                                                    "noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 2,
+                                                    "delta": 1e-5, "epsilon": 0.5, "epsilon_before": 0.0}]}
+    path.write_text(json.dumps(old))
+    cfg = private_toml(tmp_path)
+    weights, result = train_round(open_site(site, cfg.model), tiny_model_packed(tiny_model), dict(phase_config(cfg, 1)))
+    assert weights is None and str(path) in result.skipped and "item-level" in result.skipped
+    assert json.loads(path.read_text()) == old  # nothing added, nothing lost
+    assert "not a bound" in privacy_spent(site)["mechanism"]
+
+
+def tiny_model_packed(model):
+    return pack_state(model.state_dict())
 
 
 def test_server_records_a_skipping_site_continues_and_fills_the_ledger(fresh_ledgers, tmp_path):
