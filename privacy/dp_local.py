@@ -58,6 +58,11 @@ class KeyParameters:
         for group, p in self.params:
             p.requires_grad_(group in groups)
 
+    def restore(self) -> None:
+        """Every parameter the phase trains trainable again, as before the round."""
+        for _, p in self.params:
+            p.requires_grad_(True)
+
 
 def micro_batches(items: list[int], key: str, size: int) -> list[tuple[str, list[int]]]:
     """A step's sampled items (one key) as micro-batches of at most `size` items."""
@@ -123,6 +128,7 @@ def _private_round(model: M3FM, phase: str, data, ds, per_key: dict[str, int], p
         set_lr(clipping.optimizer, (phase_round - 1) * pc.local_steps + i, tc)
         clipping.optimizer.expected_batch_size = sampler.expected_batch(key)
         private_step(clipping, micro_batches(sampler.sample(key), key, dp.physical_batch), loss_of)
+    reach.restore()
     return {"trained": True, "steps": pc.local_steps, "loss": {k: float(np.mean(v)) for k, v in losses.items()},
             "seconds": time.perf_counter() - t0, "privacy": finish(sampler, *where, phase).metrics()}
 

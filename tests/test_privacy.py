@@ -138,7 +138,10 @@ def test_dp_sgd_changes_the_weights_within_the_clipped_noisy_step(fresh_ledgers,
     site = fresh_ledgers[1]
     cfg = private_toml(tmp_path, privacy=DP_SGD + f'clipping = "{clipping}"\n')
     packed = pack_state(tiny_model.state_dict())
-    weights, result = train_round(open_site(site, cfg.model), packed, dict(phase_config(cfg, 2)))  # multitask round
+    opened = open_site(site, cfg.model)
+    weights, result = train_round(opened, packed, dict(phase_config(cfg, 2)))  # multitask round
+    # a step sets only its task's parameters trainable; the round leaves every multitask parameter trainable again
+    assert all(p.requires_grad for n, p in opened.model.named_parameters() if not n.startswith(("mim_", "mlm_")))
     moved = {group_of_packed(k) for k in packed if not np.array_equal(packed[k], weights[k])}
     assert "shared" in moved and any(k.startswith("head:") for k in moved)
     assert not moved & {"mim", "mlm"}  # frozen outside their phase: no noise on weights no data touched
