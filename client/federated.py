@@ -30,7 +30,7 @@ from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.text import TextTokenizer, load_tokenizer
-from privacy.dp_local import key_steps, patients_by_key, plan_entries, private_multitask, private_pretrain
+from privacy.dp_local import key_plan, private_multitask, private_pretrain
 from privacy.budget import DPSGDConfig, SiteBudget
 from privacy.dp_sgd import PrivacyLedger
 from transport.protocol import (ITEMS, NUM_EXAMPLES, SITE_ID, SKIPPED, TRAINED_MARK_KEY, EvaluateConfig, LocalRound,
@@ -179,8 +179,7 @@ def dp_plan(o: OpenSite, config: dict, min_items: int) -> list[tuple[float, int]
         ds, per_key = (pretrain_population(o.data, pc, o.model, 1, min_items) if phase == "pretrain"
                        else multitask_population(o.data, pc, 1, min_items))
         if per_key:
-            units = patients_by_key(o.data, ds, per_key)
-            plan += plan_entries(units, key_steps(sorted(units), int(steps)), int(batch))
+            plan += key_plan(o.data, ds, per_key, int(batch), int(steps))[2]
     return plan
 
 

@@ -64,11 +64,6 @@ class KeyParameters:
             p.requires_grad_(True)
 
 
-def micro_batches(items: list[int], key: str, size: int) -> list[tuple[str, list[int]]]:
-    """A step's sampled items (one key) as micro-batches of at most `size` items."""
-    return [(key, items[j:j + size]) for j in range(0, len(items), size)]
-
-
 def patients_by_key(data, ds, per_key: dict[str, int]) -> dict[str, list[list[int]]]:
     """key -> one list per training patient with items of that key: the patient's item indices into ds."""
     units: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
@@ -78,25 +73,27 @@ def patients_by_key(data, ds, per_key: dict[str, int]) -> dict[str, list[list[in
     return {k: [by_patient[p] for p in sorted(by_patient)] for k, by_patient in sorted(units.items())}
 
 
-def key_steps(keys: list[str], steps: int, first_step: int = 0) -> list[str]:
-    """The key each step trains: round robin over the phase's steps, as m3fm/local.py does."""
-    return [keys[s % len(keys)] for s in range(first_step, first_step + steps)]
+def key_plan(data, ds, per_key: dict[str, int], batch_size: int, steps: int, first_step: int = 0):
+    """-> (patients by key, the key each step trains: round robin over the phase's steps as m3fm/local.py does,
+    the accountant's (patient sampling rate, steps) per key of that schedule)."""
+    units = patients_by_key(data, ds, per_key)
+    keys = sorted(units)
+    schedule = [keys[s % len(keys)] for s in range(first_step, first_step + steps)]
+    entries = [(sample_rate(len(units[k]), batch_size), schedule.count(k)) for k in sorted(set(schedule))]
+    return units, schedule, entries
 
 
-def plan_entries(units: dict[str, list[list[int]]], schedule: list[str], batch_size: int) -> list[tuple[float, int]]:
-    """(patient sampling rate, steps) per key of a schedule."""
-    return [(sample_rate(len(units[k]), batch_size), schedule.count(k)) for k in sorted(set(schedule))]
-
-
-def private_step(clipping, micro: list[tuple[str, list[int]]], loss_of) -> None:
-    """Clip every item's gradient, accumulate over the micro-batches, add the noise once, step.
-    An empty Poisson sample still takes a (noise-only) step: skipping it would reveal the batch was empty."""
+def private_step(clipping, key: str, items: list[int], size: int, loss_of) -> None:
+    """Clip every sampled item's gradient, accumulate over micro-batches of at most `size` items, add the noise
+    once, step. An empty Poisson sample still takes a (noise-only) step: skipping it would reveal the batch was
+    empty."""
     dp_optimizer = clipping.optimizer
+    micro = [items[j:j + size] for j in range(0, len(items), size)]
     if not micro:
         clipping.nothing_sampled()
         dp_optimizer.step()
         dp_optimizer.zero_grad(set_to_none=True)
-    for j, (key, rows) in enumerate(micro):
+    for j, rows in enumerate(micro):
         clipping.backward(loss_of(key, rows))
         if j < len(micro) - 1:
             dp_optimizer.signal_skip_step(True)  # Opacus: clip and accumulate only
@@ -110,9 +107,9 @@ def _private_round(model: M3FM, phase: str, data, ds, per_key: dict[str, int], p
     """The private local round both phases share: ceiling check, Opacus wrapping, patient-sampled steps, ledger.
     make_loss(tc, rng) -> (loss_of(key, item indices into ds) -> loss tensor, losses recorded per key)."""
     t0 = time.perf_counter()
-    units = patients_by_key(data, ds, per_key)
-    schedule = key_steps(sorted(units), pc.local_steps, (phase_round - 1) * pc.local_steps)
-    planned, refusal = plan_round(dp, budget, ledger, plan_entries(units, schedule, pc.batch_size), plan)
+    units, schedule, entries = key_plan(data, ds, per_key, pc.batch_size, pc.local_steps,
+                                        (phase_round - 1) * pc.local_steps)
+    planned, refusal = plan_round(dp, budget, ledger, entries, plan)
     if refusal:
         return {"trained": False, "reason": refusal, "counts": {}}
     freeze_outside_phase(model, phase)
@@ -127,7 +124,7 @@ def _private_round(model: M3FM, phase: str, data, ds, per_key: dict[str, int], p
         reach.only(key)
         set_lr(clipping.optimizer, (phase_round - 1) * pc.local_steps + i, tc)
         clipping.optimizer.expected_batch_size = sampler.expected_batch(key)
-        private_step(clipping, micro_batches(sampler.sample(key), key, dp.physical_batch), loss_of)
+        private_step(clipping, key, sampler.sample(key), dp.physical_batch, loss_of)
     reach.restore()
     return {"trained": True, "steps": pc.local_steps, "loss": {k: float(np.mean(v)) for k, v in losses.items()},
             "seconds": time.perf_counter() - t0, "privacy": finish(sampler, *where, phase).metrics()}

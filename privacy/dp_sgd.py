@@ -129,7 +129,6 @@ def sample_rate(num_patients: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_patients / batch_size)
 
 
-
 @dataclass
 class PrivateRound:
     noise_multiplier: float
@@ -229,12 +228,11 @@ class Clipping:
     def backward(self, losses: torch.Tensor) -> None:
         """losses: (B,) each item's loss. Parameters the micro-batch did not reach (its text encoder when no item
         has text) count as a zero gradient for every item, so every parameter of the step is clipped and noised."""
-        params = self.optimizer.params
         if self.two_pass:
             for p in self.module.trainable_parameters:  # every parameter it wrapped, of this step's key or not
                 p._norm_sample = losses.new_zeros(len(losses))  # overwritten where the backward pass reaches
             DPTensorFastGradientClipping(self.module, self.optimizer, losses, "mean").backward()
-            for p in params:
+            for p in self.optimizer.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             return
@@ -243,11 +241,11 @@ class Clipping:
 
     def nothing_sampled(self) -> None:
         """An empty Poisson sample: a zero sum, so the step is the noise alone."""
+        if not self.two_pass:
+            fill_missing_grad_samples(self.optimizer, 0)
+            return
         for p in self.optimizer.params:
-            if self.two_pass:
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            p.grad = torch.zeros_like(p)
 
     def close(self) -> None:
         # the site's service keeps this model for the next round: Opacus's own cleanup removes its hooks and the

@@ -69,7 +69,8 @@ def run_summary(s: Session, run_id: int) -> dict:
     return {"run_id": run.id, "name": run.name, "status": run.status, "error": run.error,
             "total_rounds": run.total_rounds, "config": run.config, "rounds": curves,
             "site_curves": {site: {k: dict(sorted(v.items())) for k, v in kinds.items()} for site, kinds in per_site.items()},
-            "auc": auc, "auc_ci": auc_ci, "pooled": pooled_over_sites(reports, tasks), "tasks": tasks, "site_reports": reports, "epsilon": epsilon, "rejected": rejected}
+            "auc": auc, "auc_ci": auc_ci, "pooled": pooled_over_sites(reports, tasks), "tasks": tasks,
+            "site_reports": reports, "epsilon": epsilon, "rejected": rejected}
 
 
 def phase_curves_png(summary: dict, kind: str, phase: str) -> str | None:

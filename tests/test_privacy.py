@@ -178,14 +178,11 @@ def test_a_ledger_with_item_level_rounds_is_not_extended_as_if_per_patient(fresh
                                                     "delta": 1e-5, "epsilon": 0.5, "epsilon_before": 0.0}]}
     path.write_text(json.dumps(old))
     cfg = private_toml(tmp_path)
-    weights, result = train_round(open_site(site, cfg.model), tiny_model_packed(tiny_model), dict(phase_config(cfg, 1)))
+    weights, result = train_round(open_site(site, cfg.model), pack_state(tiny_model.state_dict()),
+                                  dict(phase_config(cfg, 1)))
     assert weights is None and str(path) in result.skipped and "item-level" in result.skipped
     assert json.loads(path.read_text()) == old  # nothing added, nothing lost
     assert "not a bound" in privacy_spent(site)["mechanism"]
-
-
-def tiny_model_packed(model):
-    return pack_state(model.state_dict())
 
 
 def test_server_records_a_skipping_site_continues_and_fills_the_ledger(fresh_ledgers, tmp_path):
