@@ -5,6 +5,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from m3fm.console import print_error, print_warning
+
 app = typer.Typer(help="m3fm-fed hospital site: ingest local data, train in federated rounds, report.",
                   no_args_is_help=True, add_completion=False)
 
@@ -37,7 +39,7 @@ def ingest(
     try:
         site = load_site(site_dir)
     except SiteConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
     console.print(f"ingesting {site.site_id} ({site.name}) from {site.site_dir} into {site.work_dir}")
     labels = {"index": "reading DICOM headers", "series": "checking and cropping series"}
@@ -107,7 +109,7 @@ def keys(
     try:
         private, public = make_site_keys(out, name)
     except KeyMaterialError as e:
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
     console.print(f"wrote {private} (private: keep it here) and {public} (send it for `m3fm-server enroll`)")
 
@@ -133,7 +135,7 @@ def start(
 
     console = Console()
     if (root_cert is None) == (not insecure):
-        console.print("[red]error:[/red] give --root-cert CA.crt (TLS, from the coordinator) or, for plaintext, --insecure")
+        print_error(console, "give --root-cert CA.crt (TLS, from the coordinator) or, for plaintext, --insecure")
         raise typer.Exit(2)
     try:  # first, before torch is even imported: a bad file is named here, not found dead in a SuperNode log later
         if root_cert is not None:
@@ -141,7 +143,7 @@ def start(
         if key is not None:
             check_site_private_key(key)
     except KeyMaterialError as e:
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
 
     from client.channel import socket_path
@@ -155,7 +157,7 @@ def start(
         site = load_site(site_dir)
         summary = ensure_ingested(site)
     except (SiteConfigError, SiteNotReady) as e:
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
     args: list[str] = ["--insecure"] if insecure else ["--root-certificates", str(root_cert.resolve())]
     if key is not None:
@@ -163,7 +165,7 @@ def start(
     if max_retries is not None:
         args += ["--max-retries", str(max_retries)]
     if insecure:
-        console.print(f"[yellow]warning:[/yellow] connecting to {superlink} without TLS"
+        print_warning(console, f"connecting to {superlink} without TLS"
                       + ("" if key else " or node authentication"))
     log_path = site.work_dir / "supernode.log"
     sock = socket_path(site.work_dir)
@@ -172,7 +174,7 @@ def start(
     try:
         keeper.launch()  # the site opened, the model built: the first round pays no start-up
     except RuntimeError as e:
-        console.print(f"[red]error:[/red] {e}; see {service_log}")
+        print_error(console, f"{e}; see {service_log}")
         raise typer.Exit(1) from None
     console.print(f"{site.site_id}: site service pid {keeper.proc.pid} on {sock}; log {service_log}")
 
@@ -219,7 +221,7 @@ def report(
 
     console = Console()
     if split not in ("train", "val", "test"):
-        console.print(f"[red]error:[/red] --split must be train, val or test, got {split!r}")
+        print_error(console, f"--split must be train, val or test, got {split!r}")
         raise typer.Exit(2)
     try:
         site = load_site(site_dir)
@@ -229,7 +231,7 @@ def report(
         rep = build_report(site, net, source, split, threshold)
         json_path, html_path = write_report(rep, out)
     except (SiteConfigError, SiteNotReady, ReportError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
     table = Table(title=f"{site.site_id}: {split} split, model {path.name}")
     for col in ("task", "n", "AUC", "95% CI"):

@@ -6,6 +6,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from m3fm.console import print_error, print_warning
+
 app = typer.Typer(help="m3fm-fed coordinator: drive federated rounds and aggregate site updates.",
                   no_args_is_help=True, add_completion=False)
 
@@ -34,12 +36,12 @@ def _database_url(config: Path | None, database: str | None, console: Console) -
     if database:
         return database
     if config is None:
-        console.print("[red]error:[/red] give --config server.toml or --database URL")
+        print_error(console, "give --config server.toml or --database URL")
         raise typer.Exit(2)
     try:
         return load_server_config(config).database_url
     except ServerConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
 
 
@@ -75,25 +77,25 @@ def run(
 
     console = Console()
     if (tls is None) == (not insecure):
-        console.print("[red]error:[/red] give --tls DIR (made by `m3fm-server certs`) or, for plaintext, --insecure")
+        print_error(console, "give --tls DIR (made by `m3fm-server certs`) or, for plaintext, --insecure")
         raise typer.Exit(2)
     try:
         cfg = load_server_config(config)
         security = Security(tls_dir=tls, node_auth=node_auth)
     except (ServerConfigError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
     if database:
         cfg.database = database
     if insecure:
-        console.print(f"[yellow]warning:[/yellow] the SuperLink runs without TLS on {host}:{port}"
+        print_warning(console, f"the SuperLink runs without TLS on {host}:{port}"
                       + ("" if node_auth else " and without node authentication"))
     console.print(f"run {cfg.name!r}: {cfg.total_rounds} rounds ({', '.join(f'{p.name} {p.rounds}' for p in cfg.phases)}),"
                   f" strategy {cfg.strategy.name}, model {cfg.model}, database {cfg.database_url}")
     try:
         outcome = coordinate(cfg, resume, host, port, log=console.print, security=security)
     except CoordinatorBusy as e:
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
     except Stopped as e:
         console.print(f"stopped by {e}; the SuperLink was shut down. Continue later with --resume.")
@@ -117,7 +119,7 @@ def certs(
     try:
         paths = make_certificates(out, host, days)
     except KeyMaterialError as e:
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}; sites need only {paths['ca.crt']} "
                   f"(keep ca.key offline); run with `m3fm-server run --tls {out}`")
@@ -139,21 +141,21 @@ def enroll(
 
     console = Console()
     if not SITE_NAME.fullmatch(name):
-        console.print(f"[red]error:[/red] --name {name!r}: use letters, digits, '.', '_' and '-' (it names files)")
+        print_error(console, f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names files)")
         raise typer.Exit(2)
     database = _database_url(config, database, console)
     try:
         key, fingerprint = read_site_public_key(public_key)
     except KeyMaterialError as e:
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
     engine = open_server_store(database)
     with Session(engine) as s:
         same = s.scalars(select(EnrolledSite).where((EnrolledSite.name == name) |
                                                     (EnrolledSite.fingerprint == fingerprint))).first()
         if same is not None:  # never replace a site's key silently
-            console.print(f"[red]error:[/red] {same.name!r} is already enrolled with key SHA-256 {same.fingerprint[:16]}"
-                          "...; a site and a key are enrolled once")
+            print_error(console, f"{same.name!r} is already enrolled with key SHA-256 {same.fingerprint[:16]}"
+                        "...; a site and a key are enrolled once")
             raise typer.Exit(2)
         s.add(EnrolledSite(name=name, public_key=key, fingerprint=fingerprint))
         s.commit()
@@ -259,7 +261,7 @@ def report(
         run_id = _find_run(s, run_id, database, console).id
     if out is None:
         if config is None:
-            console.print("[red]error:[/red] give --out FOLDER (or --config, whose out_dir holds the run's folder)")
+            print_error(console, "give --out FOLDER (or --config, whose out_dir holds the run's folder)")
             raise typer.Exit(2)
         out = load_server_config(config).run_dir(run_id)
     json_path, html_path, summary = write_run_report(engine, run_id, out)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from m3fm.console import print_error
 from rich.table import Table
 
 app = typer.Typer(help="m3fm-fed simulation: synthetic hospitals and federated runs on one machine.",
@@ -66,7 +68,7 @@ def cohort(
         try:
             summaries = generate_cohort(out_dir, profiles, seed, workers, progress)
         except FileExistsError as e:
-            console.print(f"[red]error:[/red] {e}")
+            print_error(console, e)
             raise typer.Exit(2) from None
     console.print(cohort_table(summaries))
     console.print(f"{len(summaries)} sites written to {out_dir} in {time.perf_counter() - t0:.1f}s (seed {seed}, preset {preset})")
@@ -121,8 +123,8 @@ def run(
     sites = prepare_cohort(out, cohort_dir, preset, log=console.print)
     cached = ingest_all(sites, log=console.print)
     if config is not None and config != cached:
-        console.print(f"[red]error:[/red] the sites cached crops for model {cached!r}, not {config!r}; set [ingest] "
-                      "model_config in their site.toml and ingest again")
+        print_error(console, f"the sites cached crops for model {cached!r}, not {config!r}; set [ingest] "
+                    "model_config in their site.toml and ingest again")
         raise typer.Exit(2)
     toml = server_config or write_server_toml(out / "server.toml", f"sim-{preset}", cached, len(sites), RUN_PLANS[preset])
     console.print(f"federated run with {len(sites)} sites, engine {engine}, config {toml}")
@@ -184,7 +186,7 @@ def compare(
         sites = prepare_cohort(out, cohort_dir, preset, log=console.print)
         ingest_all(sites, log=console.print)
     except (FileNotFoundError, ValueError) as e:  # no site folders, a bad site.toml, sites cut for different models
-        console.print(f"[red]error:[/red] {e}")
+        print_error(console, e)
         raise typer.Exit(2) from None
     budget = {k: v for k, v in (("rounds", rounds), ("local_steps", local_steps)) if v is not None}
     plan = {k: {**v, **budget} for k, v in RUN_PLANS[preset].items() if k != "evaluate_every"}

@@ -116,3 +116,13 @@ def until(condition, limit_s, what, proc):
         assert proc.poll() is None, f"m3fm-client exited with {proc.returncode} while waiting for {what}"
         assert time.monotonic() < deadline, f"no {what} within {limit_s}s"
         time.sleep(0.5)
+
+
+def test_errors_print_on_one_line_with_brackets_kept_at_any_terminal_width():
+    import io
+    from rich.console import Console
+    from m3fm.console import print_error
+    out = io.StringIO()
+    path = "/check/" + "deep/" * 20 + "site.toml"
+    print_error(Console(file=out, width=40), f"{path}: not found; set [ingest] model_config")
+    assert out.getvalue() == f"error: {path}: not found; set [ingest] model_config\n"
