@@ -18,7 +18,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, clip_inputs_inplace
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import channel
 from transport.processes import process_age
@@ -93,16 +93,14 @@ def multitask(msg: Message, context: Context) -> Message:
 
 @app.train()
 def secure_train(msg: Message, context: Context) -> Message:
-    """A SecAgg+ round (legacy fit messages): the site's update and trained-group indicators, masked by the mod."""
+    """One chunk of a SecAgg+ round (legacy fit messages): the chunk's update values and trained-group marks,
+    masked by the mod. Chunk 0 brings the global weights and the site trains; later chunks bring none and the
+    site's service answers from the update it kept (transport/secure_chunks.py)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
     packed = dict(zip(str(config[PACKED_ORDER_KEY]).split(","), parameters_to_ndarrays(fitins.parameters)))
     answer, out = ask_site(context, channel.SECURE, config, packed)
-    vectors = [out[f"u{i}"] for i in range(len(out))]  # updates, then indicators, in the order of `packed`
-    updates, indicators = vectors[:len(packed)], vectors[len(packed):]
-    if KEY_CLIPPING_NORM in config:  # central DP with client-side clipping: bound the update before masking
-        clip_inputs_inplace(updates, float(config[KEY_CLIPPING_NORM]))
-    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(updates + indicators), 1, answer["metrics"])
+    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([out["values"], out["marks"]]), 1, answer["metrics"])
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 

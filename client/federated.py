@@ -14,6 +14,7 @@ from __future__ import annotations
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,8 +34,9 @@ from m3fm.model.text import TextTokenizer, load_tokenizer
 from privacy.dp_local import key_plan, private_multitask, private_pretrain
 from privacy.budget import DPSGDConfig, SiteBudget
 from privacy.dp_sgd import PrivacyLedger
-from transport.protocol import (ITEMS, NUM_EXAMPLES, SITE_ID, SKIPPED, TRAINED_MARK_KEY, EvaluateConfig, LocalRound,
-                                RoundConfig)
+from transport.protocol import (CHUNK_VALUES_KEY, CLIPPING_NORM_KEY, ITEMS, NUM_EXAMPLES, SITE_ID, SKIPPED,
+                                TRAINED_MARK_KEY, EvaluateConfig, LocalRound, RoundConfig)
+from transport.secure_chunks import MAX_CHUNK_VALUES, ChunkedUpdate
 
 
 class SiteNotReady(RuntimeError):
@@ -153,18 +155,38 @@ def _train(o: OpenSite, rc: RoundConfig, pc: PhaseConfig, dp: DPSGDConfig | None
                plan=dp_plan(o, config, site.min_cell_size))
 
 
-def secure_update(o: OpenSite, packed: dict[str, np.ndarray], config: dict
-                  ) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
-    """What a site sends into SecAgg+ (server/secure.py): its update per packed group, zero for groups it did not
-    train, then one 0/mark "trained it" indicator per group. -> (updates, indicators) in the order of `packed`,
-    clear metrics."""
+def secure_update(o: OpenSite, packed: dict[str, np.ndarray], config: dict) -> tuple[ChunkedUpdate, dict]:
+    """What a site sends into SecAgg+ (server/secure.py), chunk by chunk: its update per packed group, zero for
+    groups it did not train, flattened in packed order, and a 0/mark "trained it" mark per group. -> (the update,
+    saved in the site's work folder until its last chunk is sent; clear metrics). With central DP's client-side
+    clipping (`clipping_norm` in the config) the whole update is scaled to that L2 norm at most before any chunk
+    leaves (FlatClip, as Flower's clip_inputs_inplace; per chunk it would bound each chunk, not the site)."""
     weights, result = train_round(o, packed, config)
     trained = {g for g, n in result.counts.items() if n > 0}
-    updates = [weights[k] - v if group_of_packed(k) in trained else np.zeros_like(v)  # skipped: nothing trained
-               for k, v in packed.items()]
+    update = ChunkedUpdate.create(secure_folder(o), secure_round_id(config), [(k, v.size) for k, v in packed.items()],
+                                  int(config.get(CHUNK_VALUES_KEY, MAX_CHUNK_VALUES)))
+    offset = 0
+    for k, v in packed.items():
+        if group_of_packed(k) in trained:  # skipped: nothing trained, the zeros stay
+            np.subtract(weights[k].reshape(-1), v.reshape(-1), out=update.flat[offset:offset + v.size],
+                        casting="unsafe")
+        offset += v.size
+    if CLIPPING_NORM_KEY in config:
+        update.flat *= min(1.0, float(config[CLIPPING_NORM_KEY]) / max(float(np.linalg.norm(update.flat)), 1e-12))
     mark = float(config.get(TRAINED_MARK_KEY, 1.0))  # within SecAgg+'s clipping range, or it would be clipped
-    indicators = [np.array([mark if group_of_packed(k) in trained else 0.0], dtype=np.float32) for k in packed]
-    return updates, indicators, {**result.to_metrics(), SITE_ID: o.site.site_id, SKIPPED: result.skipped}
+    update.marks = {k: mark if group_of_packed(k) in trained else 0.0 for k in packed}
+    update.save()
+    return update, {**result.to_metrics(), SITE_ID: o.site.site_id, SKIPPED: result.skipped}
+
+
+def secure_folder(o: OpenSite) -> Path:
+    return o.site.work_dir / "secagg"
+
+
+def secure_round_id(config: dict) -> tuple[str, int]:
+    """Which round a SecAgg+ chunk belongs to: later chunks are answered only from that round's update."""
+    rc = RoundConfig.from_config(config)
+    return rc.run_name, rc.server_round
 
 
 def dp_plan(o: OpenSite, config: dict, min_items: int) -> list[tuple[float, int]] | None:

@@ -30,10 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from client.channel import EVALUATE, REPORT, SECURE, TRAIN, listen, recv_frame, send_frame
-from client.federated import OpenSite, evaluate_round, last_ingest, load_weights, open_site, secure_update, train_round
+from client.federated import (OpenSite, evaluate_round, last_ingest, load_weights, open_site, secure_folder,
+                              secure_round_id, secure_update, train_round)
 from client.site import load_site
 from m3fm.model.packing import packed_sizes, split_joined
-from transport.protocol import SERVICE_TIME, SITE_ID, SKIPPED
+from transport.protocol import CHUNK_KEY, SERVICE_TIME, SITE_ID, SKIPPED
+from transport.secure_chunks import ChunkedUpdate
 
 OPS = (TRAIN, SECURE, EVALUATE, REPORT)
 
@@ -90,6 +92,20 @@ class SiteService:
         self.log(f"{what} in {took:.2f}s (pid {os.getpid()}, models built {self.builds})")
         return answer, out
 
+    def _secure_chunk(self, o: OpenSite, config: dict, packed: dict[str, np.ndarray]):
+        """A SecAgg+ chunk: chunk 0 trains and saves the update in the site's work folder; later chunks of the same
+        round are read from there (by whichever process of the site is asked), and the last removes it."""
+        c, metrics = int(config.get(CHUNK_KEY, 0)), {}
+        if c == 0:
+            update, metrics = secure_update(o, packed, config)
+        elif (update := ChunkedUpdate.load(secure_folder(o), round_id := secure_round_id(config))) is None:
+            raise RuntimeError(f"SecAgg+ chunk {c} of round {round_id} asked, but {secure_folder(o)} holds no update "
+                               "of that round (chunk 0 failed here?): the site drops out of this round")
+        values, marks = update.chunk(c)
+        if c == len(update.plan) - 1:
+            update.discard()
+        return {"metrics": metrics}, {"values": values, "marks": marks}
+
     def _run(self, op: str, o: OpenSite, config: dict, arrays: dict[str, np.ndarray]):
         if op != SECURE:  # SecAgg+ sends the packed vectors in its own order (server/secure.py)
             arrays = packed_weights(o, arrays)
@@ -98,8 +114,7 @@ class SiteService:
             answer = {SITE_ID: o.site.site_id, SKIPPED: result.skipped}
             return ({**answer, "metrics": result.to_metrics()}, weights) if weights is not None else (answer, {})
         if op == SECURE:
-            updates, indicators, metrics = secure_update(o, arrays, config)
-            return {"metrics": metrics}, {f"u{i}": u for i, u in enumerate(updates + indicators)}
+            return self._secure_chunk(o, config, arrays)
         if op == EVALUATE:
             return {SITE_ID: o.site.site_id, "metrics": evaluate_round(o, arrays, config)}, {}
         from client.report import report_round  # matplotlib and scipy: only once a report is asked for

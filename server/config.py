@@ -50,6 +50,7 @@
     clipping_range = 1.0      # update values are clipped to +-this before quantization
     quantization_range = 4194304
     timeout = 600
+    chunk_values = 33554432   # update values per SecAgg+ instance: bounds each message and each process's masks
 
     [privacy.central_dp]      # site-level DP at the server (Flower's DP strategy wrappers)
     noise_multiplier = 1.0
@@ -71,6 +72,7 @@ from m3fm.model.configs import CONFIGS, get_config
 from m3fm.tasks import TASK_BY_NAME
 from privacy.budget import DPSGDConfig, PrivacyConfigError
 from server.secure import SecAggConfig
+from transport.secure_chunks import MAX_CHUNK_VALUES
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PHASES = ("pretrain", "multitask")
@@ -201,14 +203,18 @@ def _phase(d: dict, name: str, where: str, cfg_name: str) -> PhaseConfig:
 
 
 def _secagg(t: dict, w: str) -> SecAggConfig:
-    _known(t, {"num_shares", "reconstruction_threshold", "clipping_range", "quantization_range", "timeout"}, w)
+    _known(t, {"num_shares", "reconstruction_threshold", "clipping_range", "quantization_range", "timeout",
+               "chunk_values"}, w)
     positive = (lambda v: v > 0, "must be positive")
     return SecAggConfig(num_shares=_take(t, "num_shares", float, 1.0, w, *positive),
                         reconstruction_threshold=_take(t, "reconstruction_threshold", float, 0.67, w, *positive),
                         clipping_range=_take(t, "clipping_range", float, 1.0, w, *positive),
                         quantization_range=_take(t, "quantization_range", int, 2**22, w,
                                                  lambda v: 0 < v < 2**32, "must be in (0, 2**32)"),
-                        timeout=_take(t, "timeout", float, 600.0, w, *positive))
+                        timeout=_take(t, "timeout", float, 600.0, w, *positive),
+                        chunk_values=_take(t, "chunk_values", int, 2**25, w, lambda v: 0 < v <= MAX_CHUNK_VALUES,
+                                           f"must be in [1, {MAX_CHUNK_VALUES}]: a chunk's masked values travel as "
+                                           "int64 in one object under Flower's 2 GiB cap"))
 
 
 def _privacy(d: dict, where: str) -> tuple[DPSGDConfig | None, CentralDPConfig | None]:

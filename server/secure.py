@@ -5,8 +5,10 @@ SecAgg+ exists only on Flower's legacy API (LegacyContext, legacy Strategy,
 learns only the sum of what the sites send, so each site sends (client/app.py)
 its update per parameter group, zeroed for groups it did not train, followed by
 one "trained it" indicator per group (0, or clipping_range: SecAgg+ clips every
-value to that range), all with weight 1. The unmasked mean
-over K sites then gives, per group, mean(update) and k/K (k sites trained it):
+value to that range), all with weight 1. The update travels in chunks, one
+SecAgg+ instance each, so no message passes Flower's 2 GiB object cap and no
+process holds more than a chunk's masks (transport/secure_chunks.py). The
+unmasked mean over K sites then gives, per group, mean(update) and k/K (k sites trained it):
 the group moves by mean(update) * K / k, the uniform task-aware average of
 server/central_dp.py, and stays where it was when k = 0. Sites never reveal
 their own update or which groups they trained; only per-site counts and losses
@@ -15,7 +17,7 @@ their own update or which groups they trained; only per-site counts and losses
 Updates, not weights, are quantized: SecAgg+ clips every value to
 [-clipping_range, clipping_range] before quantizing, and updates are small.
 Combined with central DP (client-side clipping, `fl-dp-sa`'s pattern), each
-site clips its update to clipping_norm before masking and the server adds the
+site clips its whole update to clipping_norm before masking (client/federated.py) and the server adds the
 per-group noise of server/central_dp.py to the unmasked mean.
 """
 
@@ -33,7 +35,8 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-from transport.protocol import PACKED_ORDER_KEY, TRAINED_MARK_KEY
+from transport.protocol import CHUNK_KEY, CHUNK_VALUES_KEY, PACKED_ORDER_KEY, TRAINED_MARK_KEY
+from transport.secure_chunks import chunk_plan, fold_chunk
 
 
 
@@ -46,6 +49,9 @@ class SecAggConfig:
     quantization_range: int = 2**22
     modulus_range: int = 2**32
     timeout: float = 600.0
+    # values a SecAgg+ instance sums at a time (transport/secure_chunks.py): 2**25 is 256 MiB of masked int64 per
+    # site and message, well under Flower's 2 GiB object cap, and bounds every process's extra memory to that
+    chunk_values: int = 2**25
 
     def workflow(self) -> SecAggPlusWorkflow:
         shares = int(self.num_shares) if self.num_shares > 1 else self.num_shares
@@ -72,7 +78,8 @@ class SecureRound(LegacyStrategy):
         return [(GridClientProxy(node_id=n, grid=self.grid, run_id=run_id), self.fit_ins) for n in self.node_ids]
 
     def aggregate_fit(self, server_round, results, failures):
-        self.failures = list(failures)
+        # the workflow's collect stage lists each error reply twice (two loops over the replies): once per Error
+        self.failures = list({id(e.args[0]) if e.args else id(e): e for e in failures}.values())
         self.site_metrics = [(proxy.node_id, dict(res.metrics)) for proxy, res in results]
         if results:
             self.mean = parameters_to_ndarrays(results[0][1].parameters)
@@ -99,29 +106,35 @@ def run_secagg(grid, secagg: SecAggConfig, node_ids: list[int], weights: list[np
     context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                     run_config={}), config=LegacyServerConfig(num_rounds=1), strategy=strategy)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
-    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(weights)
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # unused: SecureRound sends fit_ins
     secagg.workflow()(grid, context)
     return strategy
 
 
 def secure_train_round(grid, secagg: SecAggConfig, arrays: ArrayRecord, config: dict, server_round: int,
                        node_ids: list[int]) -> tuple[dict[str, np.ndarray] | None, dict[str, int], SecureRound]:
-    """One SecAgg+ round -> (new packed weights or None if the protocol failed, per key how many sites trained it,
-    the round's strategy with each site's clear metrics)."""
+    """One secure round, a SecAgg+ instance per chunk of the packed update (transport/secure_chunks.py) -> (new
+    packed weights or None if any chunk's protocol failed, per key how many sites trained it, the first chunk's
+    strategy with each site's clear metrics and every chunk's failures)."""
     reference = {k: a.numpy() for k, a in arrays.items()}
     keys = list(reference)
+    plan = chunk_plan([(k, reference[k].size) for k in keys], secagg.chunk_values)
     # sites name the vectors by the packed order, and mark a trained group with the largest value SecAgg+ keeps
-    config = {**config, PACKED_ORDER_KEY: ",".join(keys), TRAINED_MARK_KEY: secagg.clipping_range}
-    strategy = run_secagg(grid, secagg, node_ids, [reference[k] for k in keys], config, server_round)
-    if strategy.mean is None:
-        return None, {}, strategy
-    mean_update, trained = strategy.mean[:len(keys)], strategy.mean[len(keys):]
-    sites = len(strategy.site_metrics)
-    out, contributors = {}, {}
-    for key, update, share in zip(keys, mean_update, trained):
-        k = int(round(float(share[0]) / secagg.clipping_range * sites))  # mean mark = mark * k / K (quantized)
-        contributors[key] = k
-        ref = reference[key]
-        out[key] = ref if k == 0 else (ref + update.astype(np.float64) * sites / k).astype(ref.dtype)
-    return out, contributors, strategy
-
+    config = {**config, PACKED_ORDER_KEY: ",".join(keys), TRAINED_MARK_KEY: secagg.clipping_range,
+              CHUNK_VALUES_KEY: secagg.chunk_values}
+    out = {k: v.copy() for k, v in reference.items()}
+    contributors: dict[str, int] = {}
+    first, failures = None, []
+    for c, segments in enumerate(plan):
+        weights = [reference[k] for k in keys] if c == 0 else []  # a site trains on chunk 0 and keeps its update
+        chunk = run_secagg(grid, secagg, node_ids, weights, {**config, CHUNK_KEY: c}, server_round)
+        first, failures = first or chunk, failures + chunk.failures
+        if chunk.mean is None:
+            first.failures = failures
+            return None, {}, first
+        for key, k in fold_chunk(out, reference, segments, chunk.mean, len(chunk.site_metrics),
+                                 secagg.clipping_range).items():
+            contributors[key] = min(k, contributors.get(key, k))
+        node_ids = [node for node, _ in chunk.site_metrics]  # a site lost in this chunk is not asked again
+    first.failures = failures
+    return out, {k: contributors.get(k, 0) for k in keys}, first

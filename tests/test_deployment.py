@@ -230,6 +230,7 @@ rounds = 1
 local_steps = 2
 [privacy.secagg]
 clipping_range = 0.5
+chunk_values = 100000  # the tiny model's update in 4 chunks, one SecAgg+ instance each
 [privacy.central_dp]
 clipping = "client"
 noise_multiplier = 0.5
@@ -238,8 +239,9 @@ clipping_norm = 1.0
 
 
 def test_ray_engine_runs_secure_aggregation_with_central_dp_in_a_loopback_only_namespace(cohort, ingested, tmp_path):
-    """The tiny run on Flower's simulation engine, every training round through SecAgg+ (sites clip, mask; the
-    server unmasks only the sum and adds the central noise), all traffic on a loopback-only network namespace."""
+    """The tiny run on Flower's simulation engine, every training round through SecAgg+ in chunks (sites clip,
+    mask; the server unmasks only the sums and adds the central noise), all traffic on a loopback-only network
+    namespace."""
     out_dir, _ = cohort
     toml = tmp_path / "server.toml"
     toml.write_text(SECURE_TOML)

@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session
 from client.app import app as client_app
 from client.federated import open_site, secure_update
 from m3fm.model.packing import pack_state
-from transport.protocol import PACKED_ORDER_KEY, TRAINED_MARK_KEY
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, clip_inputs_inplace
+from transport.protocol import CHUNK_VALUES_KEY, CLIPPING_NORM_KEY, PACKED_ORDER_KEY, TRAINED_MARK_KEY
+from transport.secure_chunks import MAX_CHUNK_VALUES, ChunkedUpdate, chunk_plan
 from server.config import ServerConfigError, load_server_config
 from server.rounds import phase_config, run_federation
 from server.secure import secure_train_round
@@ -46,28 +48,32 @@ def secure_toml(tmp_path, name="sa", strategy="fedavg", multitask=0, extra=""):
     return load_server_config(path)
 
 
-def test_secagg_round_equals_the_plain_task_aware_mean_and_the_server_never_sees_one_site(ingested, tiny_model,
-                                                                                           tmp_path):
-    _, sites, _ = ingested
-    cfg = secure_toml(tmp_path, multitask=1)
-    nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites)}
-    grid = InProcessGrid(client_app, nodes)
-    packed = pack_state(tiny_model.state_dict())
-    config = dict(phase_config(cfg, 2))  # multitask: the sites hold different tasks, so heads differ per site
-    out, contributors, done = secure_train_round(grid, cfg.secagg, ArrayRecord({k: Array(v) for k, v in packed.items()}),
-                                                 config, 2, list(nodes))
-    assert out is not None and len(done.site_metrics) == 3 and not done.failures
-    # what each site computed, replayed in the clear (training is deterministic for a given config)
-    plain = [secure_update(open_site(site, cfg.model), packed,
-                           {**config, PACKED_ORDER_KEY: ",".join(packed), TRAINED_MARK_KEY: 0.5})[:2] for site in sites]
-    step = 2 * 0.5 / 2**22  # SecAgg+ quantization step at clipping_range 0.5
-    for i, key in enumerate(packed):
-        k = sum(int(ind[i][0] > 0) for _, ind in plain)
-        assert contributors[key] == k
-        expected = packed[key] if k == 0 else packed[key] + sum(u[i] for u, _ in plain) / k
-        np.testing.assert_allclose(out[key], expected, atol=4 * step * len(sites) / max(k, 1) + 1e-7)
-    assert 0 < contributors["shared"] == 3 and min(contributors.values()) < 3  # task-aware: some head not everywhere
-    # nothing the server received holds a site's update: only masked integer vectors, no weights
+CHUNK = 100_000  # the tiny model's 375,703 values travel in 4 chunks, one SecAgg+ instance each
+
+
+def replay(sites, cfg, packed, config, **extra):
+    """What each site computed for a secure round, replayed in the clear (training is deterministic for a given
+    config) -> [(update, clear metrics)]."""
+    config = {**config, PACKED_ORDER_KEY: ",".join(packed), TRAINED_MARK_KEY: 0.5, CHUNK_VALUES_KEY: CHUNK, **extra}
+    return [secure_update(open_site(site, cfg.model), packed, config) for site in sites]
+
+
+def expected_round(packed, updates, sites_of_chunk):
+    """The task-aware mean, chunk by chunk over the sites that completed each chunk -> (weights, contributors)."""
+    out, contributors = {k: v.copy() for k, v in packed.items()}, {}
+    for c, segments in enumerate(updates[0].plan):
+        for seg in segments:
+            summed = [u for i, u in enumerate(updates) if i in sites_of_chunk(c) and u.marks[seg.key] > 0]
+            contributors[seg.key] = min(len(summed), contributors.get(seg.key, len(summed)))
+            offset = sum(v.size for k, v in packed.items() if list(packed).index(k) < list(packed).index(seg.key))
+            if summed:
+                part = sum(u.flat[offset + seg.start:offset + seg.stop].astype(np.float64) for u in summed)
+                out[seg.key][seg.start:seg.stop] += (part / len(summed)).astype(np.float32)
+    return out, contributors
+
+
+def masked_vectors(grid) -> list[np.ndarray]:
+    """Every int64 vector the server received from a site in SecAgg+'s collect stage (no weights otherwise)."""
     masked = []
     for reply in grid.received:
         assert all(len(r) == 0 for r in reply.content.array_records.values())
@@ -78,17 +84,104 @@ def test_secagg_round_equals_the_plain_task_aware_mean_and_the_server_never_sees
                         masked.append(np.concatenate([bytes_to_ndarray(b).ravel() for b in value]))
                     except Exception:  # noqa: BLE001 - key shares and ciphertexts are not arrays
                         continue
-    assert len(masked) == 3
-    for updates, indicators in plain:
-        q = np.concatenate([a.ravel() for a in quantize(updates + indicators, 0.5, 2**22)])
-        for m in masked:
-            assert m.shape[0] >= q.shape[0]
-            assert np.mean(m[:q.shape[0]] == q) < 0.01  # masked: indistinguishable from uniform noise
+    return masked
+
+
+def test_secagg_round_in_chunks_equals_the_plain_task_aware_mean_and_the_server_never_sees_one_site(
+        ingested, tiny_model, tmp_path):
+    _, sites, _ = ingested
+    cfg = secure_toml(tmp_path, multitask=1, extra=f"chunk_values = {CHUNK}\n")
+    nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites)}
+    grid = InProcessGrid(client_app, nodes)
+    packed = pack_state(tiny_model.state_dict())
+    config = dict(phase_config(cfg, 2))  # multitask: the sites hold different tasks, so heads differ per site
+    out, contributors, done = secure_train_round(grid, cfg.secagg, ArrayRecord({k: Array(v) for k, v in packed.items()}),
+                                                 config, 2, list(nodes))
+    assert out is not None and len(done.site_metrics) == 3 and not done.failures
+    plain = replay(sites, cfg, packed, config)
+    chunks = len(plain[0][0].plan)
+    assert chunks == 4
+    expected, trained = expected_round(packed, [u for u, _ in plain], lambda c: {0, 1, 2})
+    assert contributors == trained
+    step = 2 * 0.5 / 2**22  # SecAgg+ quantization step at clipping_range 0.5
+    for key in packed:
+        np.testing.assert_allclose(out[key], expected[key], atol=4 * step * len(sites) + 1e-7)
+    assert 0 < contributors["shared"] == 3 and min(contributors.values()) < 3  # task-aware: some head not everywhere
+    # the weights went out once (chunk 0), and nothing the server received holds a site's update: only masked
+    # integer vectors, a chunk each, none longer than a chunk and its marks
+    carrying = [m for m in grid.sent if sum(len(a.data) for r in m.content.array_records.values() for a in r.values())
+                > 4 * sum(v.size for v in packed.values())]
+    assert len(carrying) == 3
+    masked = masked_vectors(grid)
+    assert len(masked) == 3 * chunks and max(len(m) for m in masked) <= CHUNK + len(packed)
+    for update, _ in plain:
+        for c in range(chunks):
+            q = np.concatenate([a.ravel() for a in quantize(update.chunk(c), 0.5, 2**22)])
+            for m in masked:
+                if len(m) == len(q):
+                    assert np.mean(m == q) < 0.01  # masked: indistinguishable from uniform noise
+    # central DP's client-side clipping bounds the site's whole update (not each chunk), as Flower's FlatClip would
+    parts = [np.array(plain[0][0].flat)]  # before the replay below writes site 0's update again
+    clipped, _ = replay(sites[:1], cfg, packed, config, **{CLIPPING_NORM_KEY: 1e-3})[0]
+    clip_inputs_inplace(parts, 1e-3)
+    np.testing.assert_allclose(clipped.flat, parts[0], rtol=1e-5, atol=1e-9)
+    assert np.linalg.norm(clipped.flat) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_a_site_lost_part_way_leaves_its_earlier_chunks_and_the_round_completes(ingested, tiny_model, tmp_path):
+    """SecAgg+'s dropout handling, chunk by chunk: node 2 vanishes when chunk 2's masked vectors are collected
+    (after the keys were shared, so the others' shares must remove its masks). Chunks 0-1 are the mean over 3 sites, chunks 2-3 over the 2 others,
+    and no chunk was summed twice (a second sum over fewer sites would give away the lost site's part)."""
+    _, sites, _ = ingested
+    cfg = secure_toml(tmp_path, multitask=1, extra=f"chunk_values = {CHUNK}\n")
+    nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites)}
+    collects = {n: 0 for n in nodes}
+
+    def flaky(msg, ctx):
+        if msg.content.config_records["secaggplus_configs"]["stage"] == "collect_masked_vectors":
+            collects[ctx.node_id] += 1
+            if ctx.node_id == 2 and collects[2] >= 3:
+                raise ConnectionError("site 2 went away")
+        return client_app(msg, ctx)
+
+    grid = InProcessGrid(flaky, nodes)
+    packed = pack_state(tiny_model.state_dict())
+    config = dict(phase_config(cfg, 2))
+    out, contributors, done = secure_train_round(grid, cfg.secagg, ArrayRecord({k: Array(v) for k, v in packed.items()}),
+                                                 config, 2, list(nodes))
+    assert out is not None and len(done.failures) == 1 and "site 2 went away" in str(done.failures[0])
+    assert collects == {1: 4, 2: 3, 3: 4}  # node 2 was not asked again after chunk 2
+    plain = replay(sites, cfg, packed, config)
+    expected, trained = expected_round(packed, [u for u, _ in plain], lambda c: {0, 1, 2} if c < 2 else {0, 2})
+    assert contributors == trained
+    for key in packed:
+        np.testing.assert_allclose(out[key], expected[key], atol=4 * 2 * 0.5 / 2**22 * len(sites) + 1e-7)
+
+
+def test_chunk_plan_splits_keys_across_chunks_and_a_saved_update_answers_only_its_round(tmp_path):
+    plan = chunk_plan([("a", 5), ("b", 0), ("c", 7)], 4)
+    assert [[(s.key, s.start, s.stop, s.at) for s in chunk] for chunk in plan] == [
+        [("a", 0, 4, 0)], [("a", 4, 5, 0), ("c", 0, 3, 1)], [("c", 3, 7, 0)]]
+    with pytest.raises(ValueError, match="2 GiB"):
+        chunk_plan([("a", 5)], MAX_CHUNK_VALUES + 1)
+    update = ChunkedUpdate.create(tmp_path, ("r", 1), [("a", 5), ("b", 0), ("c", 7)], 4)
+    update.flat[:] = np.arange(12)
+    update.marks = {"a": 0.5, "b": 0.0, "c": 0.0}
+    assert ChunkedUpdate.load(tmp_path, ("r", 1)) is None  # not saved yet: never answered from
+    update.save()
+    assert ChunkedUpdate.load(tmp_path, ("r", 2)) is None  # another round's
+    again = ChunkedUpdate.load(tmp_path, ("r", 1))  # what another process of the site reads
+    assert [list(v) for v in again.chunk(1)] == [[4, 5, 6, 7], [0.5, 0.0]]
+    with pytest.raises(ValueError, match="3 chunk"):
+        again.chunk(3)
+    again.discard()
+    assert list(tmp_path.iterdir()) == []
+    assert CLIPPING_NORM_KEY == KEY_CLIPPING_NORM  # the site's service reads Flower's key under our name
 
 
 def test_secagg_run_with_central_dp_records_rounds_and_epsilon(ingested, tmp_path):
     _, sites, _ = ingested
-    extra = '[privacy.central_dp]\nclipping = "client"\nnoise_multiplier = 1.0\nclipping_norm = 0.5\n'
+    extra = f'chunk_values = {CHUNK}\n[privacy.central_dp]\nclipping = "client"\nnoise_multiplier = 1.0\nclipping_norm = 0.5\n'
     cfg = secure_toml(tmp_path, name="sa-dp", multitask=1, extra=extra)
     nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites)}
     run_id = run_federation(InProcessGrid(client_app, nodes), cfg, log=lambda *_: None)

@@ -48,6 +48,11 @@ SIM_SITES = "sim-sites"  # comma-separated site folders; virtual SuperNode i ser
 # keys SecAgg+ rounds add to the round config (server/secure.py)
 PACKED_ORDER_KEY = "packed-keys"  # the order of the packed vectors inside the legacy Parameters
 TRAINED_MARK_KEY = "trained-mark"  # the value a site sends as its "I trained this group" indicator
+# central DP's client-side clipping norm: Flower's own key (flwr KEY_CLIPPING_NORM, which fixedclipping_mod reads),
+# named here for the site's service, which imports no Flower; tests/test_secure.py checks the two agree
+CLIPPING_NORM_KEY = "clipping_norm"
+CHUNK_KEY = "secagg-chunk"  # which chunk of the packed update this SecAgg+ instance sums (transport/secure_chunks.py)
+CHUNK_VALUES_KEY = "secagg-chunk-values"  # values per chunk (the last may be shorter)
 
 
 def split_list(value) -> tuple[str, ...]:
