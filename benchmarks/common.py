@@ -49,8 +49,18 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
-def tree_rss(root: int) -> int:
-    """Resident memory of a process and all its descendants (from /proc; no psutil here)."""
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: resident pages, each shared page split among its sharers (forked children share
+    most of their parent's pages; summed RSS would count them once per child)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:")), 0)
+    except OSError:
+        return 0
+
+
+def tree_rss(root: int, of=rss_bytes) -> int:
+    """Resident memory (or `of`: pss_bytes) of a process and all its descendants (from /proc; no psutil here)."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -63,7 +73,7 @@ def tree_rss(root: int) -> int:
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()
-        total += rss_bytes(pid)
+        total += of(pid)
         todo += children.get(pid, [])
     return total
 

@@ -1,12 +1,14 @@
 """Secure aggregation cost: a SecAgg+ round against a plaintext round, per model size; prints a table and writes
 benchmarks/results/secagg.json.
 
-  python benchmarks/secagg.py [--sizes 1e6 1e7 5e7 1e8 2.5e8] [--sites 3]
+  python benchmarks/secagg.py [--sizes 1e7 1e8 base large huge] [--sites 3] [--chunk-values 33554432]
 
-Each (size, mode) runs in a child process: Flower's SecAggPlusWorkflow (server) and secaggplus_mod (sites)
-over an in-process grid (sim/inprocess_grid.py), the sites sending a random update of that many float32
-parameters, so the figures are the protocol's own cost (masking, quantization, key agreement, Shamir shares,
-unmasking), not training or the network. Time is split between the server and the sites (the time spent inside
+Each (size, mode) runs in a child process: our secure round (server/secure.py: Flower's SecAggPlusWorkflow once
+per chunk of the update, transport/secure_chunks.py) with secaggplus_mod at the sites, over an in-process grid
+(sim/inprocess_grid.py); each site sends a random update of that many float32 parameters (a model name means its
+state dict's size), made at chunk 0 and kept on disk as a site keeps it. So the figures are the protocol's own
+cost (quantization, masks, key agreement, Shamir shares, unmasking, the site's update on disk), not training
+or the network. The plaintext row sends the weights and folds the sites' updates one reply at a time. Time is split between the server and the sites (the time spent inside
 the site's ClientApp calls); peak memory is traced (tracemalloc, which sees NumPy's buffers) separately while a
 site call runs and while the server runs, plus the child's peak RSS. A size is skipped when the previous size's
 peak RSS, scaled up, would not fit in the memory available. A measurement, never pass/fail.
@@ -28,27 +30,57 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results" / "secagg.json"
 
 
-def one(size: int, sites: int, secure: bool) -> dict:
+def one(size: int, sites: int, secure: bool, chunk_values: int) -> dict:
+    import tempfile
+
     import flwr.compat.common.recorddict_compat as compat
     import numpy as np
-    from flwr.app import Context, Message
+    from flwr.app import Array, ArrayRecord, Context, Message
     from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
     from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-    from server.secure import SecAggConfig, run_secagg
+    from server.secure import SecAggConfig, secure_train_round
     from sim.inprocess_grid import InProcessGrid
+    from transport.protocol import CHUNK_KEY, TRAINED_MARK_KEY
+    from transport.secure_chunks import ChunkedUpdate, answer_chunk
 
     rng = np.random.default_rng(0)
-    weights = rng.normal(0, 0.02, size).astype(np.float32)
+    block = 2**24
+
+    def normal(n: int, scale: float, out=None) -> np.ndarray:  # float32 in blocks: no float64 model copy
+        out = np.empty(n, dtype=np.float32) if out is None else out
+        for i in range(0, n, block):
+            part = out[i:i + block]
+            rng.standard_normal(out=part, dtype=np.float32)
+            part *= scale
+        return out
+
+    weights = normal(size, 0.02)
+    folder = Path(tempfile.mkdtemp(prefix="secagg-bench-"))
     app = ClientApp(mods=[secaggplus_mod] if secure else [])
     timing = {"site_s": 0.0, "site_peak": 0, "server_peak": 0}
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        params = parameters_to_ndarrays(compat.recorddict_to_fitins(msg.content, keep_input=True).parameters)
-        update = [(rng.normal(0, 0.01, p.shape)).astype(np.float32) for p in params]  # an update, as sites send
-        res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(update), 1, {})
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        params = parameters_to_ndarrays(fitins.parameters)
+        if not secure:  # an update, as a site sends it after training
+            res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([normal(p.size, 0.01) for p in params]), 1, {})
+            return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+        config = dict(fitins.config)
+
+        def make() -> ChunkedUpdate:  # what client/federated.py's secure_update saves, with a random update
+            update = ChunkedUpdate.create(folder / f"site-{context.node_id}", ("bench", 1),
+                                          [("model", size)], chunk_values)
+            normal(size, 0.01, out=update.flat)
+            update.marks = {"model": float(config[TRAINED_MARK_KEY])}
+            update.save()
+            return update
+
+        del params  # the site trained on them; its update is on disk
+        chunk = answer_chunk(folder / f"site-{context.node_id}", ("bench", 1), int(config[CHUNK_KEY]), make)
+        res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(chunk), 1, {})
         return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
     def timed_app(msg, ctx):  # site time and site peak memory, apart from the server's
@@ -62,27 +94,124 @@ def one(size: int, sites: int, secure: bool) -> dict:
             timing["site_peak"] = max(timing["site_peak"], tracemalloc.get_traced_memory()[1])
             tracemalloc.reset_peak()
 
-    grid = InProcessGrid(timed_app, {n: {} for n in range(1, sites + 1)})
-    parameters = ndarrays_to_parameters([weights])
+    grid = InProcessGrid(timed_app, {n: {} for n in range(1, sites + 1)}, keep=False)
     tracemalloc.start()
     t0 = time.perf_counter()
+    chunks = 1
     if secure:
-        mean = run_secagg(grid, SecAggConfig(clipping_range=0.1), list(range(1, sites + 1)), [weights], {}).mean
+        secagg = SecAggConfig(clipping_range=0.1, chunk_values=chunk_values)
+        out, contributors, done = secure_train_round(grid, secagg, ArrayRecord({"model": Array(weights)}), {}, 1,
+                                                     list(range(1, sites + 1)))
+        assert out is not None and contributors == {"model": sites}, "the secure round failed"
+        mean = out["model"]
+        chunks = -(-size // chunk_values)
     else:
-        content = compat.fitins_to_recorddict(FitIns(parameters, {}), keep_input=True)
-        replies = grid.send_and_receive([Message(content, dst_node_id=n, message_type="train")
-                                         for n in range(1, sites + 1)])
-        mean = [np.mean([parameters_to_ndarrays(compat.recorddict_to_fitres(r.content, True).parameters)[0]
-                         for r in replies], axis=0)]
+        content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([weights]), {}), keep_input=True)
+        ids = grid.push_messages([Message(content, dst_node_id=n, message_type="train") for n in range(1, sites + 1)])
+        mean = np.zeros(size, dtype=np.float32)
+        for i in ids:  # pulled and folded one reply at a time, as the coordinator does (server/delivery.py)
+            reply = grid.pull_messages([i])[0]
+            mean += parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, True).parameters)[0] / sites
+            del reply
+        mean += weights
     total = time.perf_counter() - t0
     timing["server_peak"] = max(timing["server_peak"], tracemalloc.get_traced_memory()[1])
     tracemalloc.stop()
-    assert mean is not None and mean[0].shape == (size,)
-    return {"parameters": size, "mode": "secagg+" if secure else "plaintext", "sites": sites,
+    assert mean.shape == (size,)
+    return {"parameters": size, "mode": f"secagg+ x{chunks}" if secure else "plaintext", "sites": sites,
             "round_s": round(total, 2), "server_s": round(total - timing["site_s"], 2),
             "site_s": round(timing["site_s"] / sites, 2), "server_peak_mb": round(timing["server_peak"] / 2**20),
-            "site_peak_mb": round(timing["site_peak"] / 2**20),
+            "site_peak_mb": round(timing["site_peak"] / 2**20), "model_mb": round(4 * size / 2**20),
             "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit_s: float) -> dict:
+    """One round through the real processes: a SuperLink, `sites` SuperNodes (transport/supernode.py, warm
+    ClientApp forks) and the ServerApp of benchmarks/secagg_app.py. Each process tree's resident memory is sampled
+    every 0.2 s as PSS (forked ClientApps share their parent's pages): the coordinator's (SuperLink, its SuperExec
+    and the ServerApp) and each site's (SuperNode, its SuperExec and ClientApp processes). Extra = peak - the
+    tree's own level once every SuperNode had joined, and for the coordinator also less the ServerApp's own
+    level before the round (its imports and the global model it holds in any case)."""
+    import shutil
+    import tempfile
+
+    import tomli_w
+
+    from common import pss_bytes, tree_rss  # benchmarks/common.py (a `benchmarks` package in site-packages shadows ours)
+    from server.coordinator import free_port
+    from transport.flower import (APP_PYPROJECT, flower_env, run_status, start_superlink, start_supernode, stop,
+                                  submit_run, wait_for_port, write_connection)
+
+    work = Path(tempfile.mkdtemp(prefix="secagg-deploy-"))
+    env = flower_env(work / "flwr-home")
+    here = Path(__file__).resolve().parent  # secagg_app.py, secagg_site_app.py: imported by module name
+    env.update(PYTHONPATH=os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    port = free_port()
+    write_connection(work / "flwr-home", "bench", f"127.0.0.1:{port}")
+    app = json.loads(json.dumps(APP_PYPROJECT))
+    app["project"]["name"] = "m3fm-secagg-bench"
+    app["tool"]["flwr"]["app"]["components"] = {"serverapp": "secagg_app:serverapp", "clientapp": "secagg_site_app:clientapp"}
+    app["tool"]["flwr"]["app"]["config"] = {"values": 0, "sites": 0, "secure": 0, "chunk-values": 0, "out": ""}
+    (work / "app").mkdir()
+    (work / "app" / "pyproject.toml").write_text(tomli_w.dumps(app))
+    link, nodes = None, []
+    try:
+        link = start_superlink(work / "link", "127.0.0.1", port, work / "superlink.log", extra_args=("--insecure",),
+                               env=env)
+        wait_for_port("127.0.0.1", port, link)
+        for i in range(sites):
+            (work / f"site-{i}").mkdir()
+            nodes.append(start_supernode(f"127.0.0.1:{port}", free_port(), f'work="{work / f"site-{i}"}"',
+                                         work / f"site-{i}.log", extra_args=("--insecure",), env=env))
+        time.sleep(8)  # joined and idle
+        idle = {"coordinator": tree_rss(link.pid, pss_bytes),
+                **{f"site-{i}": tree_rss(n.pid, pss_bytes) for i, n in enumerate(nodes)}}
+        peak = dict(idle)
+        run_id = submit_run(work / "app", "bench", {"values": size, "sites": sites, "secure": int(secure),
+                                                   "chunk-values": chunk_values, "out": str(work / "out.json")}, env)
+        t0, status, last = time.monotonic(), "pending", 0.0
+        while time.monotonic() - t0 < limit_s:
+            peak["coordinator"] = max(peak["coordinator"], tree_rss(link.pid, pss_bytes))
+            for i, n in enumerate(nodes):
+                peak[f"site-{i}"] = max(peak[f"site-{i}"], tree_rss(n.pid, pss_bytes))
+            if time.monotonic() - last > 5:
+                status, last = run_status("bench", run_id, env), time.monotonic()
+                if status.startswith("finished"):
+                    break
+            time.sleep(0.2)
+        out = json.loads((work / "out.json").read_text()) if (work / "out.json").exists() else {}
+        if not out.get("ok"):
+            raise RuntimeError(f"run {status}: {out or (work / 'superlink.log').read_text()[-1500:]}")
+        extra = {k: (peak[k] - idle[k]) / 2**20 for k in peak}
+        extra["coordinator"] -= out["serverapp_idle_peak_mb"]
+        model_mb = 4 * size / 2**20
+        return {"parameters": size, "model_mb": round(model_mb),
+                "mode": f"secagg+ x{-(-size // chunk_values)}" if secure else "plaintext", "sites": sites,
+                "round_s": round(out["round_s"], 1), "coordinator_extra_mb": round(extra["coordinator"]),
+                "coordinator_extra_x_model": round(extra["coordinator"] / model_mb, 2),
+                "site_extra_mb": round(max(extra[f"site-{i}"] for i in range(sites))),
+                "site_extra_x_model": round(max(extra[f"site-{i}"] for i in range(sites)) / model_mb, 2)}
+    finally:
+        for n in nodes:
+            stop(n, timeout=20)
+        if link is not None:
+            stop(link, timeout=30)
+        if os.environ.get("KEEP_WORK") is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def values_of(size: str) -> int:
+    """A number of values, or a model configuration's state-dict size (built on the meta device: no memory)."""
+    try:
+        return int(float(size))
+    except ValueError:
+        import torch
+
+        from m3fm.model.configs import get_config
+        from m3fm.model.m3fm import M3FM
+        with torch.device("meta"):
+            return sum(t.numel() for t in M3FM(get_config(size)).state_dict().values())
 
 
 def available_mb() -> float:
@@ -94,54 +223,65 @@ def available_mb() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 5e7, 1e8, 2.5e8])
+    ap.add_argument("--sizes", nargs="+", default=["1e7", "1e8", "base", "large", "huge"],
+                    help="values per update, or a model configuration (its state dict's size)")
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--limit-s", type=float, default=900, help="per child process")
+    ap.add_argument("--chunk-values", type=int, default=2**25, help="values per SecAgg+ instance")
+    ap.add_argument("--engine", choices=("inprocess", "deployment"), default="inprocess")
+    ap.add_argument("--limit-s", type=float, default=900, help="per round")
     ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # size sites secure: run in this (child) process
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(int(float(args.one[0])), int(args.one[1]), args.one[2] == "1")))
+        print(json.dumps(one(int(float(args.one[0])), int(args.one[1]), args.one[2] == "1", args.chunk_values)))
         return
-    rows, skipped, last = [], [], None
-    for size in (int(s) for s in args.sizes):
-        if last is not None and last["process_peak_rss_mb"] * size / last["parameters"] > 0.9 * available_mb():
-            skipped.append({"parameters": size, "why": f"predicted peak {last['process_peak_rss_mb'] * size / last['parameters']:.0f} MB "
-                                                      f"> 90% of {available_mb():.0f} MB available"})
-            continue
+    rows, skipped = [], []
+    for size in (values_of(s) for s in args.sizes):
         for secure in (False, True):
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
-                                                               os.environ.get("PYTHONPATH", "")]))
             try:
-                out = subprocess.run([sys.executable, __file__, "--one", str(size), str(args.sites), str(int(secure))],
-                                     capture_output=True, text=True, timeout=args.limit_s, env=env)
-            except subprocess.TimeoutExpired:
+                row = (deployment_one(size, args.sites, secure, args.chunk_values, args.limit_s)
+                       if args.engine == "deployment" else inprocess_row(size, args.sites, secure, args))
+            except Exception as e:  # noqa: BLE001 - a size that does not fit or finish is reported, not fatal
                 skipped.append({"parameters": size, "mode": "secagg+" if secure else "plaintext",
-                                "why": f"over {args.limit_s:.0f} s"})
+                                "why": f"{type(e).__name__}: {str(e)[-300:]}"})
                 break
-            if out.returncode != 0:
-                skipped.append({"parameters": size, "why": (out.stderr or out.stdout).strip()[-300:]})
-                break
-            row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
-            last = row if secure else last
+            print(json.dumps(row), flush=True)
+        if rows and rows[-1]["parameters"] == size and "secagg" in rows[-1]["mode"] and len(rows) >= 2:
+            rows[-1]["secure_over_plain"] = round(rows[-1]["round_s"] / rows[-2]["round_s"], 2)
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"SecAgg+ vs plaintext round, {args.sites} sites, in-process")
-    for col in ("parameters", "mode", "round_s", "server_s", "site_s", "server_peak_mb", "site_peak_mb",
-                "process_peak_rss_mb"):
+    where = "in-process" if args.engine == "inprocess" else "deployment engine (real processes)"
+    table = Table(title=f"SecAgg+ (chunks of {args.chunk_values} values) vs plaintext round, {args.sites} sites, "
+                        f"{where}")
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(*(str(r[c]) for c in ("parameters", "mode", "round_s", "server_s", "site_s", "server_peak_mb",
-                                            "site_peak_mb", "process_peak_rss_mb")))
-    Console(width=200).print(table)
+        table.add_row(*(str(r.get(c, "")) for c in columns))
+    Console(width=220).print(table)
     for s in skipped:
         print("skipped:", s)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"benchmark": "secagg", "rows": rows, "skipped": skipped, "machine": {
-        "python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-        "memory_available_mb": round(available_mb())}}, indent=1))
-    print(f"wrote {RESULTS}")
+    path = RESULTS if args.engine == "inprocess" else RESULTS.with_name("secagg_deployment.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": f"secagg {args.engine}", "chunk_values": args.chunk_values,
+                                "rows": rows, "skipped": skipped, "machine": {
+                                    "python": platform.python_version(), "cpus": os.cpu_count(),
+                                    "platform": platform.platform(), "memory_available_mb": round(available_mb())}},
+                               indent=1))
+    print(f"wrote {path}")
+
+
+def inprocess_row(size: int, sites: int, secure: bool, args) -> dict:
+    """The in-process round in a child process of its own (its peak RSS is its own)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, __file__, "--one", str(size), str(sites), str(int(secure)),
+                          "--chunk-values", str(args.chunk_values)],
+                         capture_output=True, text=True, timeout=args.limit_s, env=env)
+    if out.returncode != 0:
+        raise RuntimeError((out.stderr or out.stdout).strip()[-300:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

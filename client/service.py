@@ -35,7 +35,7 @@ from client.federated import (OpenSite, evaluate_round, last_ingest, load_weight
 from client.site import load_site
 from m3fm.model.packing import packed_sizes, split_joined
 from transport.protocol import CHUNK_KEY, SERVICE_TIME, SITE_ID, SKIPPED
-from transport.secure_chunks import ChunkedUpdate
+from transport.secure_chunks import ChunkedUpdate, answer_chunk
 
 OPS = (TRAIN, SECURE, EVALUATE, REPORT)
 
@@ -95,16 +95,14 @@ class SiteService:
     def _secure_chunk(self, o: OpenSite, config: dict, packed: dict[str, np.ndarray]):
         """A SecAgg+ chunk: chunk 0 trains and saves the update in the site's work folder; later chunks of the same
         round are read from there (by whichever process of the site is asked), and the last removes it."""
-        c, metrics = int(config.get(CHUNK_KEY, 0)), {}
-        if c == 0:
-            update, metrics = secure_update(o, packed, config)
-        elif (update := ChunkedUpdate.load(secure_folder(o), round_id := secure_round_id(config))) is None:
-            raise RuntimeError(f"SecAgg+ chunk {c} of round {round_id} asked, but {secure_folder(o)} holds no update "
-                               "of that round (chunk 0 failed here?): the site drops out of this round")
-        values, marks = update.chunk(c)
-        if c == len(update.plan) - 1:
-            update.discard()
-        return {"metrics": metrics}, {"values": values, "marks": marks}
+        metrics = {}
+
+        def train() -> ChunkedUpdate:
+            update, metrics["sent"] = secure_update(o, packed, config)
+            return update
+
+        values, marks = answer_chunk(secure_folder(o), secure_round_id(config), int(config.get(CHUNK_KEY, 0)), train)
+        return {"metrics": metrics.get("sent", {})}, {"values": values, "marks": marks}
 
     def _run(self, op: str, o: OpenSite, config: dict, arrays: dict[str, np.ndarray]):
         if op != SECURE:  # SecAgg+ sends the packed vectors in its own order (server/secure.py)

@@ -35,6 +35,7 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
+from server.delivery import arrivals
 from transport.protocol import CHUNK_KEY, CHUNK_VALUES_KEY, PACKED_ORDER_KEY, TRAINED_MARK_KEY
 from transport.secure_chunks import chunk_plan, fold_chunk
 
@@ -98,6 +99,23 @@ class SecureRound(LegacyStrategy):
         return None
 
 
+class PromptGrid:
+    """The grid SecAgg+'s workflow drives: Flower's Grid.send_and_receive sleeps 3 s between looks for replies and
+    the workflow calls it once per stage, four times per instance (a chunk): measured through the deployment
+    engine, a 1M-value round in 4 chunks took 57 s against 3.4 s in plaintext. This one pushes the same messages
+    and looks every POLL_S (server/delivery.py's arrivals); everything else is the grid's own."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        pending = {message_id: 0 for message_id in self.grid.push_messages(list(messages))}
+        return [reply for _, reply in arrivals(self.grid, pending, float("inf") if timeout is None else timeout)]
+
+
 def run_secagg(grid, secagg: SecAggConfig, node_ids: list[int], weights: list[np.ndarray], config: dict,
                server_round: int = 1) -> SecureRound:
     """Flower's SecAgg+ workflow for one round over `node_ids`, through the legacy context it needs;
@@ -107,7 +125,7 @@ def run_secagg(grid, secagg: SecAggConfig, node_ids: list[int], weights: list[np
                                     run_config={}), config=LegacyServerConfig(num_rounds=1), strategy=strategy)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # unused: SecureRound sends fit_ins
-    secagg.workflow()(grid, context)
+    secagg.workflow()(PromptGrid(grid), context)
     return strategy
 
 

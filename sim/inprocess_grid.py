@@ -15,8 +15,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class InProcessGrid:
-    def __init__(self, app, node_configs: dict[int, dict], run_config: dict | None = None, run_id: int = 1):
+    def __init__(self, app, node_configs: dict[int, dict], run_config: dict | None = None, run_id: int = 1,
+                 keep: bool = True):
         self.app, self.node_configs, self.run_config, self.run_id = app, node_configs, run_config or {}, run_id
+        self.keep = keep  # keep every message for inspection (tests); benchmarks at model size do not
         self.sent: list[Message] = []
         self.received: list[Message] = []  # every reply, as the server got it
         self.waiting: dict[str, Message] = {}  # message id -> pushed message whose reply was not pulled yet
@@ -32,7 +34,8 @@ class InProcessGrid:
         for m in messages:
             m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what the SuperLink assigns on push
             m.metadata.__dict__["_run_id"] = self.run_id
-            self.sent.append(m)
+            if self.keep:
+                self.sent.append(m)
             self.waiting[m.metadata.message_id] = m
             ids.append(m.metadata.message_id)
         return ids
@@ -57,5 +60,6 @@ class InProcessGrid:
         finally:
             TaskIdentity.node_id = 0
         reply.metadata.__dict__["_src_node_id"] = node
-        self.received.append(reply)
+        if self.keep:
+            self.received.append(reply)
         return reply

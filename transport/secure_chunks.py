@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -120,6 +120,20 @@ class ChunkedUpdate:
             raise ValueError(f"chunk {c} asked; this round's update has {len(self.plan)} chunk(s)")
         values = np.array(self.flat[c * self.chunk_values:(c + 1) * self.chunk_values])
         return [values, np.array([self.marks[s.key] for s in self.plan[c]], dtype=np.float32)]
+
+
+def answer_chunk(folder: Path, round_id: tuple, c: int, make: Callable[[], ChunkedUpdate]) -> list[np.ndarray]:
+    """What a site sends for chunk c of a secure round: chunk 0 makes the update (`make`: train and save it in
+    `folder`), later chunks read that round's update from `folder`, and the last chunk removes it."""
+    if c == 0:
+        update = make()
+    elif (update := ChunkedUpdate.load(folder, round_id)) is None:
+        raise RuntimeError(f"SecAgg+ chunk {c} of round {round_id} asked, but {folder} holds no update of that "
+                           "round (chunk 0 failed here?): the site drops out of this round")
+    out = update.chunk(c)
+    if c == len(update.plan) - 1:
+        update.discard()
+    return out
 
 
 def fold_chunk(out: dict[str, np.ndarray], reference: dict[str, np.ndarray], segments: list[Segment],
