@@ -125,7 +125,8 @@ def one(size: int, sites: int, secure: bool, chunk_values: int) -> dict:
             "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
-def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit_s: float) -> dict:
+def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit_s: float,
+                   superlink_db: str = "file") -> dict:
     """One round through the real processes: a SuperLink, `sites` SuperNodes (transport/supernode.py, warm
     ClientApp forks) and the ServerApp of benchmarks/secagg_app.py. Each process tree's resident memory is sampled
     every 0.2 s as PSS (forked ClientApps share their parent's pages): the coordinator's (SuperLink, its SuperExec
@@ -158,7 +159,7 @@ def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit
     link, nodes = None, []
     try:
         link = start_superlink(work / "link", "127.0.0.1", port, work / "superlink.log", extra_args=("--insecure",),
-                               env=env)
+                               env=env, database=superlink_db == "file")
         wait_for_port("127.0.0.1", port, link)
         for i in range(sites):
             (work / f"site-{i}").mkdir()
@@ -182,11 +183,11 @@ def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit
             time.sleep(0.2)
         out = json.loads((work / "out.json").read_text()) if (work / "out.json").exists() else {}
         if not out.get("ok"):
-            raise RuntimeError(f"run {status}: {out or (work / 'superlink.log').read_text()[-1500:]}")
+            raise RuntimeError(f"run {status}: {out.get('error', '')[-1500:] or 'no result'}")
         extra = {k: (peak[k] - idle[k]) / 2**20 for k in peak}
         extra["coordinator"] -= out["serverapp_idle_peak_mb"]
         model_mb = 4 * size / 2**20
-        return {"parameters": size, "model_mb": round(model_mb),
+        return {"parameters": size, "model_mb": round(model_mb), "superlink_db": superlink_db,
                 "mode": f"secagg+ x{-(-size // chunk_values)}" if secure else "plaintext", "sites": sites,
                 "round_s": round(out["round_s"], 1), "coordinator_extra_mb": round(extra["coordinator"]),
                 "coordinator_extra_x_model": round(extra["coordinator"] / model_mb, 2),
@@ -229,6 +230,9 @@ def main() -> None:
     ap.add_argument("--chunk-values", type=int, default=2**25, help="values per SecAgg+ instance")
     ap.add_argument("--engine", choices=("inprocess", "deployment"), default="inprocess")
     ap.add_argument("--limit-s", type=float, default=900, help="per round")
+    ap.add_argument("--superlink-db", choices=("file", "memory"), default="file",
+                    help="the SuperLink's state: a SQLite file (as `m3fm-server run` starts it) or Flower's in-memory "
+                         "store")
     ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # size sites secure: run in this (child) process
     args = ap.parse_args()
     if args.one:
@@ -238,7 +242,7 @@ def main() -> None:
     for size in (values_of(s) for s in args.sizes):
         for secure in (False, True):
             try:
-                row = (deployment_one(size, args.sites, secure, args.chunk_values, args.limit_s)
+                row = (deployment_one(size, args.sites, secure, args.chunk_values, args.limit_s, args.superlink_db)
                        if args.engine == "deployment" else inprocess_row(size, args.sites, secure, args))
             except Exception as e:  # noqa: BLE001 - a size that does not fit or finish is reported, not fatal
                 skipped.append({"parameters": size, "mode": "secagg+" if secure else "plaintext",

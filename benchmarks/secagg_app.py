@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 
 from secagg_site_app import PLAIN, random_values
+from server.delivery import arrivals
 from server.secure import SecAggConfig, secure_train_round
 from transport.object_pulls import quick_object_pulls
 from transport.protocol import ARRAYS, CONFIG
@@ -34,8 +36,15 @@ def peak_rss_mb() -> float:
 
 @serverapp.main()
 def main(grid: Grid, context: Context) -> None:
+    try:
+        one_round(grid, context.run_config)
+    except BaseException:  # the driver reads why from the out file (a ServerApp's output goes nowhere it sees)
+        Path(str(context.run_config["out"])).write_text(json.dumps({"ok": False, "error": traceback.format_exc()}))
+        raise
+
+
+def one_round(grid: Grid, rc) -> None:
     quick_object_pulls()
-    rc = context.run_config
     size, sites, secure, chunk = int(rc["values"]), int(rc["sites"]), bool(int(rc["secure"])), int(rc["chunk-values"])
     deadline = time.monotonic() + 300
     while len(grid.get_node_ids()) < sites and time.monotonic() < deadline:
@@ -51,16 +60,15 @@ def main(grid: Grid, context: Context) -> None:
         ok = out is not None and contributors == {"model": sites}
     else:
         content = RecordDict({ARRAYS: joined_record({"model": weights}), CONFIG: ConfigRecord({"values": size})})
-        ids = grid.push_messages([Message(content, dst_node_id=n, message_type=PLAIN) for n in nodes])
-        mean, pending, got = np.zeros(size, dtype=np.float32), set(ids), 0
-        while pending and time.monotonic() < deadline + 3600:
-            for reply in grid.pull_messages(list(pending)):
-                pending.discard(reply.metadata.reply_to_message_id)
-                if not reply.has_error() and (record := arrays_of(reply.content)) is not None:
-                    mean += record["float32"].numpy() / sites
-                    got += 1
-                drop_arrays(reply.content)
-            time.sleep(0.05)
+        pending = {i: n for i, n in zip(grid.push_messages([Message(content, dst_node_id=n, message_type=PLAIN)
+                                                            for n in nodes]), nodes)}
+        mean, got = np.zeros(size, dtype=np.float32), 0
+        for _, reply in arrivals(grid, pending, 3600):  # one reply at a time, as the coordinator folds them
+            if not reply.has_error() and (record := arrays_of(reply.content)) is not None:
+                mean += record["float32"].numpy() / sites
+                got += 1
+            drop_arrays(reply.content)
+            del reply
         mean += weights
         ok = got == sites
     seconds = time.perf_counter() - t0

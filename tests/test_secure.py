@@ -17,6 +17,8 @@ from transport.protocol import CHUNK_VALUES_KEY, CLIPPING_NORM_KEY, PACKED_ORDER
 from transport.secure_chunks import MAX_CHUNK_VALUES, ChunkedUpdate, chunk_plan
 from server.config import ServerConfigError, load_server_config
 from server.rounds import phase_config, run_federation
+from privacy.dp_sgd import MECHANISM as DP_SGD_MECHANISM
+from server.central_dp import MECHANISM as CENTRAL_MECHANISM
 from server.secure import secure_train_round
 from server.store import PrivacyLedger, Round, SiteMetric, open_server_store
 from sim.inprocess_grid import InProcessGrid
@@ -179,9 +181,13 @@ def test_chunk_plan_splits_keys_across_chunks_and_a_saved_update_answers_only_it
     assert CLIPPING_NORM_KEY == KEY_CLIPPING_NORM  # the site's service reads Flower's key under our name
 
 
-def test_secagg_run_with_central_dp_records_rounds_and_epsilon(ingested, tmp_path):
+def test_secagg_with_patient_level_dp_sgd_and_central_dp_fills_the_ledger(ingested, tmp_path):
+    """DP-SGD at the sites, SecAgg+ over their clipped updates in chunks and central DP's noise on the unmasked
+    mean, together: every site trains every round, each site's spend travels in clear with chunk 0 (an aggregate it
+    reports) and the ledger holds a per-patient row per site and round and the central release per round."""
     _, sites, _ = ingested
-    extra = f'chunk_values = {CHUNK}\n[privacy.central_dp]\nclipping = "client"\nnoise_multiplier = 1.0\nclipping_norm = 0.5\n'
+    extra = (f'chunk_values = {CHUNK}\n[privacy.central_dp]\nclipping = "client"\nnoise_multiplier = 1.0\n'
+             'clipping_norm = 0.5\n[privacy.dp_sgd]\nnoise_multiplier = 1.1\nmax_grad_norm = 1.0\n')
     cfg = secure_toml(tmp_path, name="sa-dp", multitask=1, extra=extra)
     nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites)}
     run_id = run_federation(InProcessGrid(client_app, nodes), cfg, log=lambda *_: None)
@@ -191,7 +197,11 @@ def test_secagg_run_with_central_dp_records_rounds_and_epsilon(ingested, tmp_pat
         ledger = s.scalars(select(PrivacyLedger).where(PrivacyLedger.run_id == run_id)).all()
     assert [(r.round, r.sites_accepted) for r in rounds] == [(1, 3), (2, 3)]
     assert trained == {(r, s.site_id) for r in (1, 2) for s in sites}
-    assert [(r.round, r.site_id, r.steps) for r in ledger] == [(1, "*", 1), (2, "*", 2)]
+    assert sorted((r.round, r.site_id, r.mechanism) for r in ledger) == sorted(
+        [(rnd, site.site_id, DP_SGD_MECHANISM) for rnd in (1, 2) for site in sites]
+        + [(rnd, "*", CENTRAL_MECHANISM) for rnd in (1, 2)])
+    assert [r.steps for r in ledger if r.site_id == "*"] == [1, 2]
+    assert all(0 < r.epsilon < float("inf") for r in ledger)
 
 
 def test_secagg_config_refuses_what_it_cannot_do(tmp_path):

@@ -73,10 +73,13 @@ def write_connection(flwr_home: Path, name: str, address: str, insecure: bool = 
 
 
 def start_superlink(state_dir: Path, host: str, port: int, log_path: Path, simulation: bool = False,
-                    extra_args: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
+                    extra_args: tuple[str, ...] = (), env: dict | None = None, database: bool = True) -> subprocess.Popen:
+    """`database`: keep the SuperLink's state (and every message's objects) in state_dir/superlink.db, or, False,
+    in Flower's in-memory store."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    args = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--database",
-            str(state_dir / "superlink.db"), "--disable-runtime-dependency-installation", *extra_args]
+    args = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
+            *(("--database", str(state_dir / "superlink.db")) if database else ()),
+            "--disable-runtime-dependency-installation", *extra_args]
     if simulation:
         args.append("--simulation")
     # same process group as the caller, and SIGTERM when the caller dies (even by SIGKILL): whatever stops or kills
