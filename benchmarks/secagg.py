@@ -126,7 +126,7 @@ def one(size: int, sites: int, secure: bool, chunk_values: int) -> dict:
 
 
 def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit_s: float,
-                   superlink_db: str = "file") -> dict:
+                   superlink_db: str = "memory") -> dict:
     """One round through the real processes: a SuperLink, `sites` SuperNodes (transport/supernode.py, warm
     ClientApp forks) and the ServerApp of benchmarks/secagg_app.py. Each process tree's resident memory is sampled
     every 0.2 s as PSS (forked ClientApps share their parent's pages): the coordinator's (SuperLink, its SuperExec
@@ -230,9 +230,9 @@ def main() -> None:
     ap.add_argument("--chunk-values", type=int, default=2**25, help="values per SecAgg+ instance")
     ap.add_argument("--engine", choices=("inprocess", "deployment"), default="inprocess")
     ap.add_argument("--limit-s", type=float, default=900, help="per round")
-    ap.add_argument("--superlink-db", choices=("file", "memory"), default="file",
-                    help="the SuperLink's state: a SQLite file (as `m3fm-server run` starts it) or Flower's in-memory "
-                         "store")
+    ap.add_argument("--superlink-db", choices=("memory", "file"), default="memory",
+                    help="the SuperLink's state: Flower's in-memory store (as `m3fm-server run` starts it) or a "
+                         "SQLite file (as it did before: secure rounds at 100M failed on its lock)")
     ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # size sites secure: run in this (child) process
     args = ap.parse_args()
     if args.one:

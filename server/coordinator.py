@@ -124,8 +124,12 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         write_connection(home, CONNECTION, f"{host}:{port}", insecure=tls is None,
                          root_certificates=None if tls is None else (tls / "ca.crt").resolve())
         app_dir = write_app_dir(base / "app")
+        # the SuperLink's state in memory: in its SQLite file every message's objects went into the database, and a
+        # secure round's masked vectors (256 MiB each) held its lock past the ServerApp's heartbeat, which failed
+        # the run (benchmarks/secagg.py --superlink-db file). Nothing of ours needs that state after a restart:
+        # a resumed run is a new Flower run from our checkpoint (server.db), sites reconnect and are registered again
         link = start_superlink(base, host, port, base / "superlink.log", simulation=simulation is not None, env=env,
-                               extra_args=security.superlink_args())
+                               extra_args=security.superlink_args(), database=False)
         wait_for_port(host, port, link)
         if security.node_auth:
             register_enrolled(engine, home, env, log)

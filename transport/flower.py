@@ -1,7 +1,7 @@
 """Flower's processes and CLI, driven as flwr 1.41 works (see the README's Flower section).
 
 - `flower-superlink` serves the Fleet, Control and Runtime APIs on one port;
-  it is started with its own state database and without runtime dependency
+  it is started with its state in memory (or a database file) and without runtime dependency
   installation (which would run `uv sync` and fail offline).
 - A run is submitted with `flwr run APP_DIR CONNECTION`. The app directory is
   thin: a pyproject.toml whose components name modules of this installed
