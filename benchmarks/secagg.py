@@ -44,19 +44,9 @@ def one(size: int, sites: int, secure: bool, chunk_values: int) -> dict:
     from sim.inprocess_grid import InProcessGrid
     from transport.protocol import CHUNK_KEY, TRAINED_MARK_KEY
     from transport.secure_chunks import ChunkedUpdate, answer_chunk
+    from secagg_site_app import random_values  # benchmarks/ (this script's folder)
 
-    rng = np.random.default_rng(0)
-    block = 2**24
-
-    def normal(n: int, scale: float, out=None) -> np.ndarray:  # float32 in blocks: no float64 model copy
-        out = np.empty(n, dtype=np.float32) if out is None else out
-        for i in range(0, n, block):
-            part = out[i:i + block]
-            rng.standard_normal(out=part, dtype=np.float32)
-            part *= scale
-        return out
-
-    weights = normal(size, 0.02)
+    weights = random_values(size, 0.02, seed=0)
     folder = Path(tempfile.mkdtemp(prefix="secagg-bench-"))
     app = ClientApp(mods=[secaggplus_mod] if secure else [])
     timing = {"site_s": 0.0, "site_peak": 0, "server_peak": 0}
@@ -66,14 +56,14 @@ def one(size: int, sites: int, secure: bool, chunk_values: int) -> dict:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         params = parameters_to_ndarrays(fitins.parameters)
         if not secure:  # an update, as a site sends it after training
-            res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([normal(p.size, 0.01) for p in params]), 1, {})
+            res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([random_values(p.size, 0.01, seed=context.node_id) for p in params]), 1, {})
             return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
         config = dict(fitins.config)
 
         def make() -> ChunkedUpdate:  # what client/federated.py's secure_update saves, with a random update
             update = ChunkedUpdate.create(folder / f"site-{context.node_id}", ("bench", 1),
                                           [("model", size)], chunk_values)
-            normal(size, 0.01, out=update.flat)
+            random_values(size, 0.01, seed=context.node_id, out=update.flat)
             update.marks = {"model": float(config[TRAINED_MARK_KEY])}
             update.save()
             return update
