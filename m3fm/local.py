@@ -19,13 +19,13 @@ import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 
 from m3fm.data.collate import collate_pretrain, collate_qa
 from m3fm.data.datasets import PretrainDataset, QADataset, SiteData, batches_by_key
+from m3fm.distributed import Ranks
 from m3fm.evaluation import collect_predictions
 from m3fm.metrics import delong
 from m3fm.model.groups import multitask_group_counts, pretrain_group_counts
@@ -163,25 +163,31 @@ def local_multitask(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: P
 
 
 def multitask_steps(model: M3FM, ds, tasks: list[str], tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int,
-                    seed: int = 0, hook=None) -> tuple[dict[str, list], dict[str, int]]:
-    """The optimizer steps of local_multitask over any dataset with `keys` (one site's, or sites pooled)."""
+                    seed: int = 0, hook=None, ranks: Ranks | None = None) -> tuple[dict[str, list], dict[str, int]]:
+    """The optimizer steps of local_multitask over any dataset with `keys` (one site's, or sites pooled). With
+    `ranks` (m3fm/distributed.py) each step's task micro-batches are shared among the site's ranks, task-parallel,
+    and every rank returns the site's totals; the weights end as one process's would (tests/test_distributed.py)."""
     rng = random.Random(f"{seed}|multitask|{phase_round}")
     all_batches = batches_by_key(ds.keys, pc.batch_size, seed=rng.randrange(2**31))
     streams = {t: _cycle([b for b in all_batches if ds.keys[b[0]] == t], rng) for t in tasks}
     k = pc.tasks_per_step or len(tasks)
-    collate = partial(collate_qa, tokenizer=tokenizer, cfg=model.cfg, rng=rng)
     tc = pc.train_config()
     optimizer = build_optimizer(model, tc)
     losses, trained = defaultdict(list), defaultdict(int)
     for i in range(pc.local_steps):
         step = (phase_round - 1) * pc.local_steps + i
         chosen = [tasks[(step * k + j) % len(tasks)] for j in range(min(k, len(tasks)))]
-        micro = [collate([ds[j] for j in next(streams[t])]) for t in chosen]
-        out = multitask_step(model, optimizer, micro, tc, step, before_step=hook)
+        picked = [(t, next(streams[t])) for t in chosen]  # every rank draws every batch: the streams stay in step
+        picked = ranks.share(picked) if ranks is not None else picked
+        # a micro-batch's clinical-sentence dropout has its own seed, so it is the same on whichever rank runs it
+        micro = [collate_qa([ds[j] for j in b], tokenizer, model.cfg, rng=random.Random(f"{seed}|{step}|{t}"))
+                 for t, b in picked]
+        out = multitask_step(model, optimizer, micro, tc, step,
+                             before_step=ranks.before_step(model, len(micro), hook) if ranks is not None else hook)
         for t, v in out["tasks"].items():
             losses[t].append(v)
             trained[t] += 1
-    return losses, trained
+    return ranks.merge(losses, trained) if ranks is not None else (losses, trained)
 
 
 @torch.no_grad()

@@ -170,8 +170,9 @@ def pretrain_step(model: M3FM, optimizer: torch.optim.Optimizer, batch: Pretrain
 
 def multitask_step(model: M3FM, optimizer: torch.optim.Optimizer, micro_batches: list[QABatch], tc: TrainConfig,
                    step: int, before_step=None) -> dict:
-    """Accumulate the gradients of several one-task micro-batches, then take one optimizer step."""
-    if not micro_batches:
+    """Accumulate the gradients of several one-task micro-batches, then take one optimizer step. A rank of a site
+    may have none in a step (fewer tasks than ranks): its `before_step` then brings the others' gradients."""
+    if not micro_batches and before_step is None:
         raise ValueError("multitask_step needs at least one micro-batch")
     model.train()
     device = model_device(model)

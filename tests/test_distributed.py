@@ -1,0 +1,121 @@
+"""Several ranks of one site (m3fm/distributed.py), gloo on CPU, 2 real processes: a task-parallel multitask step
+equals one process accumulating the same micro-batches, and so does a local round of several steps."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from m3fm.data.collate import collate_qa
+from m3fm.distributed import Ranks, all_reduce_grads
+from m3fm.local import PhaseConfig, multitask_steps
+from m3fm.model.configs import get_config
+from m3fm.model.m3fm import M3FM
+from m3fm.model.text import load_tokenizer
+from m3fm.train import TrainConfig, build_optimizer, multitask_step
+from sim.toy_batches import toy_qa_samples
+
+# rank 0 runs two tasks' micro-batches, rank 1 one: unequal counts, and heads only one rank touches
+TASKS_BY_RANK = (["nodule_presence", "lung_rads"], ["cvd_diagnosis"])
+
+
+def model_and_batches(tasks):
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    model = M3FM(cfg)
+    tokenizer = load_tokenizer(cfg)
+    return model, [collate_qa(toy_qa_samples(cfg, t, 4, seed=i), tokenizer, cfg) for i, t in enumerate(tasks)]
+
+
+def rank_step(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(TASKS_BY_RANK))
+    try:
+        # the same model and samples as the single process; this rank takes its share of the micro-batches
+        model, batches = model_and_batches([t for tasks in TASKS_BY_RANK for t in tasks])
+        mine = batches[:2] if rank == 0 else batches[2:]
+        tc = TrainConfig(lr=1e-3, total_steps=100, warmup_steps=0)
+        grads = {}
+
+        def reduce():
+            all_reduce_grads(model, len(mine))
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+        multitask_step(model, build_optimizer(model, tc), mine, tc, 10, before_step=reduce)
+        torch.save({"grads": grads, "state": model.state_dict()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_task_parallel_step_on_two_ranks_equals_one_process_accumulating_the_micro_batches(tmp_path):
+    mp.spawn(rank_step, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "state")),
+             nprocs=len(TASKS_BY_RANK), join=True)
+    model, batches = model_and_batches([t for tasks in TASKS_BY_RANK for t in tasks])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tc = TrainConfig(lr=1e-3, total_steps=100, warmup_steps=0)
+    grads = {}
+    multitask_step(model, build_optimizer(model, tc), batches, tc, 10, before_step=lambda: grads.update(
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    reference = model.state_dict()
+    moved = [k for k in reference if not torch.equal(reference[k], before[k])]
+    assert moved and len(moved) < len(reference)  # the step moved weights, and some (other tasks' heads) not
+    for rank in range(len(TASKS_BY_RANK)):
+        got = torch.load(tmp_path / f"state.{rank}")
+        # the same parameters hold a gradient (one only a rank's task touched included), with the same values
+        assert got["grads"].keys() == grads.keys()
+        for k, g in grads.items():
+            torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-7, msg=lambda m: f"{k}: {m}")
+        # and the step: Adam divides by sqrt(v), so a gradient at rounding level (a key bias's, zero in exact
+        # arithmetic under softmax) turns a last-bit difference into a few 1e-6 of weight
+        for k, v in reference.items():
+            torch.testing.assert_close(got["state"][k], v, rtol=0, atol=2e-5, msg=lambda m: f"{k}: {m}")
+
+
+class ToyQA:
+    """A dataset as multitask_steps reads one: items by index, and each item's key (its task)."""
+
+    def __init__(self, tasks):
+        cfg = get_config("tiny")
+        self.items = [s for i, t in enumerate(tasks) for s in toy_qa_samples(cfg, t, 8, seed=i)]
+        self.keys = [s["task"] for s in self.items]
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+ROUND_TASKS = ["nodule_presence", "lung_rads", "cvd_diagnosis"]
+
+
+def rank_round(rank: int, init: str, out: str, tasks_per_step: int) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model, tokenizer, pc = round_setup(tasks_per_step)
+        losses, trained = multitask_steps(model, ToyQA(ROUND_TASKS), ROUND_TASKS, tokenizer, pc, 1,
+                                          ranks=Ranks(rank, 2))
+        torch.save({"state": model.state_dict(), "losses": dict(losses), "trained": dict(trained)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def round_setup(tasks_per_step):
+    model, _ = model_and_batches([])
+    pc = PhaseConfig("multitask", rounds=1, local_steps=3, lr=1e-3, batch_size=4, tasks=tuple(ROUND_TASKS),
+                     tasks_per_step=tasks_per_step)
+    return model, load_tokenizer(get_config("tiny")), pc
+
+
+@pytest.mark.parametrize("tasks_per_step", [0, 1])  # every task each step (2 on rank 0, 1 on rank 1); one (a rank idles)
+def test_a_local_round_on_two_ranks_ends_with_the_weights_and_totals_of_one_process(tmp_path, tasks_per_step):
+    mp.spawn(rank_round, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "round"), tasks_per_step),
+             nprocs=2, join=True)
+    model, tokenizer, pc = round_setup(tasks_per_step)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses, trained = multitask_steps(model, ToyQA(ROUND_TASKS), ROUND_TASKS, tokenizer, pc, 1)
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"round.{rank}")
+        assert got["trained"] == dict(trained)  # the site's totals on every rank
+        assert got["losses"].keys() == losses.keys()
+        for t, v in losses.items():
+            assert sorted(got["losses"][t]) == pytest.approx(sorted(v), rel=1e-4)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got["state"][k], v, rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")
