@@ -1,19 +1,20 @@
 """Several ranks of one site (m3fm/distributed.py), gloo on CPU, 2 real processes: a task-parallel multitask step
-equals one process accumulating the same micro-batches, and so does a local round of several steps."""
+equals one process accumulating the same micro-batches, and so does a local round of several steps; a
+data-parallel pretraining step equals one process accumulating the ranks' batches."""
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from m3fm.data.collate import collate_qa
+from m3fm.data.collate import collate_pretrain, collate_qa
 from m3fm.distributed import Ranks, all_reduce_grads
 from m3fm.local import PhaseConfig, multitask_steps
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer
-from m3fm.train import TrainConfig, build_optimizer, multitask_step
-from sim.toy_batches import toy_qa_samples
+from m3fm.train import TrainConfig, build_optimizer, multitask_step, pretrain_loss, pretrain_step, set_lr
+from sim.toy_batches import toy_pretrain_samples, toy_qa_samples
 
 # rank 0 runs two tasks' micro-batches, rank 1 one: unequal counts, and heads only one rank touches
 TASKS_BY_RANK = (["nodule_presence", "lung_rads"], ["cvd_diagnosis"])
@@ -119,3 +120,41 @@ def test_a_local_round_on_two_ranks_ends_with_the_weights_and_totals_of_one_proc
             assert sorted(got["losses"][t]) == pytest.approx(sorted(v), rel=1e-4)
         for k, v in model.state_dict().items():
             torch.testing.assert_close(got["state"][k], v, rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def pretrain_setup():
+    cfg = get_config("tiny")
+    model, _ = model_and_batches([])
+    tokenizer = load_tokenizer(cfg)
+    batches = [collate_pretrain(toy_pretrain_samples(cfg, "chest", 4, seed=r), tokenizer, cfg) for r in range(2)]
+    return model, tokenizer, batches, TrainConfig(lr=1e-3, total_steps=100, warmup_steps=0)
+
+
+def rank_pretrain(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model, tokenizer, batches, tc = pretrain_setup()
+        pretrain_step(model, build_optimizer(model, tc), batches[rank], tokenizer, tc, 10,
+                      torch.Generator().manual_seed(rank), before_step=Ranks(rank, 2).before_step(model, 1))
+        torch.save(model.state_dict(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_data_parallel_pretraining_step_on_two_ranks_equals_one_process_accumulating_both_batches(tmp_path):
+    """MIM and MLM, each rank its own batch and masks; one process accumulates the two batches (same masks)."""
+    mp.spawn(rank_pretrain, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "pre")), nprocs=2, join=True)
+    model, tokenizer, batches, tc = pretrain_setup()
+    optimizer = build_optimizer(model, tc)
+    set_lr(optimizer, 10, tc)
+    optimizer.zero_grad(set_to_none=True)
+    model.train()
+    for r, batch in enumerate(batches):
+        loss, _, _ = pretrain_loss(model, batch, tokenizer, tc, torch.Generator().manual_seed(r))
+        (loss / len(batches)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    optimizer.step()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"pre.{rank}")
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=2e-5, msg=lambda m: f"{k}: {m}")
