@@ -8,10 +8,11 @@ per chunk of the update, transport/secure_chunks.py) with secaggplus_mod at the 
 (sim/inprocess_grid.py); each site sends a random update of that many float32 parameters (a model name means its
 state dict's size), made at chunk 0 and kept on disk as a site keeps it. So the figures are the protocol's own
 cost (quantization, masks, key agreement, Shamir shares, unmasking, the site's update on disk), not training
-or the network. The plaintext row sends the weights and folds the sites' updates one reply at a time. Time is split between the server and the sites (the time spent inside
-the site's ClientApp calls); peak memory is traced (tracemalloc, which sees NumPy's buffers) separately while a
-site call runs and while the server runs, plus the child's peak RSS. A size is skipped when the previous size's
-peak RSS, scaled up, would not fit in the memory available. A measurement, never pass/fail.
+or the network; the sites are benchmarks/secagg_site_app.py's, as in the deployment engine. The plaintext row
+sends the weights and folds the sites' updates one reply at a time. Time is split between the server and the
+sites (the time spent inside the site's ClientApp calls); peak memory is traced (tracemalloc, which sees NumPy's
+buffers) separately while a site call runs and while the server runs, plus the child's peak RSS. A size that
+fails (out of memory, over --limit-s) is reported as skipped. A measurement, never pass/fail.
 """
 
 from __future__ import annotations
@@ -36,42 +37,27 @@ def one(size: int, sites: int, secure: bool, chunk_values: int) -> dict:
     import flwr.compat.common.recorddict_compat as compat
     import numpy as np
     from flwr.app import Array, ArrayRecord, Context, Message
-    from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
     from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+    from secagg_site_app import clientapp as secure_site  # benchmarks/: the deployment engine's sites too
+    from secagg_site_app import random_values
     from server.secure import SecAggConfig, secure_train_round
     from sim.inprocess_grid import InProcessGrid
-    from transport.protocol import CHUNK_KEY, TRAINED_MARK_KEY
-    from transport.secure_chunks import ChunkedUpdate, answer_chunk
-    from secagg_site_app import random_values  # benchmarks/ (this script's folder)
 
     weights = random_values(size, 0.02, seed=0)
     folder = Path(tempfile.mkdtemp(prefix="secagg-bench-"))
-    app = ClientApp(mods=[secaggplus_mod] if secure else [])
+    plain_site = ClientApp()
     timing = {"site_s": 0.0, "site_peak": 0, "server_peak": 0}
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        params = parameters_to_ndarrays(fitins.parameters)
-        if not secure:  # an update, as a site sends it after training
-            res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([random_values(p.size, 0.01, seed=context.node_id) for p in params]), 1, {})
-            return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
-        config = dict(fitins.config)
-
-        def make() -> ChunkedUpdate:  # what client/federated.py's secure_update saves, with a random update
-            update = ChunkedUpdate.create(folder / f"site-{context.node_id}", ("bench", 1),
-                                          [("model", size)], chunk_values)
-            random_values(size, 0.01, seed=context.node_id, out=update.flat)
-            update.marks = {"model": float(config[TRAINED_MARK_KEY])}
-            update.save()
-            return update
-
-        del params  # the site trained on them; its update is on disk
-        chunk = answer_chunk(folder / f"site-{context.node_id}", ("bench", 1), int(config[CHUNK_KEY]), make)
-        res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(chunk), 1, {})
+    @plain_site.train()
+    def train(msg: Message, context: Context) -> Message:  # an update, as a site sends it after training
+        params = parameters_to_ndarrays(compat.recorddict_to_fitins(msg.content, keep_input=True).parameters)
+        update = [random_values(p.size, 0.01, seed=context.node_id) for p in params]
+        res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(update), 1, {})
         return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+    app = secure_site if secure else plain_site
 
     def timed_app(msg, ctx):  # site time and site peak memory, apart from the server's
         timing["server_peak"] = max(timing["server_peak"], tracemalloc.get_traced_memory()[1])
@@ -84,7 +70,7 @@ def one(size: int, sites: int, secure: bool, chunk_values: int) -> dict:
             timing["site_peak"] = max(timing["site_peak"], tracemalloc.get_traced_memory()[1])
             tracemalloc.reset_peak()
 
-    grid = InProcessGrid(timed_app, {n: {} for n in range(1, sites + 1)}, keep=False)
+    grid = InProcessGrid(timed_app, {n: {"work": str(folder / f"site-{n}")} for n in range(1, sites + 1)}, keep=False)
     tracemalloc.start()
     t0 = time.perf_counter()
     chunks = 1
@@ -128,7 +114,8 @@ def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit
 
     import tomli_w
 
-    from common import pss_bytes, tree_rss  # benchmarks/common.py (a `benchmarks` package in site-packages shadows ours)
+    # benchmarks/common.py by module name: a `benchmarks` package in site-packages shadows our folder
+    from common import pss_bytes, tree_rss
     from server.coordinator import free_port
     from transport.flower import (APP_PYPROJECT, flower_env, run_status, start_superlink, start_supernode, stop,
                                   submit_run, wait_for_port, write_connection)
@@ -142,7 +129,8 @@ def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit
     write_connection(work / "flwr-home", "bench", f"127.0.0.1:{port}")
     app = json.loads(json.dumps(APP_PYPROJECT))
     app["project"]["name"] = "m3fm-secagg-bench"
-    app["tool"]["flwr"]["app"]["components"] = {"serverapp": "secagg_app:serverapp", "clientapp": "secagg_site_app:clientapp"}
+    app["tool"]["flwr"]["app"]["components"] = {"serverapp": "secagg_app:serverapp",
+                                                "clientapp": "secagg_site_app:clientapp"}
     app["tool"]["flwr"]["app"]["config"] = {"values": 0, "sites": 0, "secure": 0, "chunk-values": 0, "out": ""}
     (work / "app").mkdir()
     (work / "app" / "pyproject.toml").write_text(tomli_w.dumps(app))

@@ -165,8 +165,7 @@ def start(
     if max_retries is not None:
         args += ["--max-retries", str(max_retries)]
     if insecure:
-        print_warning(console, f"connecting to {superlink} without TLS"
-                      + ("" if key else " or node authentication"))
+        print_warning(console, f"connecting to {superlink} without TLS" + ("" if key else " or node authentication"))
     log_path = site.work_dir / "supernode.log"
     sock = socket_path(site.work_dir)
     service_log = site.work_dir / "service.log"

@@ -89,7 +89,7 @@ def run(
         cfg.database = database
     if insecure:
         print_warning(console, f"the SuperLink runs without TLS on {host}:{port}"
-                      + ("" if node_auth else " and without node authentication"))
+                               + ("" if node_auth else " and without node authentication"))
     console.print(f"run {cfg.name!r}: {cfg.total_rounds} rounds ({', '.join(f'{p.name} {p.rounds}' for p in cfg.phases)}),"
                   f" strategy {cfg.strategy.name}, model {cfg.model}, database {cfg.database_url}")
     try:

@@ -8,7 +8,8 @@ one "trained it" indicator per group (0, or clipping_range: SecAgg+ clips every
 value to that range), all with weight 1. The update travels in chunks, one
 SecAgg+ instance each, so no message passes Flower's 2 GiB object cap and no
 process holds more than a chunk's masks (transport/secure_chunks.py). The
-unmasked mean over K sites then gives, per group, mean(update) and k/K (k sites trained it):
+unmasked mean over K sites then gives, per group, mean(update) and k/K (k
+sites trained it):
 the group moves by mean(update) * K / k, the uniform task-aware average of
 server/central_dp.py, and stays where it was when k = 0. Sites never reveal
 their own update or which groups they trained; only per-site counts and losses
@@ -17,8 +18,9 @@ their own update or which groups they trained; only per-site counts and losses
 Updates, not weights, are quantized: SecAgg+ clips every value to
 [-clipping_range, clipping_range] before quantizing, and updates are small.
 Combined with central DP (client-side clipping, `fl-dp-sa`'s pattern), each
-site clips its whole update to clipping_norm before masking (client/federated.py) and the server adds the
-per-group noise of server/central_dp.py to the unmasked mean.
+site clips its whole update to clipping_norm before masking (client/federated.py)
+and the server adds the per-group noise of server/central_dp.py to the unmasked
+mean.
 """
 
 from __future__ import annotations
@@ -134,25 +136,25 @@ def secure_train_round(grid, secagg: SecAggConfig, arrays: ArrayRecord, config: 
     """One secure round, a SecAgg+ instance per chunk of the packed update (transport/secure_chunks.py) -> (new
     packed weights or None if any chunk's protocol failed, per key how many sites trained it, the first chunk's
     strategy with each site's clear metrics and every chunk's failures)."""
-    reference = {k: a.numpy() for k, a in arrays.items()}
-    keys = list(reference)
-    plan = chunk_plan([(k, reference[k].size) for k in keys], secagg.chunk_values)
+    weights = {k: a.numpy() for k, a in arrays.items()}  # fresh arrays: the chunks fold into them
+    keys = list(weights)
+    plan = chunk_plan([(k, weights[k].size) for k in keys], secagg.chunk_values)
     # sites name the vectors by the packed order, and mark a trained group with the largest value SecAgg+ keeps
     config = {**config, PACKED_ORDER_KEY: ",".join(keys), TRAINED_MARK_KEY: secagg.clipping_range,
               CHUNK_VALUES_KEY: secagg.chunk_values}
-    out = {k: v.copy() for k, v in reference.items()}
     contributors: dict[str, int] = {}
     first, failures = None, []
     for c, segments in enumerate(plan):
-        weights = [reference[k] for k in keys] if c == 0 else []  # a site trains on chunk 0 and keeps its update
-        chunk = run_secagg(grid, secagg, node_ids, weights, {**config, CHUNK_KEY: c}, server_round)
+        # a site trains on chunk 0 and keeps its update; the weights are serialized here, before any fold
+        sent = [weights[k] for k in keys] if c == 0 else []
+        chunk = run_secagg(grid, secagg, node_ids, sent, {**config, CHUNK_KEY: c}, server_round)
         first, failures = first or chunk, failures + chunk.failures
         if chunk.mean is None:
             first.failures = failures
             return None, {}, first
-        for key, k in fold_chunk(out, reference, segments, chunk.mean, len(chunk.site_metrics),
+        for key, k in fold_chunk(weights, segments, chunk.mean, len(chunk.site_metrics),
                                  secagg.clipping_range).items():
             contributors[key] = min(k, contributors.get(key, k))
         node_ids = [node for node, _ in chunk.site_metrics]  # a site lost in this chunk is not asked again
     first.failures = failures
-    return out, {k: contributors.get(k, 0) for k in keys}, first
+    return weights, {k: contributors.get(k, 0) for k in keys}, first

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from m3fm.console import print_error
-from rich.table import Table
 
 app = typer.Typer(help="m3fm-fed simulation: synthetic hospitals and federated runs on one machine.",
                   no_args_is_help=True, add_completion=False)

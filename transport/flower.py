@@ -73,7 +73,8 @@ def write_connection(flwr_home: Path, name: str, address: str, insecure: bool = 
 
 
 def start_superlink(state_dir: Path, host: str, port: int, log_path: Path, simulation: bool = False,
-                    extra_args: tuple[str, ...] = (), env: dict | None = None, database: bool = True) -> subprocess.Popen:
+                    extra_args: tuple[str, ...] = (), env: dict | None = None,
+                    database: bool = True) -> subprocess.Popen:
     """`database`: keep the SuperLink's state (and every message's objects) in state_dir/superlink.db, or, False,
     in Flower's in-memory store."""
     state_dir.mkdir(parents=True, exist_ok=True)

@@ -136,17 +136,17 @@ def answer_chunk(folder: Path, round_id: tuple, c: int, make: Callable[[], Chunk
     return out
 
 
-def fold_chunk(out: dict[str, np.ndarray], reference: dict[str, np.ndarray], segments: list[Segment],
-               mean: list[np.ndarray], sites: int, mark: float) -> dict[str, int]:
-    """Apply one chunk's unmasked mean over its `sites` sites to `out` (new weights, in place): per key part, k of
-    them trained it (mean mark = mark * k / sites) and the part moves by mean(update) * sites / k, the uniform
-    task-aware average; a part nobody trained keeps the reference. -> per key in the chunk, k."""
+def fold_chunk(weights: dict[str, np.ndarray], segments: list[Segment], mean: list[np.ndarray], sites: int,
+               mark: float) -> dict[str, int]:
+    """Apply one chunk's unmasked mean over its `sites` sites to `weights`, in place: per key part, k of them
+    trained it (mean mark = mark * k / sites) and the part moves by mean(update) * sites / k, the uniform
+    task-aware average; a part nobody trained stays. -> per key in the chunk, k."""
     values, marks = mean
     trained: dict[str, int] = {}
     for s, m in zip(segments, marks):
         k = int(round(float(m) / mark * sites))
         trained[s.key] = min(k, trained.get(s.key, k))
-        ref = reference[s.key].reshape(-1)[s.start:s.stop]
-        part = values[s.at:s.at + s.stop - s.start].astype(np.float64)
-        out[s.key].reshape(-1)[s.start:s.stop] = ref if k == 0 else (ref + part * sites / k).astype(ref.dtype)
+        if k:
+            part = weights[s.key].reshape(-1)[s.start:s.stop]
+            part += (values[s.at:s.at + s.stop - s.start].astype(np.float64) * sites / k).astype(part.dtype)
     return trained
