@@ -127,6 +127,8 @@ def start(
                                         help="report when the SuperNode has not reached the SuperLink for this long (s)"),
     restarts: int = typer.Option(3, "--restarts", min=0,
                                  help="restart a SuperNode that exits after it had connected, at most this often"),
+    devices: int = typer.Option(None, "--devices", min=1,
+                                help="local ranks to train on, one per GPU (default: site.toml [device] devices, 1)"),
 ) -> None:
     """Join the federation: run a Flower SuperNode for this site, and keep it healthy, until Ctrl-C or SIGTERM."""
     import signal
@@ -169,13 +171,15 @@ def start(
     log_path = site.work_dir / "supernode.log"
     sock = socket_path(site.work_dir)
     service_log = site.work_dir / "service.log"
-    keeper = ServiceKeeper(lambda: start_site_service(site.site_dir, sock, service_log), sock, console.print)
+    keeper = ServiceKeeper(lambda: start_site_service(site.site_dir, sock, service_log, devices), sock, console.print)
     try:
         keeper.launch()  # the site opened, the model built: the first round pays no start-up
     except RuntimeError as e:
         print_error(console, f"{e}; see {service_log}")
         raise typer.Exit(1) from None
-    console.print(f"{site.site_id}: site service pid {keeper.proc.pid} on {sock}; log {service_log}")
+    ranks = devices or site.devices
+    console.print(f"{site.site_id}: site service pid {keeper.proc.pid} on {sock}"
+                  + (f", training on {ranks} ranks" if ranks > 1 else "") + f"; log {service_log}")
 
     def launch():
         node_config = f'{SITE_DIR}="{site.site_dir}" {SERVICE_SOCKET}="{sock}"'

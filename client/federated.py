@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from client.site import SiteConfig
 from m3fm.data.datasets import SiteData
 from m3fm.data.store import IngestRun
+from m3fm.distributed import Ranks
 from m3fm.local import (PhaseConfig, local_evaluate, local_multitask, local_pretrain, multitask_population,
                         pretrain_population)
 from m3fm.model.configs import get_config
@@ -76,9 +77,21 @@ class OpenSite:
     data: SiteData
     model: M3FM
     tokenizer: TextTokenizer
+    ranks: Ranks | None = None  # one of the site's local ranks (client/ranks.py); None: the site trains alone
 
 
-def open_site(site: SiteConfig, model_name: str) -> OpenSite:
+def site_device(site: SiteConfig, rank: int = 0) -> torch.device:
+    """[device] type in site.toml; rank r of a site with several ranks trains on GPU r."""
+    want = site.device_type if site.device_type != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available() or torch.cuda.device_count() < site.devices:
+        raise SiteNotReady(f"site {site.site_id}: {site.site_dir / 'site.toml'} asks for {site.devices} CUDA "
+                           f"device(s), this machine has {torch.cuda.device_count()}")
+    return torch.device("cuda", rank)
+
+
+def open_site(site: SiteConfig, model_name: str, ranks: Ranks | None = None) -> OpenSite:
     ensure_ingested(site)
     cfg = get_config(model_name)
     data = SiteData(site.database_url, site.work_dir, cfg)
@@ -86,10 +99,8 @@ def open_site(site: SiteConfig, model_name: str) -> OpenSite:
         raise SiteNotReady(f"site {site.site_id} has no cached crops for model {model_name!r} (it was ingested for "
                            f"{site.model_config!r}); set [ingest] model_config = \"{model_name}\" in site.toml and "
                            "run m3fm-client ingest again")
-    model = M3FM(cfg)
-    want = site.device.get("type", "cuda" if torch.cuda.is_available() else "cpu")
-    model.to(torch.device(want))
-    return OpenSite(site, data, model, load_tokenizer(cfg))
+    model = M3FM(cfg).to(site_device(site, ranks.rank if ranks is not None else 0))
+    return OpenSite(site, data, model, load_tokenizer(cfg), ranks)
 
 
 def load_weights(o: OpenSite, packed: dict[str, np.ndarray]) -> None:
@@ -106,7 +117,7 @@ def round_config(config: dict) -> tuple[RoundConfig, PhaseConfig]:
     rc = RoundConfig.from_config(config)
     return rc, PhaseConfig(name=rc.phase, rounds=rc.rounds, local_steps=rc.local_steps, lr=rc.lr,
                            batch_size=rc.batch_size, warmup_steps=rc.warmup_steps, scales=rc.scales, tasks=rc.tasks,
-                           tasks_per_step=rc.tasks_per_step)
+                           tasks_per_step=rc.tasks_per_step, micro_batches=rc.micro_batches)
 
 
 def train_round(o: OpenSite, packed: dict[str, np.ndarray], config: dict
@@ -148,7 +159,7 @@ def _train(o: OpenSite, rc: RoundConfig, pc: PhaseConfig, dp: DPSGDConfig | None
     if dp is None:
         run = {"pretrain": local_pretrain, "multitask": local_multitask}[pc.name]
         return run(o.model, o.data, o.tokenizer, pc, rc.phase_round, site.min_cell_size, seed=rc.seed,
-                   proximal_mu=rc.proximal_mu)
+                   proximal_mu=rc.proximal_mu, ranks=o.ranks)
     run = {"pretrain": private_pretrain, "multitask": private_multitask}[pc.name]
     return run(o.model, o.data, o.tokenizer, pc, rc.phase_round, site.min_cell_size, dp, budget,
                PrivacyLedger(site.work_dir), (rc.run_name, rc.server_round), seed=rc.seed,

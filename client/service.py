@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -30,9 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from client.channel import EVALUATE, REPORT, SECURE, TRAIN, listen, recv_frame, send_frame
+from client.ranks import RankGroup, join_group, serve_rank
 from client.federated import (OpenSite, evaluate_round, last_ingest, load_weights, open_site, secure_folder,
                               secure_round_id, secure_update, train_round)
 from client.site import load_site
+from m3fm.distributed import Ranks
 from m3fm.model.packing import packed_sizes, split_joined
 from transport.protocol import CHUNK_KEY, SERVICE_TIME, SITE_ID, SKIPPED
 from transport.secure_chunks import ChunkedUpdate, answer_chunk
@@ -48,10 +51,14 @@ def packed_weights(o: OpenSite, arrays: dict[str, np.ndarray]) -> dict[str, np.n
 
 
 class SiteService:
-    """One site, opened once and reused; `handle` answers one relayed request."""
+    """One site, opened once and reused; `handle` answers one relayed request. A site with several devices passes
+    each request to its ranks (client/ranks.py), each of which runs a SiteService of its own with `ranks` set."""
 
-    def __init__(self, site_dir: Path, log=None):
+    def __init__(self, site_dir: Path, log=None, devices: int | None = None, ranks: Ranks | None = None,
+                 log_path: Path | None = None):
         self.site_dir = Path(site_dir).resolve()
+        self.devices, self.ranks, self.log_path = devices, ranks, log_path  # devices: overrides site.toml's
+        self.group: RankGroup | None = None
         self.opened: OpenSite | None = None
         self.key: tuple | None = None  # what `opened` was built from
         self.builds = 0  # models built by this service (the count the warm-runtime test checks)
@@ -66,7 +73,7 @@ class SiteService:
         if self.opened is None or key != self.key:
             why = "first request" if self.key is None else "site re-ingested, site.toml or model changed"
             self.opened, self.key = None, None  # free the old model before building the next
-            self.opened, self.key = open_site(site, model_name), key
+            self.opened, self.key = open_site(site, model_name, self.ranks), key
             self.builds += 1
             self.log(f"opened {site.site_id} for model {model_name} ({why}); models built: {self.builds}")
         return self.opened
@@ -79,18 +86,36 @@ class SiteService:
         self.requests += 1
         what = f"request {self.requests}: {op} {config.get('phase', '')} round {config.get('server-round', '')}"
         self.log(f"{what} started")
-        o = self.site(str(config["model"]))
         t0 = time.perf_counter()
-        try:
-            answer, out = self._run(op, o, config, arrays)
-        except BaseException:
-            self.opened, self.key = None, None  # a request that failed half-way may leave the model changed
-            raise
+        if (group := self.rank_group()) is not None:
+            answer, out = group.request(header, arrays)
+        else:
+            o = self.site(str(config["model"]))
+            try:
+                answer, out = self._run(op, o, config, arrays)
+            except BaseException:
+                self.opened, self.key = None, None  # a request that failed half-way may leave the model changed
+                raise
         took = time.perf_counter() - t0
         if "metrics" in answer and op == TRAIN:
             answer["metrics"][SERVICE_TIME] = took
         self.log(f"{what} in {took:.2f}s (pid {os.getpid()}, models built {self.builds})")
         return answer, out
+
+    def rank_group(self) -> RankGroup | None:
+        """The site's ranks when it trains on several devices (started on first use, restarted when the number of
+        devices in site.toml changes); None when this process trains alone or is itself a rank."""
+        if self.ranks is not None:
+            return None
+        site = load_site(self.site_dir)
+        world = self.devices or site.devices
+        if self.group is not None and self.group.world != world:
+            self.group.stop()
+            self.group = None
+        if world > 1 and self.group is None:
+            self.opened, self.key = None, None  # the ranks hold the models now
+            self.group = RankGroup(self.site_dir, world, site.work_dir, self.log, self.log_path)
+        return self.group
 
     def _secure_chunk(self, o: OpenSite, config: dict, packed: dict[str, np.ndarray]):
         """A SecAgg+ chunk: chunk 0 trains and saves the update in the site's work folder; later chunks of the same
@@ -112,6 +137,9 @@ class SiteService:
             answer = {SITE_ID: o.site.site_id, SKIPPED: result.skipped}
             return ({**answer, "metrics": result.to_metrics()}, weights) if weights is not None else (answer, {})
         if op == SECURE:
+            if o.ranks is not None and o.ranks.rank > 0:  # its share of chunk 0's training; rank 0 keeps the update
+                train_round(o, arrays, config)
+                return {}, {}
             return self._secure_chunk(o, config, arrays)
         if op == EVALUATE:
             return {SITE_ID: o.site.site_id, "metrics": evaluate_round(o, arrays, config)}, {}
@@ -135,23 +163,33 @@ def local_service(site_dir: Path) -> SiteService:
     return service
 
 
-def serve(site_dir: Path, socket_path: Path, log_path: Path | None = None) -> None:
-    """Answer relayed requests one at a time until SIGTERM; the site is opened before the first one arrives."""
-    log_file = open(log_path, "a", buffering=1) if log_path else sys.stderr
+def log_to(path: Path | None, who: str):
+    log_file = open(path, "a", buffering=1) if path else sys.stderr
 
     def log(line: str) -> None:
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [service pid {os.getpid()}] {line}", file=log_file, flush=True)
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{who} pid {os.getpid()}] {line}", file=log_file, flush=True)
+    return log
 
-    service = SiteService(site_dir, log)
+
+def serve(site_dir: Path, socket_path: Path, log_path: Path | None = None, devices: int | None = None) -> None:
+    """Answer relayed requests one at a time until SIGTERM; the site (or its ranks) is opened before the first one
+    arrives."""
+    log = log_to(log_path, "service")
+    service = SiteService(site_dir, log, devices=devices, log_path=log_path)
     site = load_site(service.site_dir)
     try:
-        service.site(site.model_config)  # warm before the first round: data, tokenizer, model
+        if (group := service.rank_group()) is not None:
+            group.start()  # each rank opens the site: data, tokenizer, its model
+        else:
+            service.site(site.model_config)  # warm before the first round: data, tokenizer, model
     except Exception as e:  # noqa: BLE001 - the run's first request reports it again, to the coordinator
         log(f"could not open the site yet: {type(e).__name__}: {e}")
     server = listen(socket_path)
     def stop(*_):
         server.close()
         socket_path.unlink(missing_ok=True)  # no socket left behind for a relay to find dead
+        if service.group is not None:
+            service.group.stop()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
@@ -177,13 +215,34 @@ def serve(site_dir: Path, socket_path: Path, log_path: Path | None = None) -> No
                 log(f"could not answer: {e}")
 
 
+def serve_as_rank(site_dir: Path, rank: int, world: int, init: str, fd: int, log_path: Path | None) -> None:
+    """One of the site's ranks (started by client/ranks.py's RankGroup): join the group, open the site, answer."""
+    log = log_to(log_path, f"rank {rank}")
+    ranks = join_group(rank, world, init)
+    service = SiteService(site_dir, log, ranks=ranks)
+    try:
+        service.site(load_site(service.site_dir).model_config)
+    except Exception as e:  # noqa: BLE001 - the first request reports it again
+        log(f"could not open the site yet: {type(e).__name__}: {e}")
+    log(f"rank {rank} of {world} ready")
+    serve_rank(socket.socket(fileno=fd), rank, service.handle, log)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--site", type=Path, required=True)
-    p.add_argument("--socket", type=Path, required=True)
+    p.add_argument("--socket", type=Path, help="where to listen for the ClientApp relay")
     p.add_argument("--log", type=Path)
+    p.add_argument("--devices", type=int, help="local ranks to train on (default: site.toml [device] devices)")
+    p.add_argument("--rank", type=int, help="run as this rank of a site's group (client/ranks.py)")
+    p.add_argument("--world", type=int)
+    p.add_argument("--init", help="the group's rendezvous (torch.distributed init_method)")
+    p.add_argument("--fd", type=int, help="the socket inherited from the service")
     a = p.parse_args()
-    serve(a.site, a.socket, a.log)
+    if a.rank is not None:
+        serve_as_rank(a.site, a.rank, a.world, a.init, a.fd, a.log)
+    else:
+        serve(a.site, a.socket, a.log, a.devices)
 
 
 if __name__ == "__main__":

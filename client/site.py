@@ -19,6 +19,9 @@ class SiteConfigError(ValueError):
     pass
 
 
+DEVICE_TYPES = ("auto", "cuda", "cpu")
+
+
 @dataclass
 class SiteConfig:
     site_dir: Path
@@ -32,7 +35,8 @@ class SiteConfig:
     dicom_dir: str = "dicom"
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
     privacy: dict = field(default_factory=dict)
-    device: dict = field(default_factory=dict)
+    device_type: str = "auto"  # [device] type: auto (CUDA when present), cuda or cpu
+    devices: int = 1  # [device] devices: local ranks that train (client/ranks.py), one per GPU
 
     @property
     def database_url(self) -> str:
@@ -89,10 +93,17 @@ def load_site(site_dir: Path) -> SiteConfig:
     min_cell = d.get("min_cell_size", 5)
     if not isinstance(min_cell, int) or min_cell < 1:
         raise SiteConfigError(f"{where}: min_cell_size must be a positive integer, got {min_cell!r}")
+    device = d.get("device", {})
+    device_type = device.get("type", "auto")
+    if device_type not in DEVICE_TYPES:
+        raise SiteConfigError(f"{where}: device.type must be one of {', '.join(DEVICE_TYPES)}, got {device_type!r}")
+    devices = device.get("devices", 1)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise SiteConfigError(f"{where}: device.devices must be a positive integer (local ranks), got {devices!r}")
     return SiteConfig(site_dir=site_dir, site_id=_need(d, "site_id", str, where), name=d.get("name", d["site_id"]),
                       tasks=tasks, min_cell_size=min_cell, work_dir=work_dir, min_slices=min_slices,
                       model_config=model_config, dicom_dir=ingest.get("dicom_dir", "dicom"), splits=splits,
-                      privacy=privacy, device=d.get("device", {}))
+                      privacy=privacy, device_type=device_type, devices=devices)
 
 
 def report_name(run_name: str, run_id: int, server_round: int) -> str:

@@ -83,13 +83,14 @@ class SuperNodeLog:
         return 0.0 if self.offline_since is None else (time.monotonic() if now is None else now) - self.offline_since
 
 
-def start_site_service(site_dir: Path, socket: Path, log_path: Path) -> subprocess.Popen:
-    """A site's warm service (client/service.py); it gets SIGTERM when whoever started it dies."""
+def start_site_service(site_dir: Path, socket: Path, log_path: Path, devices: int | None = None) -> subprocess.Popen:
+    """A site's warm service (client/service.py), on `devices` local ranks (None: site.toml's); it gets SIGTERM when
+    whoever started it dies."""
     from transport.flower import flower_env
     from transport.processes import die_with_parent
 
     args = [sys.executable, "-m", "client.service", "--site", str(site_dir), "--socket", str(socket),
-            "--log", str(log_path)]
+            "--log", str(log_path)] + (["--devices", str(devices)] if devices else [])
     log = open(log_path, "ab")
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=flower_env(), preexec_fn=die_with_parent)
 

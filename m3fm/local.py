@@ -46,6 +46,7 @@ class PhaseConfig:
     scales: tuple[str, ...] = ()  # pretraining: empty means every scale of the model configuration
     tasks: tuple[str, ...] = ()  # multitask: empty means every task the site has labels for
     tasks_per_step: int = 0  # micro-batches (one task each) per optimizer step; 0: every task
+    micro_batches: int = 1  # pretraining: micro-batches (batch_size crops of one scale each, scales in turn) per step
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(lr=self.lr, warmup_steps=self.warmup_steps, total_steps=self.rounds * self.local_steps)
@@ -107,14 +108,14 @@ def text_items(data: SiteData, ds: PretrainDataset, scales) -> int:
 
 
 def local_pretrain(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int,
-                   min_items: int, seed: int = 0, proximal_mu: float = 0.0) -> dict:
+                   min_items: int, seed: int = 0, proximal_mu: float = 0.0, ranks: Ranks | None = None) -> dict:
     """MIM + MLM for pc.local_steps steps, one scale per step, cycling over the scales the site can train."""
     t0 = time.perf_counter()
     ds, per_scale = pretrain_population(data, pc, model, phase_round, min_items, seed)
     if not per_scale:
         return too_few("pretrain", min_items)
     losses, trained = pretrain_steps(model, ds, sorted(per_scale), tokenizer, pc, phase_round, seed,
-                                     proximal_hook(model, proximal_mu))
+                                     proximal_hook(model, proximal_mu), ranks)
     scale_items = {s: n for s, n in per_scale.items() if trained[s]}
     return {"trained": True, "counts": pretrain_group_counts(scale_items, text_items(data, ds, scale_items)),
             "items": {f"scale:{s}": n for s, n in scale_items.items()}, "steps": pc.local_steps,
@@ -122,24 +123,32 @@ def local_pretrain(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: Ph
 
 
 def pretrain_steps(model: M3FM, ds, scales: list[str], tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int,
-                   seed: int = 0, hook=None) -> tuple[dict[str, list], dict[str, int]]:
-    """The optimizer steps of local_pretrain over any dataset with `keys` (one site's, or sites pooled)."""
+                   seed: int = 0, hook=None, ranks: Ranks | None = None) -> tuple[dict[str, list], dict[str, int]]:
+    """The optimizer steps of local_pretrain over any dataset with `keys` (one site's, or sites pooled). A step
+    accumulates pc.micro_batches micro-batches, one scale each, the scales taken in turn. With `ranks` the
+    micro-batches are shared among the site's ranks, data-parallel, each with masks drawn from its own seed, so the
+    weights end as one process's would whatever the number of ranks (tests/test_distributed.py)."""
     rng = random.Random(f"{seed}|pretrain|{phase_round}")
     streams = {s: _cycle([b for b in batches_by_key(ds.keys, pc.batch_size, seed=rng.randrange(2**31))
                           if ds.keys[b[0]] == s], rng) for s in scales}
     tc = pc.train_config()
     optimizer = build_optimizer(model, tc)
-    generator = torch.Generator().manual_seed(rng.randrange(2**31))
+    masks_seed = rng.randrange(2**31)
     losses, trained = defaultdict(list), defaultdict(int)
     for i in range(pc.local_steps):
         step = (phase_round - 1) * pc.local_steps + i
-        scale = scales[step % len(scales)]
-        batch = collate_pretrain([ds[j] for j in next(streams[scale])], tokenizer, model.cfg)
-        out = pretrain_step(model, optimizer, batch, tokenizer, tc, step, generator, before_step=hook)
-        losses["mim"].append(out["mim"])
-        losses["mlm"].append(out["mlm"])
-        trained[scale] += 1
-    return losses, trained
+        k = pc.micro_batches
+        picked = [(j, next(streams[scales[(step * k + j) % len(scales)]])) for j in range(k)]  # every rank draws all
+        picked = ranks.share(picked) if ranks is not None else picked
+        micro = [collate_pretrain([ds[j] for j in b], tokenizer, model.cfg) for _, b in picked]
+        generators = [torch.Generator().manual_seed(masks_seed + step * k + j) for j, _ in picked]
+        out = pretrain_step(model, optimizer, micro, tokenizer, tc, step, generators,
+                            before_step=ranks.before_step(model, len(micro), hook) if ranks is not None else hook)
+        for mb, mim, mlm in zip(micro, out["mims"], out["mlms"]):
+            losses["mim"].append(mim)
+            losses["mlm"].append(mlm)  # 0 for a batch without text, as the round's mean has always counted it
+            trained[mb.scale] += 1
+    return ranks.merge(losses, trained) if ranks is not None else (losses, trained)
 
 
 def _has_text(data: SiteData, exam_id: str) -> bool:
@@ -148,14 +157,14 @@ def _has_text(data: SiteData, exam_id: str) -> bool:
 
 
 def local_multitask(model: M3FM, data: SiteData, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int,
-                    min_items: int, seed: int = 0, proximal_mu: float = 0.0) -> dict:
+                    min_items: int, seed: int = 0, proximal_mu: float = 0.0, ranks: Ranks | None = None) -> dict:
     """Task-parallel QA: each step accumulates one micro-batch per task, then takes one optimizer step."""
     t0 = time.perf_counter()
     ds, per_task = multitask_population(data, pc, phase_round, min_items, seed)
     if not per_task:
         return too_few("multitask", min_items)
     losses, trained = multitask_steps(model, ds, sorted(per_task), tokenizer, pc, phase_round, seed,
-                                      proximal_hook(model, proximal_mu))
+                                      proximal_hook(model, proximal_mu), ranks)
     task_items = {t: n for t, n in per_task.items() if trained[t]}
     return {"trained": True, "counts": multitask_group_counts(task_items),
             "items": {f"task:{t}": n for t, n in task_items.items()}, "steps": pc.local_steps,

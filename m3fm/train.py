@@ -155,17 +155,30 @@ def qa_loss(model: M3FM, mb: QABatch, tc: TrainConfig, per_sample: bool = False)
     return answer_loss + tc.task_id_weight * id_loss, answer_loss
 
 
-def pretrain_step(model: M3FM, optimizer: torch.optim.Optimizer, batch: PretrainBatch, tokenizer: TextTokenizer,
-                  tc: TrainConfig, step: int, generator: torch.Generator | None = None,
-                  before_step=None) -> dict[str, float]:
-    """One optimizer step of MIM on a CT batch plus MLM on its text. `generator` fixes the masks."""
+def pretrain_step(model: M3FM, optimizer: torch.optim.Optimizer, batches: PretrainBatch | list[PretrainBatch],
+                  tokenizer: TextTokenizer, tc: TrainConfig, step: int,
+                  generators: torch.Generator | list[torch.Generator] | None = None, before_step=None) -> dict:
+    """One optimizer step of MIM on CT plus MLM on its text, accumulated over one batch or several micro-batches
+    (`generators`: one per micro-batch, fixing its masks). A rank of a site may have none in a step (fewer micro-
+    batches than ranks): its `before_step` then brings the others' gradients."""
+    micro = batches if isinstance(batches, list) else [batches]
+    generators = generators if isinstance(generators, list) else [generators] * len(micro)
+    if not micro and before_step is None:
+        raise ValueError("pretrain_step needs at least one batch")
     model.train()
     lr = set_lr(optimizer, step, tc)
     optimizer.zero_grad(set_to_none=True)
-    loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator)
-    loss.backward()
+    total, mims, mlms = 0.0, [], []
+    for batch, generator in zip(micro, generators):
+        loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator)
+        (loss / len(micro)).backward()
+        total += loss.item() / len(micro)
+        mims.append(mim.item())
+        mlms.append(mlm.item())
     grad_norm = _optimizer_step(model, optimizer, tc, before_step)
-    return {"loss": loss.item(), "mim": mim.item(), "mlm": mlm.item(), "lr": lr, "grad_norm": grad_norm}
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    return {"loss": total, "mim": mean(mims), "mlm": mean(mlms), "mims": mims, "mlms": mlms, "lr": lr,
+            "grad_norm": grad_norm}
 
 
 def multitask_step(model: M3FM, optimizer: torch.optim.Optimizer, micro_batches: list[QABatch], tc: TrainConfig,

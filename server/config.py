@@ -27,6 +27,8 @@
     lr = 1e-4
     batch_size = 4
     scales = []               # empty: every scale
+    micro_batches = 1         # micro-batches (batch_size crops of one scale, scales in turn) per optimizer step;
+                              # a site's ranks (--devices) share them, so give at least the largest site's count
 
     [multitask]               # federated multitask QA
     rounds = 1
@@ -181,7 +183,8 @@ def _known(table: dict, allowed: set[str], where: str) -> None:
 
 def _phase(d: dict, name: str, where: str, cfg_name: str) -> PhaseConfig:
     where = f"{where} [{name}]"
-    _known(d, {"rounds", "local_steps", "lr", "batch_size", "warmup_steps", "scales", "tasks", "tasks_per_step"}, where)
+    _known(d, {"rounds", "local_steps", "lr", "batch_size", "warmup_steps", "scales", "tasks", "tasks_per_step",
+                "micro_batches"}, where)
     positive = (lambda v: v > 0, "must be positive")
     pc = PhaseConfig(
         name=name,
@@ -193,6 +196,7 @@ def _phase(d: dict, name: str, where: str, cfg_name: str) -> PhaseConfig:
         scales=tuple(_take(d, "scales", list, [], where)),
         tasks=tuple(_take(d, "tasks", list, [], where)),
         tasks_per_step=_take(d, "tasks_per_step", int, 0, where, lambda v: v >= 0, "must be 0 or more"),
+        micro_batches=_take(d, "micro_batches", int, 1, where, *positive),
     )
     scales = {s.name for s in get_config(cfg_name).scales}
     if bad := [s for s in pc.scales if s not in scales]:

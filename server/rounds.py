@@ -93,7 +93,8 @@ def phase_config(cfg: ServerConfig, server_round: int) -> ConfigRecord:
     return ConfigRecord(RoundConfig(
         phase=phase.name, phase_round=phase_round, rounds=phase.rounds, local_steps=phase.local_steps, lr=phase.lr,
         batch_size=phase.batch_size, model=cfg.model, warmup_steps=phase.warmup_steps, scales=tuple(phase.scales),
-        tasks=tuple(phase.tasks), tasks_per_step=phase.tasks_per_step, seed=cfg.seed, run_name=cfg.name,
+        tasks=tuple(phase.tasks), tasks_per_step=phase.tasks_per_step,
+        micro_batches=phase.micro_batches, seed=cfg.seed, run_name=cfg.name,
         server_round=server_round, extra=dp_sgd_config(cfg)).to_config())
 
 

@@ -49,9 +49,12 @@ def cohort(
     preset: str = typer.Option("tiny", help="tiny (tests, CI), demo (README main job), eval (learning benchmark), bench (full-size volumes)"),
     seed: int = typer.Option(0, help="same seed, same bytes"),
     workers: int = typer.Option(1, min=1, help="processes rendering exams in parallel"),
+    devices: list[str] = typer.Option([], "--devices", help="SITE=N: that site trains on N local ranks (its "
+                                      "site.toml [device] devices); repeat per site"),
 ) -> None:
     """Write a synthetic multi-hospital cohort as real DICOM, with clinical data, reports and labels."""
     import time
+    from dataclasses import replace
 
     from sim.cohort.generate import generate_cohort
     from sim.cohort.presets import build_sites
@@ -61,6 +64,14 @@ def cohort(
         profiles = build_sites(preset, sites, exams_per_site)
     except KeyError as e:
         raise typer.BadParameter(str(e.args[0]), param_hint="--preset") from None
+    ranks = {}
+    for d in devices:
+        site, _, n = d.partition("=")
+        if site not in {p.site_id for p in profiles} or not n.isdigit() or int(n) < 1:
+            raise typer.BadParameter(f"{d!r}: give SITE=N with one of {', '.join(p.site_id for p in profiles)} and "
+                                     "N a positive number", param_hint="--devices")
+        ranks[site] = int(n)
+    profiles = [replace(p, devices=ranks.get(p.site_id, 1)) for p in profiles]
     t0 = time.perf_counter()
     with console.status("generating ...") as status:
         def progress(s):

@@ -107,3 +107,10 @@ def test_site_toml_errors_name_the_file_and_field(tmp_path):
     (tmp_path / "site.toml").write_text('site_id = "s"\ntasks = []\n[storage]\nwork_dir = "cache"\n')
     with pytest.raises(SiteConfigError, match="inside the site folder"):
         load_site(tmp_path)
+    for table, why in (("devices = 0", "device.devices must be a positive integer"),
+                       ('type = "tpu"', "device.type must be one of auto, cuda, cpu")):
+        (tmp_path / "site.toml").write_text(f'site_id = "s"\ntasks = []\n[device]\n{table}\n')
+        with pytest.raises(SiteConfigError, match=rf"site.toml: {why}"):
+            load_site(tmp_path)
+    (tmp_path / "site.toml").write_text('site_id = "s"\ntasks = []\n[device]\ndevices = 4\n')
+    assert load_site(tmp_path).devices == 4

@@ -73,6 +73,7 @@ class RoundConfig:
     scales: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
     tasks_per_step: int = 0
+    micro_batches: int = 1
     seed: int = 0
     run_name: str = ""
     server_round: int = 0
@@ -83,7 +84,8 @@ class RoundConfig:
         return {"phase": self.phase, "phase-round": self.phase_round, "rounds": self.rounds,
                 "local-steps": self.local_steps, "lr": self.lr, "batch-size": self.batch_size,
                 "warmup-steps": self.warmup_steps, "scales": ",".join(self.scales), "tasks": ",".join(self.tasks),
-                "tasks-per-step": self.tasks_per_step, "model": self.model, "seed": self.seed,
+                "tasks-per-step": self.tasks_per_step,
+                "micro-batches": self.micro_batches, "model": self.model, "seed": self.seed,
                 "run-name": self.run_name, "server-round": self.server_round, "proximal-mu": self.proximal_mu,
                 **self.extra}
 
@@ -94,6 +96,7 @@ class RoundConfig:
                    batch_size=int(config["batch-size"]), model=str(config["model"]),
                    warmup_steps=int(config.get("warmup-steps", 0)), scales=split_list(config.get("scales")),
                    tasks=split_list(config.get("tasks")), tasks_per_step=int(config.get("tasks-per-step", 0)),
+                   micro_batches=int(config.get("micro-batches", 1)),
                    seed=int(config.get("seed", 0)), run_name=str(config.get("run-name", "")),
                    server_round=int(config.get("server-round", 0)),
                    proximal_mu=float(config.get("proximal-mu", 0.0)),

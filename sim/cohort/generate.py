@@ -195,7 +195,7 @@ def site_toml(site: SiteProfile, seed: int) -> dict:
         "tasks": list(site.tasks),
         "min_cell_size": site.min_cell_size,
         "privacy": {"max_epsilon": 8.0, "delta": 1e-5},
-        "device": {"device": "auto"},
+        "device": {"type": "auto", "devices": site.devices},
         # ingestion writes its cache and database here, never into this folder
         "storage": {"work_dir": f"../work/{site.site_id}"},
         "ingest": ingest,

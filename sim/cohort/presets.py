@@ -68,6 +68,7 @@ class SiteProfile:
     min_slices: int = 64  # ingestion rejects shorter series (the paper excluded series under 64 slices)
     model_config: str = "base"  # whose image scales ingestion caches crops for
     splits: tuple[float, float, float] | None = None  # train, val, test shares of patients; None: the site default
+    devices: int = 1  # local ranks the site trains on (site.toml [device] devices)
 
 
 @dataclass(frozen=True)
