@@ -163,7 +163,7 @@ def _train(o: OpenSite, rc: RoundConfig, pc: PhaseConfig, dp: DPSGDConfig | None
     run = {"pretrain": private_pretrain, "multitask": private_multitask}[pc.name]
     return run(o.model, o.data, o.tokenizer, pc, rc.phase_round, site.min_cell_size, dp, budget,
                PrivacyLedger(site.work_dir), (rc.run_name, rc.server_round), seed=rc.seed,
-               plan=dp_plan(o, config, site.min_cell_size))
+               plan=dp_plan(o, config, site.min_cell_size), ranks=o.ranks)
 
 
 def secure_update(o: OpenSite, packed: dict[str, np.ndarray], config: dict) -> tuple[ChunkedUpdate, dict]:

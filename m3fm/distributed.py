@@ -39,6 +39,18 @@ def all_reduce_grads(model: nn.Module, micro_batches: int, group=None) -> None:
         offset += n
 
 
+def sum_across(tensors: list[torch.Tensor], group=None) -> None:
+    """Each tensor replaced, in place, by its sum over the ranks: one all-reduce for all of them."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place among the site's ranks (an initialized torch.distributed group)."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from m3fm.data.collate import collate_pretrain, collate_qa
+from m3fm.distributed import Ranks
 from m3fm.local import PhaseConfig, multitask_population, pretrain_population, text_items, too_few
 from m3fm.model.groups import multitask_group_counts, parameter_group, pretrain_group_counts
 from m3fm.model.m3fm import M3FM
@@ -83,12 +84,14 @@ def key_plan(data, ds, per_key: dict[str, int], batch_size: int, steps: int, fir
     return units, schedule, entries
 
 
-def private_step(clipping, key: str, items: list[int], size: int, loss_of) -> None:
+def private_step(clipping, key: str, items: list[int], size: int, loss_of, ranks: Ranks | None = None) -> None:
     """Clip every sampled item's gradient, accumulate over micro-batches of at most `size` items, add the noise
     once, step. An empty Poisson sample still takes a (noise-only) step: skipping it would reveal the batch was
-    empty."""
+    empty. With several ranks each takes its share of the micro-batches (all sampled the same items) and the
+    optimizer adds the ranks' clipped sums (privacy/dp_sgd.py's RankSum); a rank with none still steps."""
     dp_optimizer = clipping.optimizer
     micro = [items[j:j + size] for j in range(0, len(items), size)]
+    micro = ranks.share(micro) if ranks is not None else micro
     if not micro:
         clipping.nothing_sampled()
         dp_optimizer.step()
@@ -103,7 +106,7 @@ def private_step(clipping, key: str, items: list[int], size: int, loss_of) -> No
 
 def _private_round(model: M3FM, phase: str, data, ds, per_key: dict[str, int], pc: PhaseConfig, phase_round: int,
                    dp: DPSGDConfig, budget: SiteBudget, ledger: PrivacyLedger, where: tuple[str, int], seed: int,
-                   plan, make_loss) -> dict:
+                   plan, make_loss, ranks: Ranks | None = None) -> dict:
     """The private local round both phases share: ceiling check, Opacus wrapping, patient-sampled steps, ledger.
     make_loss(tc, rng) -> (loss_of(key, item indices into ds) -> loss tensor, losses recorded per key)."""
     t0 = time.perf_counter()
@@ -116,7 +119,7 @@ def _private_round(model: M3FM, phase: str, data, ds, per_key: dict[str, int], p
     reach = KeyParameters(model, phase)
     tc = pc.train_config()
     rng = random.Random(f"{seed}|dp-{phase}|{phase_round}")
-    clipping, finish = private_training(model, build_optimizer(model, tc), planned, dp, ledger)
+    clipping, finish = private_training(model, build_optimizer(model, tc), planned, dp, ledger, ranks)
     sampler = PatientSampler(units, pc.batch_size, rng.randrange(2**31))
     loss_of, losses = make_loss(tc, rng)
     model.train()
@@ -124,15 +127,17 @@ def _private_round(model: M3FM, phase: str, data, ds, per_key: dict[str, int], p
         reach.only(key)
         set_lr(clipping.optimizer, (phase_round - 1) * pc.local_steps + i, tc)
         clipping.optimizer.expected_batch_size = sampler.expected_batch(key)
-        private_step(clipping, key, sampler.sample(key), dp.physical_batch, loss_of)
+        private_step(clipping, key, sampler.sample(key), dp.physical_batch, loss_of, ranks)
     reach.restore()
+    if ranks is not None:
+        losses = ranks.merge(losses, {})[0]
     return {"trained": True, "steps": pc.local_steps, "loss": {k: float(np.mean(v)) for k, v in losses.items()},
             "seconds": time.perf_counter() - t0, "privacy": finish(sampler, *where, phase).metrics()}
 
 
 def private_pretrain(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int, min_items: int,
                      dp: DPSGDConfig, budget: SiteBudget, ledger: PrivacyLedger, where: tuple[str, int],
-                     seed: int = 0, plan=None) -> dict:
+                     seed: int = 0, plan=None, ranks: Ranks | None = None) -> dict:
     ds, per_scale = pretrain_population(data, pc, model, phase_round, min_items, seed)
     if not per_scale:
         return too_few("pretrain", min_items)
@@ -149,7 +154,7 @@ def private_pretrain(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfi
         return loss_of, losses
 
     out = _private_round(model, "pretrain", data, ds, per_scale, pc, phase_round, dp, budget, ledger, where, seed, plan,
-                         make_loss)
+                         make_loss, ranks)
     if out["trained"]:
         out.update(counts=pretrain_group_counts(per_scale, text_items(data, ds, per_scale)),
                    items={f"scale:{s}": n for s, n in per_scale.items()})
@@ -158,7 +163,7 @@ def private_pretrain(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfi
 
 def private_multitask(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConfig, phase_round: int, min_items: int,
                       dp: DPSGDConfig, budget: SiteBudget, ledger: PrivacyLedger, where: tuple[str, int],
-                      seed: int = 0, plan=None) -> dict:
+                      seed: int = 0, plan=None, ranks: Ranks | None = None) -> dict:
     ds, per_task = multitask_population(data, pc, phase_round, min_items, seed)
     if not per_task:
         return too_few("multitask", min_items)
@@ -174,7 +179,7 @@ def private_multitask(model: M3FM, data, tokenizer: TextTokenizer, pc: PhaseConf
         return loss_of, losses
 
     out = _private_round(model, "multitask", data, ds, per_task, pc, phase_round, dp, budget, ledger, where, seed, plan,
-                         make_loss)
+                         make_loss, ranks)
     if out["trained"]:
         out.update(counts=multitask_group_counts(per_task), items={f"task:{t}": n for t, n in per_task.items()})
     return out

@@ -13,7 +13,10 @@ from m3fm.local import PhaseConfig, multitask_steps
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer
-from m3fm.train import TrainConfig, build_optimizer, multitask_step, pretrain_loss, pretrain_step, set_lr
+from m3fm.train import TrainConfig, build_optimizer, multitask_step, pretrain_loss, pretrain_step, qa_loss, set_lr
+from privacy.budget import DPSGDConfig
+from privacy.dp_local import private_step
+from privacy.dp_sgd import Clipping
 from sim.toy_batches import toy_pretrain_samples, toy_qa_samples
 
 # rank 0 runs two tasks' micro-batches, rank 1 one: unequal counts, and heads only one rank touches
@@ -157,4 +160,52 @@ def test_a_data_parallel_pretraining_step_on_two_ranks_equals_one_process_accumu
     for rank in range(2):
         got = torch.load(tmp_path / f"pre.{rank}")
         for k, v in model.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=2e-5, msg=lambda m: f"{k}: {m}")
+
+
+def private_setup():
+    model, _ = model_and_batches([])
+    cfg = get_config("tiny")
+    tokenizer = load_tokenizer(cfg)
+    samples = toy_qa_samples(cfg, "nodule_presence", 10, seed=5)
+    tc = TrainConfig(lr=1e-3, total_steps=100, warmup_steps=0)
+
+    def loss_of(key, rows):
+        return qa_loss(model, collate_qa([samples[i] for i in rows], tokenizer, cfg), tc, per_sample=True)[0]
+    return model, tc, loss_of
+
+
+def private_round(ranks=None) -> dict:
+    """Two DP-SGD steps of 10 and 0 sampled items in micro-batches of 4 (three micro-batches, then none), noise from
+    a seeded generator so that one process and two ranks can be compared."""
+    model, tc, loss_of = private_setup()
+    clipping = Clipping(model, build_optimizer(model, tc), 0.7, DPSGDConfig(noise_multiplier=0.7, max_grad_norm=0.5),
+                        ranks)
+    clipping.optimizer.generator = torch.Generator().manual_seed(7)  # used on rank 0 only: noise drawn once
+    for step, items in enumerate([list(range(10)), []]):
+        set_lr(clipping.optimizer, step, tc)
+        clipping.optimizer.expected_batch_size = 8.0
+        private_step(clipping, "nodule_presence", items, 4, loss_of, ranks)
+    clipping.close()
+    return model.state_dict()
+
+
+def rank_private(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.save(private_round(Ranks(rank, 2)), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dp_sgd_on_two_ranks_takes_the_steps_of_one_process_with_the_noise_drawn_once(tmp_path):
+    """Rank 0 clips micro-batches 1 and 3, rank 1 micro-batch 2; the clipped sums are added and one noise draw
+    (rank 0's) is added: the same steps as one process, so the mechanism, and epsilon, do not depend on N."""
+    mp.spawn(rank_private, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "dp")), nprocs=2, join=True)
+    reference = private_round()
+    before, _ = model_and_batches([])
+    assert any(not torch.equal(v, before.state_dict()[k]) for k, v in reference.items())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"dp.{rank}")
+        for k, v in reference.items():
             torch.testing.assert_close(got[k], v, rtol=0, atol=2e-5, msg=lambda m: f"{k}: {m}")

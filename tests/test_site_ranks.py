@@ -5,6 +5,7 @@ behind, and the next request is served by fresh ranks."""
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -20,6 +21,8 @@ from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.checkpoint import read_checkpoint
 from m3fm.model.packing import pack_state
+from privacy.budget import DPSGDConfig
+from privacy.dp_sgd import PrivacyLedger
 from server.config import load_server_config
 from server.rounds import initial_weights, phase_config
 from server.task_sum import task_aware_average
@@ -176,3 +179,22 @@ def test_a_real_round_with_one_site_on_two_ranks_aggregates_what_its_replies_giv
         for k, v in expected.items():
             np.testing.assert_allclose(got[k], v, rtol=0, atol=2e-4, err_msg=f"round {rnd} {k}")
         previous = got
+
+
+def test_dp_sgd_on_two_ranks_spends_what_one_device_spends_and_records_it_once(ingested, tmp_path):
+    out, sites, _ = ingested
+    site_dir = copy_site(sites[0].site_dir, tmp_path)
+    work = load_site(site_dir).work_dir
+    request = train("multitask", steps=3, extra=DPSGDConfig(noise_multiplier=1.1, max_grad_norm=1.0).to_config())
+    spent = {}
+    for devices in (1, 2):
+        shutil.rmtree(work / "privacy", ignore_errors=True)
+        service = SiteService(site_dir, devices=devices)
+        try:
+            head, trained = service.handle(request, weights())
+        finally:
+            if service.group is not None:
+                service.group.stop()
+        spent[devices] = {k: v for k, v in head["metrics"].items() if k.startswith("dp.")}
+        assert trained and [r["round"] for r in PrivacyLedger(work).rounds] == [1]  # one record, by rank 0
+    assert spent[1]["dp.epsilon"] > 0 and spent[2] == spent[1]
