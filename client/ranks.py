@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -90,24 +91,33 @@ class RankGroup:
         if not self.procs:
             self.start()
         targets = list(range(self.world)) if every_rank(header) else [0]
-        try:
-            for r in targets:
-                send_frame(self.socks[r], header, arrays)
-            return self._answers(targets)
-        except RankFailure:
-            self.stop()
-            raise
-        except OSError as e:  # a rank's socket broke while the request was being passed down
-            why = self._dead() or f"the channel to a rank broke ({e})"
-            self.stop()
-            raise RankFailure(f"{why}; all ranks stopped, the next request starts them again") from None
+        broken: list[str] = []
 
-    def _answers(self, targets: list[int]) -> tuple[dict, dict[str, np.ndarray]]:
+        def send(r: int) -> None:  # in threads: a rank that never reads (stuck, or dead) must not block the others
+            try:
+                send_frame(self.socks[r], header, arrays)
+            except OSError as e:
+                broken.append(f"the channel to rank {r} broke ({e})")
+
+        senders = [threading.Thread(target=send, args=(r,), daemon=True) for r in targets]
+        for t in senders:
+            t.start()
+        try:
+            return self._answers(targets, broken)
+        except RankFailure:
+            self.stop()  # a sender still blocked on a rank's socket fails once the rank is gone
+            raise
+        finally:
+            for t in senders:
+                t.join(timeout=30)
+
+    def _answers(self, targets: list[int], broken: list[str]) -> tuple[dict, dict[str, np.ndarray]]:
+        again = "all ranks stopped, the next request starts them again"
         waiting, first = {self.socks[r].fileno(): r for r in targets}, None
         while waiting:
             ready, _, _ = select.select(list(waiting), [], [], 1.0)
-            if not ready and (why := self._dead()):
-                raise RankFailure(f"{why} during the request; all ranks stopped, the next request starts them again")
+            if not ready and (why := self._dead() or "; ".join(broken)):
+                raise RankFailure(f"{why} during the request; {again}")
             for fd in ready:
                 r = waiting.pop(fd)
                 try:
@@ -115,12 +125,11 @@ class RankGroup:
                 except (OSError, ConnectionError):
                     time.sleep(0.5)  # its exit code, if it is exiting
                     why = self._dead() or f"rank {r} closed its channel"
-                    raise RankFailure(f"{why} during the request; all ranks stopped, the next request starts "
-                                      "them again") from None
+                    raise RankFailure(f"{why} during the request; {again}") from None
                 if "error" in answer:
                     time.sleep(0.5)  # a rank that died makes the others fail in their collective: name it instead
                     why = self._dead() or f"rank {r} failed: {answer['error']}"
-                    raise RankFailure(f"{why}; all ranks stopped, the next request starts them again")
+                    raise RankFailure(f"{why}; {again}")
                 if r == 0:
                     first = (answer, out)
         return first

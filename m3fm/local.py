@@ -134,6 +134,7 @@ def pretrain_steps(model: M3FM, ds, scales: list[str], tokenizer: TextTokenizer,
     tc = pc.train_config()
     optimizer = build_optimizer(model, tc)
     masks_seed = rng.randrange(2**31)
+    dropout_seed = int(torch.randint(2**31, ()))  # torch's generator: the site's round seed (client/federated.py)
     losses, trained = defaultdict(list), defaultdict(int)
     for i in range(pc.local_steps):
         step = (phase_round - 1) * pc.local_steps + i
@@ -143,7 +144,8 @@ def pretrain_steps(model: M3FM, ds, scales: list[str], tokenizer: TextTokenizer,
         micro = [collate_pretrain([ds[j] for j in b], tokenizer, model.cfg) for _, b in picked]
         generators = [torch.Generator().manual_seed(masks_seed + step * k + j) for j, _ in picked]
         out = pretrain_step(model, optimizer, micro, tokenizer, tc, step, generators,
-                            before_step=ranks.before_step(model, len(micro), hook) if ranks is not None else hook)
+                            before_step=ranks.before_step(model, len(micro), hook) if ranks is not None else hook,
+                            seeds=[dropout_seed + step * k + j for j, _ in picked])
         for mb, mim, mlm in zip(micro, out["mims"], out["mlms"]):
             losses["mim"].append(mim)
             losses["mlm"].append(mlm)  # 0 for a batch without text, as the round's mean has always counted it
@@ -182,17 +184,19 @@ def multitask_steps(model: M3FM, ds, tasks: list[str], tokenizer: TextTokenizer,
     k = pc.tasks_per_step or len(tasks)
     tc = pc.train_config()
     optimizer = build_optimizer(model, tc)
+    dropout_seed = int(torch.randint(2**31, ()))  # torch's generator: the site's round seed (client/federated.py)
     losses, trained = defaultdict(list), defaultdict(int)
     for i in range(pc.local_steps):
         step = (phase_round - 1) * pc.local_steps + i
         chosen = [tasks[(step * k + j) % len(tasks)] for j in range(min(k, len(tasks)))]
-        picked = [(t, next(streams[t])) for t in chosen]  # every rank draws every batch: the streams stay in step
+        picked = [(j, t, next(streams[t])) for j, t in enumerate(chosen)]  # every rank draws every batch
         picked = ranks.share(picked) if ranks is not None else picked
         # a micro-batch's clinical-sentence dropout has its own seed, so it is the same on whichever rank runs it
         micro = [collate_qa([ds[j] for j in b], tokenizer, model.cfg, rng=random.Random(f"{seed}|{step}|{t}"))
-                 for t, b in picked]
+                 for _, t, b in picked]
         out = multitask_step(model, optimizer, micro, tc, step,
-                             before_step=ranks.before_step(model, len(micro), hook) if ranks is not None else hook)
+                             before_step=ranks.before_step(model, len(micro), hook) if ranks is not None else hook,
+                             seeds=[dropout_seed + step * k + j for j, _, _ in picked])
         for t, v in out["tasks"].items():
             losses[t].append(v)
             trained[t] += 1

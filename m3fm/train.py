@@ -11,7 +11,7 @@ optimizer step: the paper's distributed task-parallel training, on one device.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +116,19 @@ def autocast(device: torch.device, tc: TrainConfig):
     return nullcontext()
 
 
+@contextmanager
+def micro_batch_rng(seed: int | None, device: torch.device):
+    """Dropout and drop path of one micro-batch drawn from its own seed (forward and, under activation
+    checkpointing, the recomputation in backward), so it is the same on whichever of a site's ranks runs it; torch's
+    generator is put back afterwards. None: the generator as it is."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, tc: TrainConfig, before_step=None) -> float:
     if before_step is not None:  # e.g. FedProx's proximal gradient, added to the loss gradient before clipping
         before_step()
@@ -157,21 +170,25 @@ def qa_loss(model: M3FM, mb: QABatch, tc: TrainConfig, per_sample: bool = False)
 
 def pretrain_step(model: M3FM, optimizer: torch.optim.Optimizer, batches: PretrainBatch | list[PretrainBatch],
                   tokenizer: TextTokenizer, tc: TrainConfig, step: int,
-                  generators: torch.Generator | list[torch.Generator] | None = None, before_step=None) -> dict:
+                  generators: torch.Generator | list[torch.Generator] | None = None, before_step=None,
+                  seeds: list[int] | None = None) -> dict:
     """One optimizer step of MIM on CT plus MLM on its text, accumulated over one batch or several micro-batches
-    (`generators`: one per micro-batch, fixing its masks). A rank of a site may have none in a step (fewer micro-
-    batches than ranks): its `before_step` then brings the others' gradients."""
+    (`generators`: one per micro-batch, fixing its masks; `seeds`: one per micro-batch, fixing its dropout). A rank
+    of a site may have none in a step (fewer micro-batches than ranks): its `before_step` then brings the others'
+    gradients."""
     micro = batches if isinstance(batches, list) else [batches]
     generators = generators if isinstance(generators, list) else [generators] * len(micro)
+    device = model_device(model)
     if not micro and before_step is None:
         raise ValueError("pretrain_step needs at least one batch")
     model.train()
     lr = set_lr(optimizer, step, tc)
     optimizer.zero_grad(set_to_none=True)
     total, mims, mlms = 0.0, [], []
-    for batch, generator in zip(micro, generators):
-        loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator)
-        (loss / len(micro)).backward()
+    for batch, generator, seed in zip(micro, generators, seeds or [None] * len(micro)):
+        with micro_batch_rng(seed, device):
+            loss, mim, mlm = pretrain_loss(model, batch, tokenizer, tc, generator)
+            (loss / len(micro)).backward()
         total += loss.item() / len(micro)
         mims.append(mim.item())
         mlms.append(mlm.item())
@@ -182,9 +199,10 @@ def pretrain_step(model: M3FM, optimizer: torch.optim.Optimizer, batches: Pretra
 
 
 def multitask_step(model: M3FM, optimizer: torch.optim.Optimizer, micro_batches: list[QABatch], tc: TrainConfig,
-                   step: int, before_step=None) -> dict:
-    """Accumulate the gradients of several one-task micro-batches, then take one optimizer step. A rank of a site
-    may have none in a step (fewer tasks than ranks): its `before_step` then brings the others' gradients."""
+                   step: int, before_step=None, seeds: list[int] | None = None) -> dict:
+    """Accumulate the gradients of several one-task micro-batches, then take one optimizer step (`seeds`: one per
+    micro-batch, fixing its dropout). A rank of a site may have none in a step (fewer tasks than ranks): its
+    `before_step` then brings the others' gradients."""
     if not micro_batches and before_step is None:
         raise ValueError("multitask_step needs at least one micro-batch")
     model.train()
@@ -193,10 +211,11 @@ def multitask_step(model: M3FM, optimizer: torch.optim.Optimizer, micro_batches:
     optimizer.zero_grad(set_to_none=True)
     per_task: dict[str, list[float]] = {}
     total = 0.0
-    for mb in micro_batches:
-        loss, answer_loss = qa_loss(model, mb.to(device), tc)
-        loss = loss / len(micro_batches)
-        loss.backward()
+    for mb, seed in zip(micro_batches, seeds or [None] * len(micro_batches)):
+        with micro_batch_rng(seed, device):
+            loss, answer_loss = qa_loss(model, mb.to(device), tc)
+            loss = loss / len(micro_batches)
+            loss.backward()
         total += loss.item()
         per_task.setdefault(mb.task, []).append(answer_loss.item())
     grad_norm = _optimizer_step(model, optimizer, tc, before_step)

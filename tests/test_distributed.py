@@ -2,6 +2,8 @@
 equals one process accumulating the same micro-batches, and so does a local round of several steps; a
 data-parallel pretraining step equals one process accumulating the ranks' batches."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -89,10 +91,10 @@ class ToyQA:
 ROUND_TASKS = ["nodule_presence", "lung_rads", "cvd_diagnosis"]
 
 
-def rank_round(rank: int, init: str, out: str, tasks_per_step: int) -> None:
+def rank_round(rank: int, init: str, out: str, tasks_per_step: int, dropout: float) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        model, tokenizer, pc = round_setup(tasks_per_step)
+        model, tokenizer, pc = round_setup(tasks_per_step, dropout)
         losses, trained = multitask_steps(model, ToyQA(ROUND_TASKS), ROUND_TASKS, tokenizer, pc, 1,
                                           ranks=Ranks(rank, 2))
         torch.save({"state": model.state_dict(), "losses": dict(losses), "trained": dict(trained)}, f"{out}.{rank}")
@@ -100,18 +102,21 @@ def rank_round(rank: int, init: str, out: str, tasks_per_step: int) -> None:
         dist.destroy_process_group()
 
 
-def round_setup(tasks_per_step):
-    model, _ = model_and_batches([])
+def round_setup(tasks_per_step, dropout=0.0):
+    """tiny, or tiny with base's dropout and drop path (each micro-batch draws them from its own seed)."""
+    torch.manual_seed(0)
+    model = M3FM(replace(get_config("tiny"), dropout=dropout, drop_path=dropout))
     pc = PhaseConfig("multitask", rounds=1, local_steps=3, lr=1e-3, batch_size=4, tasks=tuple(ROUND_TASKS),
                      tasks_per_step=tasks_per_step)
     return model, load_tokenizer(get_config("tiny")), pc
 
 
-@pytest.mark.parametrize("tasks_per_step", [0, 1])  # every task each step (2 on rank 0, 1 on rank 1); one (a rank idles)
-def test_a_local_round_on_two_ranks_ends_with_the_weights_and_totals_of_one_process(tmp_path, tasks_per_step):
-    mp.spawn(rank_round, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "round"), tasks_per_step),
+# every task each step (2 on rank 0, 1 on rank 1); one (a rank idles); every task, with dropout and drop path
+@pytest.mark.parametrize("tasks_per_step,dropout", [(0, 0.0), (1, 0.0), (0, 0.1)])
+def test_a_local_round_on_two_ranks_ends_with_the_weights_and_totals_of_one_process(tmp_path, tasks_per_step, dropout):
+    mp.spawn(rank_round, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "round"), tasks_per_step, dropout),
              nprocs=2, join=True)
-    model, tokenizer, pc = round_setup(tasks_per_step)
+    model, tokenizer, pc = round_setup(tasks_per_step, dropout)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses, trained = multitask_steps(model, ToyQA(ROUND_TASKS), ROUND_TASKS, tokenizer, pc, 1)
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
