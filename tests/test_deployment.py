@@ -189,7 +189,8 @@ def test_a_site_killed_mid_run_leaves_the_others_to_finish_the_round(ingested, c
 def test_flwr_stop_ends_the_run_as_stopped_and_a_second_coordinator_is_refused(ingested, cluster):
     procs, tmp = cluster
     _, sites, _ = ingested
-    server, _, db, _ = federation(tmp, procs, sites[:2], TOML.format(name="stoppable", timeout=120, multitask=3))
+    # many rounds: the run must still be going when `flwr stop` comes, however slow the second coordinator is
+    server, _, db, _ = federation(tmp, procs, sites[:2], TOML.format(name="stoppable", timeout=120, multitask=30))
     toml = tmp / "server.toml"
     wait_rounds(db, 1, server)
     # while it runs, a second coordinator on the same run folder refuses to start
@@ -203,7 +204,7 @@ def test_flwr_stop_ends_the_run_as_stopped_and_a_second_coordinator_is_refused(i
     assert done.returncode == 0, done.stdout + done.stderr
     assert server.wait(120) == 1
     status, rounds, _, _ = rounds_and_metrics(db)
-    assert status == "stopped" and len(rounds) < 4
+    assert status == "stopped" and len(rounds) < 31
     shown = status_of(db)
     log = (tmp / "server.log").read_text(errors="replace")[-3000:]
     for said in ("stopped", "flwr stop", "coordinator: pid", "ended (stopped)"):
