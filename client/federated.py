@@ -80,15 +80,22 @@ class OpenSite:
     ranks: Ranks | None = None  # one of the site's local ranks (client/ranks.py); None: the site trains alone
 
 
-def site_device(site: SiteConfig, rank: int = 0) -> torch.device:
-    """[device] type in site.toml; rank r of a site with several ranks trains on GPU r."""
-    want = site.device_type if site.device_type != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cpu":
+def uses_cuda(site: SiteConfig, world: int = 1) -> bool:
+    """[device] type in site.toml (auto: CUDA when there is one); SiteNotReady when it asks for more GPUs than the
+    machine has (one per rank)."""
+    if site.device_type == "cpu" or (site.device_type == "auto" and not torch.cuda.is_available()):
+        return False
+    if torch.cuda.device_count() < world:
+        raise SiteNotReady(f"site {site.site_id} trains on {world} CUDA device(s) ({site.site_dir / 'site.toml'} "
+                           f"[device], or --devices), this machine has {torch.cuda.device_count()}")
+    return True
+
+
+def site_device(site: SiteConfig, ranks: Ranks | None = None) -> torch.device:
+    """Where the site's model lives: rank r of a site with several ranks trains on GPU r."""
+    if not uses_cuda(site, ranks.world if ranks is not None else 1):
         return torch.device("cpu")
-    if not torch.cuda.is_available() or torch.cuda.device_count() < site.devices:
-        raise SiteNotReady(f"site {site.site_id}: {site.site_dir / 'site.toml'} asks for {site.devices} CUDA "
-                           f"device(s), this machine has {torch.cuda.device_count()}")
-    return torch.device("cuda", rank)
+    return torch.device("cuda", ranks.rank if ranks is not None else 0)
 
 
 def open_site(site: SiteConfig, model_name: str, ranks: Ranks | None = None) -> OpenSite:
@@ -99,7 +106,7 @@ def open_site(site: SiteConfig, model_name: str, ranks: Ranks | None = None) -> 
         raise SiteNotReady(f"site {site.site_id} has no cached crops for model {model_name!r} (it was ingested for "
                            f"{site.model_config!r}); set [ingest] model_config = \"{model_name}\" in site.toml and "
                            "run m3fm-client ingest again")
-    model = M3FM(cfg).to(site_device(site, ranks.rank if ranks is not None else 0))
+    model = M3FM(cfg).to(site_device(site, ranks))
     return OpenSite(site, data, model, load_tokenizer(cfg), ranks)
 
 

@@ -159,9 +159,8 @@ class RankGroup:
         self.procs, self.socks, self.rendezvous = [], [], None
 
 
-def join_group(rank: int, world: int, init: str) -> Ranks:
-    """This process as rank `rank` of the site's group: GPU `rank` when there are GPUs."""
-    cuda = torch.cuda.is_available()
+def join_group(rank: int, world: int, init: str, cuda: bool) -> Ranks:
+    """This process as rank `rank` of the site's group: on GPU `rank` when the site trains on GPUs."""
     if cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world,

@@ -33,7 +33,7 @@ import numpy as np
 from client.channel import EVALUATE, REPORT, SECURE, TRAIN, listen, recv_frame, send_frame
 from client.ranks import RankGroup, join_group, serve_rank
 from client.federated import (OpenSite, evaluate_round, last_ingest, load_weights, open_site, secure_folder,
-                              secure_round_id, secure_update, train_round)
+                              secure_round_id, secure_update, train_round, uses_cuda)
 from client.site import load_site
 from m3fm.distributed import Ranks
 from m3fm.model.packing import packed_sizes, split_joined
@@ -113,6 +113,7 @@ class SiteService:
             self.group.stop()
             self.group = None
         if world > 1 and self.group is None:
+            uses_cuda(site, world)  # names a site that asks for more GPUs than the machine has
             self.opened, self.key = None, None  # the ranks hold the models now
             self.group = RankGroup(self.site_dir, world, site.work_dir, self.log, self.log_path)
         return self.group
@@ -218,7 +219,7 @@ def serve(site_dir: Path, socket_path: Path, log_path: Path | None = None, devic
 def serve_as_rank(site_dir: Path, rank: int, world: int, init: str, fd: int, log_path: Path | None) -> None:
     """One of the site's ranks (started by client/ranks.py's RankGroup): join the group, open the site, answer."""
     log = log_to(log_path, f"rank {rank}")
-    ranks = join_group(rank, world, init)
+    ranks = join_group(rank, world, init, uses_cuda(load_site(site_dir), world))
     service = SiteService(site_dir, log, ranks=ranks)
     try:
         service.site(load_site(service.site_dir).model_config)
