@@ -52,7 +52,7 @@ def collect_predictions(model: M3FM, data: SiteData, tokenizer: TextTokenizer, s
             batch = collate_qa(samples, tokenizer, model.cfg).to(device)
             logits, task_logits = model(batch)
             pred.loss_sum += model.forward_task_loss(batch, logits, task_logits)[0].item() * len(samples)
-            probs.append(task_probabilities(task, logits).float().cpu().numpy())
+            probs.append(task_probabilities(task, logits, model.cfg.hazard).float().cpu().numpy())
             pred.answers += [s["answer"] for s in samples]
             pred.exam_ids += [s["exam_id"] for s in samples]
         pred.probs = np.concatenate(probs)

@@ -49,7 +49,7 @@ def paper_multitask() -> TrainConfig:
 
 
 # Parameters that are positions or learned tokens: no weight decay, like biases and norms.
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "registers", "mask_token")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "scale_cls", "registers", "mask_token")
 
 
 def layer_depth(name: str, model: M3FM) -> tuple[int, int] | None:
@@ -62,7 +62,7 @@ def layer_depth(name: str, model: M3FM) -> tuple[int, int] | None:
     parts = name.split(".")
     if parts[0] == "image_encoder":
         n = cfg.img_depth
-        if parts[1] in ("patch_embed", "pos_embed", "cls_token"):
+        if parts[1] in ("patch_embed", "pos_embed", "cls_token", "scale_cls"):
             return 0, n
         return (int(parts[2]) + 1, n) if parts[1] == "blocks" else (n + 1, n)
     if parts[0] == "text_encoder":

@@ -270,3 +270,51 @@ def report(
     for site, e in summary["epsilon"].items():
         console.print(f"epsilon {site}: {e['epsilon']:.3f} ({e['mechanism']}, delta {e['delta']:g})")
     console.print(f"{len(summary['rejected'])} replies did not count; wrote {json_path} and {html_path}")
+
+
+@app.command("import-weights")
+def import_weights(
+    reference: Path = typer.Argument(..., help="a state dict of the public M3FM code (e.g. model_heart.pth)"),
+    config: str = typer.Option(..., "--config", help="its size: base, large or huge (tiny, small for tests)"),
+    out: Path = typer.Option(..., "--out", help="the checkpoint to write (must not exist)"),
+    head: list[str] = typer.Option([], "--head", help="REFERENCE_HEAD=OURS for a head not known by name "
+                                   "(known: heart=yes_no, cancer_risk=lung_cancer_risk)"),
+    allow_extra: bool = typer.Option(False, "--allow-extra", help="convert even when reference keys map to nothing "
+                                     "(they are listed)"),
+) -> None:
+    """Convert published M3FM weights into a checkpoint of the "<size>-ref" configuration ([run] init starts a run
+    from it; `m3fm-client predict --model` answers with it)."""
+    import torch
+
+    from m3fm.checkpoint import write_checkpoint
+    from m3fm.model.configs import SIZES, get_config
+    from m3fm.reference import ReferenceWeightsError, check_heads, convert
+
+    console = Console()
+    if config not in SIZES:
+        print_error(console, f"--config {config!r}: give one of {', '.join(SIZES)}")
+        raise typer.Exit(2)
+    if out.exists():
+        print_error(console, f"{out} exists; nothing is overwritten")
+        raise typer.Exit(2)
+    try:
+        state = torch.load(reference, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign file: named, with torch's reason
+        print_error(console, f"{reference}: not a readable state dict ({type(e).__name__}: {e})")
+        raise typer.Exit(2) from None
+    state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        print_error(console, f"{reference}: not a state dict of tensors")
+        raise typer.Exit(2)
+    cfg = get_config(f"{config}-ref")
+    try:
+        converted, report = convert(state, cfg, check_heads(head), allow_extra)
+    except ReferenceWeightsError as e:
+        print_error(console, f"{reference}: {e}")
+        raise typer.Exit(2) from None
+    write_checkpoint(out, converted, cfg, extra={"imported_from": str(reference.resolve()), **report.summary()})
+    console.print(f"{reference} -> {out} (config {cfg.name}): {len(report.mapped)} tensors mapped from "
+                  f"{len(state)} reference keys, {len(report.dropped)} constants and aliases dropped, "
+                  f"{len(report.initialised)} initialised (what the reference lacks)")
+    for key in report.extra:
+        print_warning(console, f"reference key {key} maps to nothing; left out (--allow-extra)")

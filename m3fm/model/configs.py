@@ -95,11 +95,19 @@ class M3FMConfig:
     fusion_heads: int = 16
     num_registers: int = 3
     predictor_hidden: int = 1024
+    predictor_norm_eps: float = 1e-6  # the public code's predictors use 1e-12 (a difference of about 1e-6)
+    # the lung-cancer-risk head's hazards: "monotone" passes the yearly hazards through a softplus, so risk never
+    # falls with time; "reference" adds them raw, as the public code does (its ReLU is defined but never applied)
+    hazard: str = "monotone"
+    # one CLS token (and CLS position) per image scale, as the public code keeps; False: one CLS for all scales
+    cls_per_scale: bool = False
     dropout: float = 0.1
     # recompute block activations in backward to save memory on large models
     act_checkpoint: bool = False
 
     def __post_init__(self):
+        if self.hazard not in ("monotone", "reference"):
+            raise ValueError(f"config {self.name!r}: hazard must be 'monotone' or 'reference', got {self.hazard!r}")
         if self.question_pooling not in ("mean", "first"):
             raise ValueError(f"config {self.name!r}: question_pooling must be 'mean' or 'first', "
                              f"got {self.question_pooling!r}")
@@ -170,7 +178,16 @@ def m3fm_huge() -> M3FMConfig:
     return M3FMConfig(name="huge", img_dim=1280, img_depth=32, img_heads=16, act_checkpoint=True)
 
 
-CONFIGS = {"tiny": m3fm_tiny, "small": m3fm_small, "base": m3fm_base, "large": m3fm_large, "huge": m3fm_huge}
+def reference_form(cfg: M3FMConfig) -> M3FMConfig:
+    """The same size, computing as the public M3FM code does, so its converted weights answer as there
+    (m3fm/reference.py): the <TASK> token is the question's <s> output alone, per-scale CLS tokens, raw hazards,
+    the predictors' LayerNorm epsilon. Named "<name>-ref"."""
+    return dataclasses.replace(cfg, name=f"{cfg.name}-ref", question_pooling="first", task_image_summary=False,
+                               cls_per_scale=True, hazard="reference", predictor_norm_eps=1e-12)
+
+
+SIZES = {"tiny": m3fm_tiny, "small": m3fm_small, "base": m3fm_base, "large": m3fm_large, "huge": m3fm_huge}
+CONFIGS = {**SIZES, **{f"{name}-ref": (lambda make=make: reference_form(make())) for name, make in SIZES.items()}}
 
 
 def get_config(name: str) -> M3FMConfig:

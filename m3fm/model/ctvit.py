@@ -192,7 +192,10 @@ class CTViT(nn.Module):
         self.dim = cfg.img_dim
         self.patch_embed = nn.ModuleDict({s.name: PatchEmbed(s.patch, cfg.img_dim) for s in cfg.scales})
         self.pos_embed = nn.ModuleDict({s.name: FactorizedPosEmbed(s.grid, cfg.img_dim) for s in cfg.scales})
-        self.cls_token = PrependTokens(1, cfg.img_dim)
+        if cfg.cls_per_scale:  # its own group per scale (m3fm/model/groups.py), like the scale's tokenizer
+            self.scale_cls = nn.ModuleDict({s.name: PrependTokens(1, cfg.img_dim) for s in cfg.scales})
+        else:
+            self.cls_token = PrependTokens(1, cfg.img_dim)
         rates = [cfg.drop_path * i / max(cfg.img_depth - 1, 1) for i in range(cfg.img_depth)]  # linear 0 -> drop_path
         self.blocks = nn.ModuleList(Block(cfg.img_dim, cfg.img_heads, cfg.mlp_ratio, 0.0, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.img_dim, eps=1e-6)
@@ -217,11 +220,14 @@ class CTViT(nn.Module):
         size = voxel_size_embedding(patch_mm, self.dim).to(x.dtype)[:, None, :]
         return x, size
 
+    def prepend_cls(self, x: torch.Tensor, scale: str) -> torch.Tensor:
+        return (self.scale_cls[scale] if self.cfg.cls_per_scale else self.cls_token)(x)
+
     def forward(self, imgs: torch.Tensor, voxel_size: torch.Tensor, scale: str,
                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """-> (B, 1 + L, D), CLS first. token_mask: (B, L) bool restricts attention (e.g. to a lung box)."""
         x, size = self.embed(imgs, voxel_size, scale)
-        x = self.cls_token(x) + size
+        x = self.prepend_cls(x, scale) + size
         attn_mask = None
         if token_mask is not None:
             attn_mask = torch.cat([torch.ones_like(token_mask[:, :1]), token_mask], dim=1).bool()
@@ -232,5 +238,5 @@ class CTViT(nn.Module):
         """MAE encoder: -> latent (B, 1 + L_keep, D), mask (B, L) 1 = masked, ids_restore (B, L)."""
         x, size = self.embed(imgs, voxel_size, scale)
         x, mask, ids_restore = random_masking(x, mask_ratio, generator)
-        x = self.cls_token(x) + size
+        x = self.prepend_cls(x, scale) + size
         return self.norm(run_blocks(self.blocks, x, None, self.act_checkpoint)), mask, ids_restore

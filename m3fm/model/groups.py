@@ -22,7 +22,8 @@ from collections import Counter
 
 from m3fm.tasks import get_task
 
-SCALE_PREFIXES = ("image_encoder.patch_embed.", "image_encoder.pos_embed.", "mim_decoder.pos_embed.",
+SCALE_PREFIXES = ("image_encoder.patch_embed.", "image_encoder.pos_embed.", "image_encoder.scale_cls.",
+                  "mim_decoder.pos_embed.",
                   "mim_decoder.pred.")
 
 

@@ -22,10 +22,10 @@ from m3fm.tasks import HAZARD_YEARS, Task
 class Predictor(nn.Module):
     """Linear -> GELU -> LayerNorm -> Linear."""
 
-    def __init__(self, dim: int, hidden: int, out: int):
+    def __init__(self, dim: int, hidden: int, out: int, norm_eps: float = 1e-6):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=1e-6)
+        self.norm = nn.LayerNorm(hidden, eps=norm_eps)
         self.fc2 = nn.Linear(hidden, out)
         self.apply(init_weights)
 
@@ -33,9 +33,11 @@ class Predictor(nn.Module):
         return self.fc2(self.norm(F.gelu(self.fc1(x))))
 
 
-def cumulative_hazard(out: torch.Tensor) -> torch.Tensor:
-    """out: (B, 1 + Y) raw [base, yearly hazards] -> cumulative logits (B, Y), non-decreasing in Y."""
-    return out[:, :1] + F.softplus(out[:, 1:]).cumsum(dim=-1)
+def cumulative_hazard(out: torch.Tensor, form: str = "monotone") -> torch.Tensor:
+    """out: (B, 1 + Y) raw [base, yearly hazards] -> cumulative logits (B, Y): base + the hazards up to each year,
+    through a softplus ("monotone": non-decreasing in Y) or raw ("reference", the public code's arithmetic)."""
+    hazards = F.softplus(out[:, 1:]) if form == "monotone" else out[:, 1:]
+    return out[:, :1] + hazards.cumsum(dim=-1)
 
 
 def hazard_targets(years_to_event: torch.Tensor, event: torch.Tensor, horizon: int = HAZARD_YEARS):
@@ -66,7 +68,7 @@ def hazard_loss(cum_logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, r
 
 
 def task_loss(task: Task, out: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor | None = None,
-              reduce: bool = True) -> torch.Tensor:
+              reduce: bool = True, hazard: str = "monotone") -> torch.Tensor:
     """out: raw head output (B, task.num_outputs); target as the task's loss kind expects -> () or, reduce=False,
     each sample's loss (B,) (what ghost clipping scales per sample)."""
     if task.loss == "ce":
@@ -74,7 +76,7 @@ def task_loss(task: Task, out: torch.Tensor, target: torch.Tensor, target_mask: 
     if task.loss == "hazard":
         if target_mask is None:
             raise ValueError(f"task {task.name!r} needs a censoring mask with its targets")
-        return hazard_loss(cumulative_hazard(out), target, target_mask, reduce)
+        return hazard_loss(cumulative_hazard(out, hazard), target, target_mask, reduce)
     if task.loss == "digits":  # (B, 3) digits; per-sample mean over its known digits, then over the batch
         per_digit = F.cross_entropy(out.float().reshape(-1, 10), target.reshape(-1), ignore_index=-100,
                                     reduction="none").reshape(target.shape)
@@ -84,12 +86,12 @@ def task_loss(task: Task, out: torch.Tensor, target: torch.Tensor, target_mask: 
     raise ValueError(f"task {task.name!r} has unknown loss kind {task.loss!r}")
 
 
-def task_probabilities(task: Task, out: torch.Tensor) -> torch.Tensor:
+def task_probabilities(task: Task, out: torch.Tensor, hazard: str = "monotone") -> torch.Tensor:
     """ce: (B, A) softmax; hazard: (B, Y) risk within 1..Y years; digits: (B, 3, 10) per-digit softmax."""
     if task.loss == "ce":
         return out.float().softmax(dim=-1)
     if task.loss == "hazard":
-        return torch.sigmoid(cumulative_hazard(out.float()))
+        return torch.sigmoid(cumulative_hazard(out.float(), hazard))
     return out.float().reshape(-1, 3, 10).softmax(dim=-1)
 
 

@@ -71,9 +71,9 @@ class M3FM(nn.Module):
         self.image_encoder = CTViT(cfg)
         self.text_encoder = TextEncoder(cfg)
         self.task_encoder = TaskEncoder(cfg)
-        self.heads = nn.ModuleDict({name: Predictor(cfg.img_dim, cfg.predictor_hidden, n)
+        self.heads = nn.ModuleDict({name: Predictor(cfg.img_dim, cfg.predictor_hidden, n, cfg.predictor_norm_eps)
                                     for name, n in head_outputs().items()})
-        self.task_id_head = Predictor(cfg.img_dim, cfg.predictor_hidden, len(ALL_TASKS))
+        self.task_id_head = Predictor(cfg.img_dim, cfg.predictor_hidden, len(ALL_TASKS), cfg.predictor_norm_eps)
         # pretraining only
         self.mim_decoder = MIMDecoder(cfg)
         self.mlm_head = MLMHead(cfg)
@@ -145,13 +145,13 @@ class M3FM(nn.Module):
         """-> answer loss, task-ID loss: () each or, reduce=False, (B,) each."""
         task = get_task(batch.task)
         task_ids = torch.full((len(batch),), TASK_INDEX[task.name], device=task_logits.device)
-        return (task_loss(task, out, batch.target, batch.target_mask, reduce),
+        return (task_loss(task, out, batch.target, batch.target_mask, reduce, self.cfg.hazard),
                 F.cross_entropy(task_logits.float(), task_ids, reduction="mean" if reduce else "none"))
 
     @torch.no_grad()
     def predict(self, batch: QABatch) -> torch.Tensor:
         out, _ = self(batch)
-        return task_probabilities(get_task(batch.task), out)
+        return task_probabilities(get_task(batch.task), out, self.cfg.hazard)
 
     @torch.no_grad()
     def predict_task(self, question_ids: torch.Tensor, question_mask: torch.Tensor) -> list[str]:
