@@ -12,6 +12,9 @@
     site_reports = true       # after the last round every site evaluates the final model on its test split
                               # and sends its report (aggregates only); the run report follows
     seed = 0
+    init = ""                 # a checkpoint the run starts from (e.g. `m3fm-server import-weights` output), made
+                              # for this model configuration; relative paths are relative to this file. Empty: the
+                              # seed's fresh weights
     out_dir = "runs"          # checkpoints; relative paths are relative to this file
     database = ""             # SQLAlchemy URL; empty: a SQLite file in out_dir
 
@@ -114,6 +117,7 @@ class ServerConfig:
     evaluate_every: int = 1
     site_reports: bool = True
     seed: int = 0
+    init: Path | None = None  # the checkpoint a fresh run starts from
     out_dir: Path = Path("runs")
     database: str = ""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -152,6 +156,8 @@ class ServerConfig:
         """What decides the training (not where files go): hashed, so a resume can refuse a changed run."""
         d = {"name": self.name, "model": self.model, "seed": self.seed, "strategy": asdict(self.strategy),
              "phases": [asdict(p) for p in self.phases]}
+        if self.init is not None:  # only when set, so hashes of runs from fresh weights do not change
+            d["init"] = str(self.init)
         for key in ("dp_sgd", "central_dp", "secagg"):  # only when set, so hashes of runs without DP do not change
             if getattr(self, key) is not None:
                 d[key] = asdict(getattr(self, key))
@@ -249,6 +255,16 @@ def _privacy(d: dict, where: str) -> tuple[DPSGDConfig | None, CentralDPConfig |
     return dp, central
 
 
+def _init_path(run: dict, path: Path, where: str) -> Path | None:
+    init = _take(run, "init", str, "", where)
+    if not init:
+        return None
+    full = Path(init) if Path(init).is_absolute() else (path.parent / init).resolve()
+    if not full.is_file():
+        raise ServerConfigError(f"{where}: init {init!r}: no checkpoint at {full}")
+    return full
+
+
 def load_server_config(path: str | Path) -> ServerConfig:
     path = Path(path).resolve()
     if not path.is_file():
@@ -260,7 +276,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     _known(d, {"run", "strategy", "privacy", *PHASES}, str(path))
     run, where = d.get("run", {}), f"{path} [run]"
     _known(run, {"name", "model", "min_sites", "round_timeout", "round_retries", "evaluate_every", "site_reports",
-                "seed", "out_dir", "database"}, where)
+                "seed", "init", "out_dir", "database"}, where)
     model = _take(run, "model", str, "tiny", where, lambda v: v in CONFIGS, f"must be one of {list(CONFIGS)}")
     out_dir = Path(_take(run, "out_dir", str, "runs", where))
     st, swhere = d.get("strategy", {}), f"{path} [strategy]"
@@ -284,6 +300,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         evaluate_every=_take(run, "evaluate_every", int, 1, where, lambda v: v >= 0, "must be 0 or more"),
         site_reports=_take(run, "site_reports", bool, True, where),
         seed=_take(run, "seed", int, 0, where),
+        init=_init_path(run, path, where),
         out_dir=out_dir if out_dir.is_absolute() else (path.parent / out_dir).resolve(),
         database=_take(run, "database", str, "", where),
         strategy=strategy,

@@ -26,7 +26,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from m3fm.checkpoint import read_checkpoint, write_checkpoint
+from m3fm.checkpoint import load_checkpoint, read_checkpoint, write_checkpoint
 from m3fm.model.configs import get_config
 from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.m3fm import M3FM
@@ -50,8 +50,17 @@ class RunError(RuntimeError):
 
 
 def initial_weights(cfg: ServerConfig) -> dict[str, torch.Tensor]:
-    torch.manual_seed(cfg.seed)  # every fresh run of one config starts from the same weights
-    return M3FM(get_config(cfg.model)).state_dict()
+    """A fresh run's weights: [run] init's checkpoint, checked strictly against the run's model configuration, or
+    the seed's fresh model (every fresh run of one config starts from the same weights)."""
+    torch.manual_seed(cfg.seed)
+    model = M3FM(get_config(cfg.model))
+    if cfg.init is not None:
+        made_for = read_checkpoint(cfg.init)["config"]
+        if made_for != model.cfg.to_dict():
+            raise RunError(f"[run] init {cfg.init} was made for model configuration {made_for.get('name')!r}, not "
+                           f"this run's {cfg.model!r} (converted weights: model = \"<size>-ref\")")
+        load_checkpoint(cfg.init, model)
+    return model.state_dict()
 
 
 def weight_shapes(cfg: ServerConfig) -> dict[str, torch.Tensor]:

@@ -8,11 +8,16 @@ import subprocess
 import pytest
 import torch
 
-from m3fm.checkpoint import load_checkpoint, read_checkpoint
+from client.app import app as client_app
+from m3fm.checkpoint import load_checkpoint, read_checkpoint, write_checkpoint
 from m3fm.model.configs import get_config
 from m3fm.model.heads import cumulative_hazard
 from m3fm.model.m3fm import M3FM
 from m3fm.reference import ReferenceWeightsError, convert
+from server.config import load_server_config
+from server.rounds import RunError, initial_weights, run_federation
+from sim.inprocess_grid import InProcessGrid
+from test_federation import SERVER_TOML
 from transport.flower import flower_bin
 
 
@@ -129,3 +134,28 @@ def test_the_reference_hazard_form_is_the_public_arithmetic_and_ours_stays_monot
     monotone = cumulative_hazard(ours, "monotone")
     assert (monotone.diff(dim=-1) >= 0).all()
     torch.testing.assert_close(monotone[0, 0], torch.tensor(-2.0) + torch.nn.functional.softplus(torch.tensor(0.5)))
+
+
+def test_a_run_starts_from_converted_weights_with_run_init(ingested, tmp_path):
+    """[run] init: the round-0 model is the converted checkpoint (strictly checked), and a tiny federated run from
+    it completes; pretraining leaves the predictors alone, so round 1's still hold the converted values."""
+    _, sites, _ = ingested
+    cfg_ref = get_config("tiny-ref")
+    converted, _ = convert(reference_state(cfg_ref), cfg_ref)
+    write_checkpoint(tmp_path / "converted.pt", converted, cfg_ref)
+    toml = tmp_path / "server.toml"
+    toml.write_text(SERVER_TOML.format(name="from-ref", strategy="fedavg", multitask_rounds=1)
+                    .replace('model = "tiny"', 'model = "tiny-ref"\ninit = "converted.pt"'))
+    cfg = load_server_config(toml)
+    start = initial_weights(cfg)
+    assert start.keys() == converted.keys() and all(torch.equal(start[k], converted[k]) for k in converted)
+    nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites[:2])}
+    run_id = run_federation(InProcessGrid(client_app, nodes), cfg, log=lambda *_: None)
+    first = read_checkpoint(cfg.run_dir(run_id) / "round-0001.pt")["model"]
+    assert torch.equal(first["heads.yes_no.fc2.weight"], converted["heads.yes_no.fc2.weight"])
+    assert not torch.equal(first["image_encoder.norm.weight"], converted["image_encoder.norm.weight"])  # trained
+    assert (cfg.run_dir(run_id) / "round-0002.pt").is_file()
+    # a checkpoint made for another configuration is refused, naming both
+    toml.write_text(toml.read_text().replace('model = "tiny-ref"', 'model = "tiny"'))
+    with pytest.raises(RunError, match=r"made for model configuration 'tiny-ref', not this run's 'tiny'"):
+        initial_weights(load_server_config(toml))
