@@ -36,7 +36,7 @@ from privacy.dp_local import key_plan, private_multitask, private_pretrain
 from privacy.budget import DPSGDConfig, SiteBudget
 from privacy.dp_sgd import PrivacyLedger
 from transport.protocol import (CHUNK_VALUES_KEY, CLIPPING_NORM_KEY, ITEMS, NUM_EXAMPLES, SITE_ID, SKIPPED,
-                                TRAINED_MARK_KEY, EvaluateConfig, LocalRound, RoundConfig)
+                                TOKENIZER_KEY, TRAINED_MARK_KEY, EvaluateConfig, LocalRound, RoundConfig)
 from transport.secure_chunks import MAX_CHUNK_VALUES, ChunkedUpdate
 
 
@@ -107,7 +107,17 @@ def open_site(site: SiteConfig, model_name: str, ranks: Ranks | None = None) -> 
                            f"{site.model_config!r}); set [ingest] model_config = \"{model_name}\" in site.toml and "
                            "run m3fm-client ingest again")
     model = M3FM(cfg).to(site_device(site, ranks))
-    return OpenSite(site, data, model, load_tokenizer(cfg), ranks)
+    return OpenSite(site, data, model, load_tokenizer(cfg, site.tokenizer), ranks)
+
+
+def check_tokenizer(o: OpenSite, config: dict) -> None:
+    """The run's tokenizer (its fingerprint in the request) must be this site's: another one gives the same text
+    other token ids, and the model would train and answer on nonsense."""
+    want = str(config.get(TOKENIZER_KEY, ""))
+    if want and want != o.tokenizer.fingerprint:
+        raise SiteNotReady(f"site {o.site.site_id}: the run uses tokenizer {want}, this site's ({o.tokenizer.source}) "
+                           f"is {o.tokenizer.fingerprint}; set [model] tokenizer in {o.site.site_dir / 'site.toml'} "
+                           "to the run's folder (vocab.json, merges.txt)")
 
 
 def load_weights(o: OpenSite, packed: dict[str, np.ndarray]) -> None:

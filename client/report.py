@@ -47,7 +47,7 @@ def build_report(site: SiteConfig, model: M3FM, model_source: dict, split: str =
     """data: the site's datasets when the caller has them open already (they are read from its database)."""
     summary = ensure_ingested(site)
     data = data or SiteData(site.database_url, site.work_dir, model.cfg)
-    tasks = evaluate_tasks(model, data, load_tokenizer(model.cfg), site.min_cell_size, split, threshold, roc=True)
+    tasks = evaluate_tasks(model, data, load_tokenizer(model.cfg, site.tokenizer), site.min_cell_size, split, threshold, roc=True)
     return {"site_id": site.site_id, "site_name": site.name, "created_at": datetime.now(timezone.utc).isoformat(),
             "model": model_source, "split": split, "min_cell_size": site.min_cell_size, "threshold": threshold,
             "data": summary, "privacy": privacy_spent(site),

@@ -32,8 +32,8 @@ import numpy as np
 
 from client.channel import EVALUATE, REPORT, SECURE, TRAIN, listen, recv_frame, send_frame
 from client.ranks import RankGroup, join_group, serve_rank
-from client.federated import (OpenSite, evaluate_round, last_ingest, load_weights, open_site, secure_folder,
-                              secure_round_id, secure_update, train_round, uses_cuda)
+from client.federated import (OpenSite, check_tokenizer, evaluate_round, last_ingest, load_weights, open_site,
+                              secure_folder, secure_round_id, secure_update, train_round, uses_cuda)
 from client.site import load_site
 from m3fm.distributed import Ranks
 from m3fm.model.packing import packed_sizes, split_joined
@@ -131,6 +131,7 @@ class SiteService:
         return {"metrics": metrics.get("sent", {})}, {"values": values, "marks": marks}
 
     def _run(self, op: str, o: OpenSite, config: dict, arrays: dict[str, np.ndarray]):
+        check_tokenizer(o, config)
         if op != SECURE:  # SecAgg+ sends the packed vectors in its own order (server/secure.py)
             arrays = packed_weights(o, arrays)
         if op == TRAIN:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m3fm.model.configs import CONFIGS
+from m3fm.tokenizer_folder import tokenizer_folder
 from m3fm.tasks import TASK_BY_NAME
 from privacy.budget import PrivacyConfigError, SiteBudget
 
@@ -37,6 +38,7 @@ class SiteConfig:
     privacy: dict = field(default_factory=dict)
     device_type: str = "auto"  # [device] type: auto (CUDA when present), cuda or cpu
     devices: int = 1  # [device] devices: local ranks that train (client/ranks.py), one per GPU
+    tokenizer: Path | None = None  # [model] tokenizer: a RoBERTa folder (vocab.json, merges.txt); None: the shipped
 
     @property
     def database_url(self) -> str:
@@ -100,10 +102,14 @@ def load_site(site_dir: Path) -> SiteConfig:
     devices = device.get("devices", 1)
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
         raise SiteConfigError(f"{where}: device.devices must be a positive integer (local ranks), got {devices!r}")
+    try:
+        tokenizer = tokenizer_folder(d.get("model", {}).get("tokenizer"), site_dir, f"{where}: model.tokenizer")
+    except ValueError as e:
+        raise SiteConfigError(str(e)) from None
     return SiteConfig(site_dir=site_dir, site_id=_need(d, "site_id", str, where), name=d.get("name", d["site_id"]),
                       tasks=tasks, min_cell_size=min_cell, work_dir=work_dir, min_slices=min_slices,
                       model_config=model_config, dicom_dir=ingest.get("dicom_dir", "dicom"), splits=splits,
-                      privacy=privacy, device_type=device_type, devices=devices)
+                      privacy=privacy, device_type=device_type, devices=devices, tokenizer=tokenizer)
 
 
 def report_name(run_name: str, run_id: int, server_round: int) -> str:

@@ -281,6 +281,8 @@ def import_weights(
                                    "(known: heart=yes_no, cancer_risk=lung_cancer_risk)"),
     allow_extra: bool = typer.Option(False, "--allow-extra", help="convert even when reference keys map to nothing "
                                      "(they are listed)"),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="the RoBERTa folder (vocab.json, merges.txt) the "
+                                   "weights were trained with; recorded, so runs and sites must use the same"),
 ) -> None:
     """Convert published M3FM weights into a checkpoint of the "<size>-ref" configuration ([run] init starts a run
     from it; `m3fm-client predict --model` answers with it)."""
@@ -288,7 +290,9 @@ def import_weights(
 
     from m3fm.checkpoint import write_checkpoint
     from m3fm.model.configs import SIZES, get_config
+    from m3fm.model.text import load_tokenizer
     from m3fm.reference import ReferenceWeightsError, check_heads, convert
+    from m3fm.tokenizer_folder import tokenizer_folder
 
     console = Console()
     if config not in SIZES:
@@ -309,10 +313,15 @@ def import_weights(
     cfg = get_config(f"{config}-ref")
     try:
         converted, report = convert(state, cfg, check_heads(head), allow_extra)
-    except ReferenceWeightsError as e:
+        text = load_tokenizer(cfg, tokenizer_folder(tokenizer, Path.cwd(), "--tokenizer"))
+    except (ReferenceWeightsError, ValueError, FileNotFoundError) as e:
         print_error(console, f"{reference}: {e}")
         raise typer.Exit(2) from None
-    write_checkpoint(out, converted, cfg, extra={"imported_from": str(reference.resolve()), **report.summary()})
+    if tokenizer is None:
+        print_warning(console, "no --tokenizer: the checkpoint is tied to the shipped tokenizer; the published "
+                      "weights were trained with RoBERTa's vocab.json and merges.txt")
+    write_checkpoint(out, converted, cfg, extra={"imported_from": str(reference.resolve()), "tokenizer":
+                                                 text.fingerprint, **report.summary()})
     console.print(f"{reference} -> {out} (config {cfg.name}): {len(report.mapped)} tensors mapped from "
                   f"{len(state)} reference keys, {len(report.dropped)} constants and aliases dropped, "
                   f"{len(report.initialised)} initialised (what the reference lacks)")

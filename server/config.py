@@ -12,6 +12,8 @@
     site_reports = true       # after the last round every site evaluates the final model on its test split
                               # and sends its report (aggregates only); the run report follows
     seed = 0
+    tokenizer = ""            # a RoBERTa tokenizer folder (vocab.json, merges.txt); empty: the shipped one. Every
+                              # site must use the same (site.toml [model] tokenizer): requests carry its fingerprint
     init = ""                 # a checkpoint the run starts from (e.g. `m3fm-server import-weights` output), made
                               # for this model configuration; relative paths are relative to this file. Empty: the
                               # seed's fresh weights
@@ -75,6 +77,7 @@ from pathlib import Path
 from m3fm.local import PhaseConfig
 from m3fm.model.configs import CONFIGS, get_config
 from m3fm.tasks import TASK_BY_NAME
+from m3fm.tokenizer_folder import tokenizer_folder
 from privacy.budget import DPSGDConfig, PrivacyConfigError
 from server.secure import SecAggConfig
 from transport.secure_chunks import MAX_CHUNK_VALUES
@@ -118,6 +121,7 @@ class ServerConfig:
     site_reports: bool = True
     seed: int = 0
     init: Path | None = None  # the checkpoint a fresh run starts from
+    tokenizer: Path | None = None  # the run's tokenizer folder
     out_dir: Path = Path("runs")
     database: str = ""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -156,8 +160,9 @@ class ServerConfig:
         """What decides the training (not where files go): hashed, so a resume can refuse a changed run."""
         d = {"name": self.name, "model": self.model, "seed": self.seed, "strategy": asdict(self.strategy),
              "phases": [asdict(p) for p in self.phases]}
-        if self.init is not None:  # only when set, so hashes of runs from fresh weights do not change
-            d["init"] = str(self.init)
+        for key in ("init", "tokenizer"):  # only when set, so hashes of runs without them do not change
+            if getattr(self, key) is not None:
+                d[key] = str(getattr(self, key))
         for key in ("dp_sgd", "central_dp", "secagg"):  # only when set, so hashes of runs without DP do not change
             if getattr(self, key) is not None:
                 d[key] = asdict(getattr(self, key))
@@ -265,6 +270,13 @@ def _init_path(run: dict, path: Path, where: str) -> Path | None:
     return full
 
 
+def _tokenizer_path(run: dict, path: Path, where: str) -> Path | None:
+    try:
+        return tokenizer_folder(_take(run, "tokenizer", str, "", where), path.parent, f"{where} tokenizer")
+    except ValueError as e:
+        raise ServerConfigError(str(e)) from None
+
+
 def load_server_config(path: str | Path) -> ServerConfig:
     path = Path(path).resolve()
     if not path.is_file():
@@ -276,7 +288,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     _known(d, {"run", "strategy", "privacy", *PHASES}, str(path))
     run, where = d.get("run", {}), f"{path} [run]"
     _known(run, {"name", "model", "min_sites", "round_timeout", "round_retries", "evaluate_every", "site_reports",
-                "seed", "init", "out_dir", "database"}, where)
+                "seed", "init", "tokenizer", "out_dir", "database"}, where)
     model = _take(run, "model", str, "tiny", where, lambda v: v in CONFIGS, f"must be one of {list(CONFIGS)}")
     out_dir = Path(_take(run, "out_dir", str, "runs", where))
     st, swhere = d.get("strategy", {}), f"{path} [strategy]"
@@ -301,6 +313,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         site_reports=_take(run, "site_reports", bool, True, where),
         seed=_take(run, "seed", int, 0, where),
         init=_init_path(run, path, where),
+        tokenizer=_tokenizer_path(run, path, where),
         out_dir=out_dir if out_dir.is_absolute() else (path.parent / out_dir).resolve(),
         database=_take(run, "database", str, "", where),
         strategy=strategy,

@@ -12,6 +12,7 @@ round in flight, and `--resume` starts after the last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -30,6 +31,7 @@ from m3fm.checkpoint import load_checkpoint, read_checkpoint, write_checkpoint
 from m3fm.model.configs import get_config
 from m3fm.model.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.m3fm import M3FM
+from m3fm.model.text import load_tokenizer
 from privacy.dp_sgd import MECHANISM as DP_SGD_MECHANISM
 from server.central_dp import MECHANISM as CENTRAL_DP_MECHANISM, TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
@@ -42,11 +44,22 @@ from server.strategy import (RoundOutcome, TaskAwareFedAvg, build_strategy, eval
                              weighted_metrics)
 from server.task_sum import array_record
 from transport.protocol import (ARRAYS, CONFIG, COUNT, DP, REPORT, REPORT_JSON, REPORT_RECORD, SITE_ID, SKIPPED,
-                                EvaluateConfig, ReportConfig, RoundConfig)
+                                TOKENIZER_KEY, EvaluateConfig, ReportConfig, RoundConfig)
 
 
 class RunError(RuntimeError):
     """The run cannot go on: too few sites, a refused resume, a damaged checkpoint."""
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(model: str, folder: Path | None) -> str:
+    return load_tokenizer(get_config(model), folder).fingerprint
+
+
+def run_tokenizer(cfg: ServerConfig) -> str:
+    """The fingerprint of the run's tokenizer ([run] tokenizer, or the shipped one): every request carries it, every
+    checkpoint records it."""
+    return _fingerprint(cfg.model, cfg.tokenizer)
 
 
 def initial_weights(cfg: ServerConfig) -> dict[str, torch.Tensor]:
@@ -55,10 +68,14 @@ def initial_weights(cfg: ServerConfig) -> dict[str, torch.Tensor]:
     torch.manual_seed(cfg.seed)
     model = M3FM(get_config(cfg.model))
     if cfg.init is not None:
-        made_for = read_checkpoint(cfg.init)["config"]
+        payload = read_checkpoint(cfg.init)
+        made_for, tokenizer = payload["config"], payload["extra"].get("tokenizer")
         if made_for != model.cfg.to_dict():
             raise RunError(f"[run] init {cfg.init} was made for model configuration {made_for.get('name')!r}, not "
                            f"this run's {cfg.model!r} (converted weights: model = \"<size>-ref\")")
+        if tokenizer and tokenizer != run_tokenizer(cfg):
+            raise RunError(f"[run] init {cfg.init} was trained with tokenizer {tokenizer}, this run uses "
+                           f"{run_tokenizer(cfg)} ([run] tokenizer: the folder it was made with)")
         load_checkpoint(cfg.init, model)
     return model.state_dict()
 
@@ -75,6 +92,7 @@ def save_round(path: Path, cfg: ServerConfig, server_round: int, state: dict[str
     phase, phase_round = cfg.phase_of(server_round)
     extra = {"round": server_round, "phase": phase.name, "phase_round": phase_round, "config_hash": cfg.config_hash,
              "strategy": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in strategy_state.items()}}
+    extra["tokenizer"] = run_tokenizer(cfg)  # a run started from this checkpoint must use the same
     write_checkpoint(path, state, get_config(cfg.model), step=server_round, extra=extra)
     return file_sha256(path)
 
@@ -104,7 +122,7 @@ def phase_config(cfg: ServerConfig, server_round: int) -> ConfigRecord:
         batch_size=phase.batch_size, model=cfg.model, warmup_steps=phase.warmup_steps, scales=tuple(phase.scales),
         tasks=tuple(phase.tasks), tasks_per_step=phase.tasks_per_step,
         micro_batches=phase.micro_batches, seed=cfg.seed, run_name=cfg.name,
-        server_round=server_round, extra=dp_sgd_config(cfg)).to_config())
+        server_round=server_round, extra={**dp_sgd_config(cfg), TOKENIZER_KEY: run_tokenizer(cfg)}).to_config())
 
 
 def dp_sgd_config(cfg: ServerConfig) -> dict:
@@ -205,8 +223,8 @@ def _run_federation(grid, cfg: ServerConfig, resume: bool, flwr_run_id: int | No
 def collect_site_reports(grid, cfg: ServerConfig, strategy, engine, run_id: int, arrays: ArrayRecord, log) -> int:
     """Send the final weights to every site as a `query.report` message; each keeps the model, writes its own
     report (client/report.py) and answers with its aggregates, stored in site_reports. -> reports received."""
-    config = ConfigRecord(ReportConfig(model=cfg.model, run_name=cfg.name, run_id=run_id,
-                                       server_round=cfg.total_rounds).to_config())
+    config = ConfigRecord({**ReportConfig(model=cfg.model, run_name=cfg.name, run_id=run_id,
+                                          server_round=cfg.total_rounds).to_config(), TOKENIZER_KEY: run_tokenizer(cfg)})
     messages = [Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=node, message_type=REPORT)
                 for node in grid.get_node_ids()]
     rows = []
@@ -342,7 +360,8 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
     evaluate_metrics = None
     if cfg.evaluates_after(rnd):
         wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
-        config = ConfigRecord(EvaluateConfig(phase=phase.name, model=cfg.model, seed=cfg.seed).to_config())
+        config = ConfigRecord({**EvaluateConfig(phase=phase.name, model=cfg.model, seed=cfg.seed).to_config(),
+                               TOKENIZER_KEY: run_tokenizer(cfg)})
         sent = strategy.configure_evaluate(rnd, arrays, config, grid)
         evaluate_round(strategy, rnd, stream(grid, list(sent), cfg.round_timeout, inner.sent_to))
         evaluate_metrics = dict(outcome.evaluate_metrics or {})

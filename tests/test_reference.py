@@ -8,17 +8,25 @@ import subprocess
 import pytest
 import torch
 
+from client import channel
 from client.app import app as client_app
+from client.federated import SiteNotReady
+from client.service import SiteService
+from client.site import SiteConfigError, load_site
 from m3fm.checkpoint import load_checkpoint, read_checkpoint, write_checkpoint
 from m3fm.model.configs import get_config
 from m3fm.model.heads import cumulative_hazard
 from m3fm.model.m3fm import M3FM
+from m3fm.model.packing import pack_state
+from m3fm.model.text import TextTokenizer, load_tokenizer
 from m3fm.reference import ReferenceWeightsError, convert
-from server.config import load_server_config
-from server.rounds import RunError, initial_weights, run_federation
+from server.config import ServerConfigError, load_server_config
+from server.rounds import RunError, initial_weights, phase_config, run_federation
 from sim.inprocess_grid import InProcessGrid
 from test_federation import SERVER_TOML
+from test_site_service import copy_site
 from transport.flower import flower_bin
+from transport.protocol import TOKENIZER_KEY, EvaluateConfig
 
 
 def reference_state(cfg) -> dict[str, torch.Tensor]:
@@ -159,3 +167,34 @@ def test_a_run_starts_from_converted_weights_with_run_init(ingested, tmp_path):
     toml.write_text(toml.read_text().replace('model = "tiny-ref"', 'model = "tiny"'))
     with pytest.raises(RunError, match=r"made for model configuration 'tiny-ref', not this run's 'tiny'"):
         initial_weights(load_server_config(toml))
+
+
+def test_a_site_with_another_tokenizer_refuses_the_run_naming_both(ingested, tmp_path):
+    """site.toml [model] tokenizer and server.toml [run] tokenizer take a RoBERTa folder; requests carry the run's
+    fingerprint, and a site whose tokenizer differs refuses instead of training on other token ids."""
+    _, sites, _ = ingested
+    other = tmp_path / "roberta"
+    TextTokenizer.build(1024).save(other)  # a different vocabulary
+    site_dir = copy_site(sites[0].site_dir, tmp_path)
+    toml = site_dir / "site.toml"
+    toml.write_text(toml.read_text() + f'\n[model]\ntokenizer = "{other}"\n')
+    site = load_site(site_dir)
+    assert site.tokenizer == other
+    shipped = load_tokenizer(get_config("tiny")).fingerprint
+    request = {"op": channel.EVALUATE, "config": {**EvaluateConfig("multitask", "tiny").to_config(),
+                                                 TOKENIZER_KEY: shipped}}
+    with pytest.raises(SiteNotReady, match=rf"the run uses tokenizer {shipped}, this site's \({other}\) is "
+                                           rf"{TextTokenizer.from_files(other).fingerprint}"):
+        SiteService(site_dir).handle(request, pack_state(M3FM(get_config("tiny")).state_dict()))
+    run = tmp_path / "server.toml"
+    run.write_text(SERVER_TOML.format(name="tok", strategy="fedavg", multitask_rounds=1)
+                   .replace('model = "tiny"', f'model = "tiny"\ntokenizer = "{other}"'))
+    cfg = load_server_config(run)
+    assert dict(phase_config(cfg, 1))[TOKENIZER_KEY] == TextTokenizer.from_files(other).fingerprint
+    (tmp_path / "empty").mkdir()
+    run.write_text(run.read_text().replace(str(other), str(tmp_path / "empty")))
+    with pytest.raises(ServerConfigError, match=r"\[run\] tokenizer .*empty lacks vocab.json and merges.txt"):
+        load_server_config(run)
+    toml.write_text(toml.read_text().replace(str(other), "nowhere"))
+    with pytest.raises(SiteConfigError, match=r"site.toml: model.tokenizer 'nowhere': .* lacks vocab.json"):
+        load_site(site_dir)

@@ -52,6 +52,8 @@ TRAINED_MARK_KEY = "trained-mark"  # the value a site sends as its "I trained th
 # named here for the site's service, which imports no Flower; tests/test_secure.py checks the two agree
 CLIPPING_NORM_KEY = "clipping_norm"
 CHUNK_KEY = "secagg-chunk"  # which chunk of the packed update this SecAgg+ instance sums (transport/secure_chunks.py)
+# the run's tokenizer (m3fm/model/text.py fingerprint) in every request's config: a site whose own differs refuses
+TOKENIZER_KEY = "tokenizer"
 CHUNK_VALUES_KEY = "secagg-chunk-values"  # values per chunk (the last may be shorter)
 
 
