@@ -245,3 +245,67 @@ def report(
                       f"{ci[0]:.3f}-{ci[1]:.3f}" if isinstance(ci, list) else str(ci))
     console.print(table)
     console.print(f"wrote {json_path} and {html_path}")
+
+
+@app.command()
+def predict(
+    dicom_dir: Path = typer.Argument(..., help="a folder with one CT series (DICOM files, any layout)"),
+    model: Path = typer.Option(..., "--model", help="an m3fm checkpoint (a run's, or `m3fm-server import-weights`)"),
+    text: str = typer.Option(None, "--text", help="the clinical record as sentences"),
+    clinical: Path = typer.Option(None, "--clinical", help="a clinical.csv (the site format); its row for --exam"),
+    exam: str = typer.Option(None, "--exam", help="the exam_id of --clinical's row (default: its only row)"),
+    report_file: Path = typer.Option(None, "--report", help="the radiology report text (Lung-RADS reads it)"),
+    task: list[str] = typer.Option([], "--task", help="ask only these tasks (default: every task)"),
+    series: str = typer.Option(None, "--series", help="the SeriesInstanceUID when the folder holds several"),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="the RoBERTa folder the model was trained with"),
+    min_slices: int = typer.Option(64, "--min-slices", min=1, help="as ingestion's [ingest] min_slices"),
+    out: Path = typer.Option(None, "--out", help="also write the answers as JSON here"),
+) -> None:
+    """Answer every task for one patient's CT series: the series read and cropped as ingestion does."""
+    import json
+
+    from rich.table import Table
+
+    from client.predict import PredictError, model_and_tokenizer, predict as ask, read_one_series
+    from m3fm.data.clinical import clinical_sentences, read_clinical
+    from m3fm.tasks import TASK_BY_NAME
+    from m3fm.tokenizer_folder import tokenizer_folder
+
+    console = Console()
+    try:
+        if unknown := [t for t in task if t not in TASK_BY_NAME]:
+            raise PredictError(f"--task {unknown}: not tasks; known: {', '.join(TASK_BY_NAME)}")
+        if text is not None and clinical is not None:
+            raise PredictError("give --text or --clinical, not both")
+        sentences = [text] if text else []
+        if clinical is not None:
+            records, problems = read_clinical(clinical, str(clinical))
+            if not records:
+                raise PredictError(f"{problems[0] if problems else f'{clinical}: no rows'}")
+            for problem in problems:  # a bad value is left out of the record, as ingestion does
+                print_warning(console, problem)
+            if exam is None and len(records) != 1:
+                raise PredictError(f"{clinical} holds {len(records)} exams; choose one with --exam")
+            if (exam or next(iter(records))) not in records:
+                raise PredictError(f"{clinical}: no exam {exam!r}")
+            sentences = clinical_sentences(records[exam or next(iter(records))])
+        net, tok = model_and_tokenizer(model, tokenizer_folder(tokenizer, Path.cwd(), "--tokenizer"))
+        uid, geo, hu, boxes = read_one_series(dicom_dir, min_slices, series)
+        answers = ask(net, tok, hu, geo.spacing, boxes, sentences,
+                      report_file.read_text(encoding="utf-8") if report_file else None, task or None)
+    except (PredictError, FileNotFoundError, ValueError) as e:
+        print_error(console, e)
+        raise typer.Exit(2) from None
+    table = Table(title=f"series {uid} ({'x'.join(map(str, geo.shape))} voxels), model {model.name}")
+    for col in ("task", "where", "answer", "probabilities or 1-6 y risk"):
+        table.add_column(col)
+    for name, got in answers.items():
+        for where, a in (got.items() if "skipped" not in got and "risk" not in got and "answers" not in got
+                         else [("exam", got)]):
+            shown = (" ".join(f"{p:.3f}" for p in a["risk"]) if "risk" in a else a.get("skipped") or
+                     ", ".join(f"{k} {p:.3f}" for k, p in a["answers"].items()))
+            table.add_row(name, where, a.get("answer", "risk" if "risk" in a else "-"), shown)
+    console.print(table)
+    if out is not None:
+        out.write_text(json.dumps({"series": uid, "model": str(model), "answers": answers}, indent=1))
+        console.print(f"answers: {out}")

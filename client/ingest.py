@@ -65,17 +65,24 @@ def _header_job(args):
         return rel, None, "unreadable", f"header could not be read: {type(e).__name__}: {e}"
 
 
+def read_series(base: Path, headers: list[InstanceHeader], min_slices: int):
+    """One series' headers (paths relative to `base`) -> (checked geometry, HU volume (S, H, W), organ boxes);
+    InputRejected naming the problem, and the file when one is to blame. `m3fm-client predict` reads with it too."""
+    geo = check_series(headers, min_slices)
+    hu = load_hu(base, geo)
+    try:
+        return geo, hu, locate(hu, geo.spacing)
+    except LocalizationError as e:
+        raise InputRejected("localization_failed", f"organs not found: {e}") from None
+
+
 def _series_job(args):
     site_dir, work_dir, uid, header_dicts, min_slices, config = args
     headers = [InstanceHeader.from_dict(h) for h in header_dicts]
     try:
-        geo = check_series(headers, min_slices)
-        hu = load_hu(site_dir, geo)
-        boxes = locate(hu, geo.spacing)
+        geo, hu, boxes = read_series(site_dir, headers, min_slices)
     except InputRejected as e:
         return {"status": "rejected", "category": e.category, "reason": e.reason, "path": e.path}
-    except LocalizationError as e:
-        return {"status": "rejected", "category": "localization_failed", "reason": f"organs not found: {e}", "path": None}
     except Exception as e:  # noqa: BLE001 - one bad series never stops a site
         return {"status": "rejected", "category": "failed", "reason": f"{type(e).__name__}: {e}", "path": None}
     first = next(h for h in headers if h.path == geo.frames[0][0])

@@ -118,12 +118,13 @@ def load_model(path: Path) -> tuple[M3FM, dict]:
     model = M3FM(cfg)
     load_checkpoint(path, model)
     extra = payload.get("extra") or {}
-    return model, model_source(path, cfg.name, extra.get("run_name", ""), extra.get("round", payload.get("step", 0)))
+    return model, model_source(path, cfg.name, extra.get("run_name", ""), extra.get("round", payload.get("step", 0)),
+                               extra.get("tokenizer", ""))
 
 
-def model_source(path: Path, config: str, run: str, server_round: int) -> dict:
-    """Which model a report evaluated."""
-    return {"checkpoint": str(path), "config": config, "run": run, "round": server_round}
+def model_source(path: Path, config: str, run: str, server_round: int, tokenizer: str = "") -> dict:
+    """Which model a report evaluated (and the fingerprint of the tokenizer it was trained with, when recorded)."""
+    return {"checkpoint": str(path), "config": config, "run": run, "round": server_round, "tokenizer": tokenizer}
 
 
 

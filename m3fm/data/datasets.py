@@ -81,19 +81,29 @@ class SiteData:
               rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(1, S, H, W) normalized image and its voxel size; slabs are cut to the nodule scale's S slices."""
         crop = entry.crops[region]
-        arr = read_memmap(self.work_dir / crop.path)
-        if region.startswith("slab_"):
-            n = self.cfg.scale("nodule").volume[0]
-            if slab_center is not None:  # the annotated nodule's table position -> slice of the slab
-                k = int(round((slab_center - entry.origin[2]) / entry.spacing[0])) - crop.first_slice
-                start = k - n // 2
-            else:
-                start = (rng.randrange(max(arr.shape[0] - n, 0) + 1) if rng else (arr.shape[0] - n) // 2)
-            start = int(np.clip(start, 0, max(arr.shape[0] - n, 0)))
-            arr = arr[start:start + n]
-            if arr.shape[0] < n:  # a lung shorter than a slab: pad with air
-                arr = np.concatenate([arr, np.full((n - arr.shape[0], *arr.shape[1:]), -1024, arr.dtype)])
-        return normalize_hu(arr, window)[None], np.asarray(crop.voxel_size, dtype=np.float32)
+        center = None
+        if slab_center is not None:  # the annotated nodule's table position -> slice of the slab
+            center = int(round((slab_center - entry.origin[2]) / entry.spacing[0])) - crop.first_slice
+        return region_image(read_memmap(self.work_dir / crop.path), region, window, self.cfg, crop.voxel_size,
+                            center, rng)
+
+
+def region_image(arr: np.ndarray, region: str, window, cfg: M3FMConfig, voxel_size, slab_center: int | None = None,
+                 rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A cached crop (S, H, W) HU -> (1, S, H, W) normalized image and its voxel size. A lung's slab stack is cut
+    to the nodule scale's S slices around `slab_center` (a slice of the stack), else at random with `rng`, else
+    in its middle."""
+    if region.startswith("slab_"):
+        n = cfg.scale("nodule").volume[0]
+        if slab_center is not None:
+            start = slab_center - n // 2
+        else:
+            start = (rng.randrange(max(arr.shape[0] - n, 0) + 1) if rng else (arr.shape[0] - n) // 2)
+        start = int(np.clip(start, 0, max(arr.shape[0] - n, 0)))
+        arr = arr[start:start + n]
+        if arr.shape[0] < n:  # a lung shorter than a slab: pad with air
+            arr = np.concatenate([arr, np.full((n - arr.shape[0], *arr.shape[1:]), -1024, arr.dtype)])
+    return normalize_hu(arr, window)[None], np.asarray(voxel_size, dtype=np.float32)
 
 
 def crop_of(region: str, side: str | None = None) -> str:
