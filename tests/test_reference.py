@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from client import channel
-from client.app import app as client_app
 from client.federated import SiteNotReady
 from client.service import SiteService
 from client.site import SiteConfigError, load_site
@@ -21,8 +20,7 @@ from m3fm.model.packing import pack_state
 from m3fm.model.text import TextTokenizer, load_tokenizer
 from m3fm.reference import ReferenceWeightsError, convert
 from server.config import ServerConfigError, load_server_config
-from server.rounds import RunError, initial_weights, phase_config, run_federation
-from sim.inprocess_grid import InProcessGrid
+from server.rounds import RunError, initial_weights, phase_config
 from test_federation import SERVER_TOML
 from test_site_service import copy_site
 from transport.flower import flower_bin
@@ -144,28 +142,26 @@ def test_the_reference_hazard_form_is_the_public_arithmetic_and_ours_stays_monot
     torch.testing.assert_close(monotone[0, 0], torch.tensor(-2.0) + torch.nn.functional.softplus(torch.tensor(0.5)))
 
 
-def test_a_run_starts_from_converted_weights_with_run_init(ingested, tmp_path):
-    """[run] init: the round-0 model is the converted checkpoint (strictly checked), and a tiny federated run from
-    it completes; pretraining leaves the predictors alone, so round 1's still hold the converted values."""
-    _, sites, _ = ingested
+def test_run_init_starts_a_run_from_converted_weights_and_refuses_another_configuration(tmp_path):
+    """[run] init: the round-0 model is the converted checkpoint, strictly checked (a real run from one:
+    tests/test_site_ranks.py's round)."""
     cfg_ref = get_config("tiny-ref")
     converted, _ = convert(reference_state(cfg_ref), cfg_ref)
     write_checkpoint(tmp_path / "converted.pt", converted, cfg_ref)
     toml = tmp_path / "server.toml"
     toml.write_text(SERVER_TOML.format(name="from-ref", strategy="fedavg", multitask_rounds=1)
                     .replace('model = "tiny"', 'model = "tiny-ref"\ninit = "converted.pt"'))
-    cfg = load_server_config(toml)
-    start = initial_weights(cfg)
+    start = initial_weights(load_server_config(toml))
     assert start.keys() == converted.keys() and all(torch.equal(start[k], converted[k]) for k in converted)
-    nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites[:2])}
-    run_id = run_federation(InProcessGrid(client_app, nodes), cfg, log=lambda *_: None)
-    first = read_checkpoint(cfg.run_dir(run_id) / "round-0001.pt")["model"]
-    assert torch.equal(first["heads.yes_no.fc2.weight"], converted["heads.yes_no.fc2.weight"])
-    assert not torch.equal(first["image_encoder.norm.weight"], converted["image_encoder.norm.weight"])  # trained
-    assert (cfg.run_dir(run_id) / "round-0002.pt").is_file()
-    # a checkpoint made for another configuration is refused, naming both
     toml.write_text(toml.read_text().replace('model = "tiny-ref"', 'model = "tiny"'))
     with pytest.raises(RunError, match=r"made for model configuration 'tiny-ref', not this run's 'tiny'"):
+        initial_weights(load_server_config(toml))
+    other = tmp_path / "roberta"
+    TextTokenizer.build(1024).save(other)
+    toml.write_text(toml.read_text().replace('model = "tiny"', f'model = "tiny-ref"\ntokenizer = "{other}"'))
+    with pytest.raises(RunError, match="was trained with tokenizer"):
+        write_checkpoint(tmp_path / "converted.pt", converted, cfg_ref,
+                         extra={"tokenizer": load_tokenizer(cfg_ref).fingerprint})
         initial_weights(load_server_config(toml))
 
 

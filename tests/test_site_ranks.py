@@ -19,7 +19,8 @@ from client.service import SiteService
 from client.site import load_site
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
-from m3fm.checkpoint import read_checkpoint
+from m3fm.checkpoint import read_checkpoint, write_checkpoint
+from m3fm.reference import convert
 from m3fm.model.packing import pack_state
 from privacy.budget import DPSGDConfig
 from privacy.dp_sgd import PrivacyLedger
@@ -28,6 +29,7 @@ from server.rounds import initial_weights, phase_config
 from server.task_sum import task_aware_average
 from server.coordinator import free_port
 from test_deployment import rounds_and_metrics, start
+from test_reference import reference_state
 from test_site_service import copy_site
 from transport.flower import flower_bin
 from transport.protocol import LOSS, NUM_EXAMPLES, SECONDS, SERVICE_TIME, RoundConfig, counts_of
@@ -124,7 +126,8 @@ def test_a_rank_dying_mid_round_fails_the_request_cleanly_and_the_next_one_works
 ROUND_TOML = """
 [run]
 name = "two-ranks"
-model = "tiny"
+model = "tiny-ref"
+init = "converted.pt"
 min_sites = 2
 round_timeout = 300
 out_dir = "runs"
@@ -140,12 +143,16 @@ local_steps = 2
 
 
 def test_a_real_round_with_one_site_on_two_ranks_aggregates_what_its_replies_give(ingested, cluster):
-    """`m3fm-client start --devices 2` at one hospital, one device at the other, real SuperLink and SuperNodes: both
-    rounds complete, the two-rank site's service trained on both ranks, and each round's global model is the
-    task-aware average of the replies each site gives on one device from the previous global model."""
+    """`m3fm-client start --devices 2` at one hospital, one device at the other, real SuperLink and SuperNodes, the
+    run started from converted published-format weights ([run] init): both rounds complete, the two-rank site's
+    service trained on both ranks, the round-0 model is the converted checkpoint, and each round's global model is
+    the task-aware average of the replies each site gives on one device from the previous global model."""
     procs, tmp = cluster
     _, sites, _ = ingested
     copies = [load_site(copy_site(s.site_dir, tmp)) for s in sites[:2]]
+    cfg_ref = get_config("tiny-ref")
+    converted, _ = convert(reference_state(cfg_ref), cfg_ref)
+    write_checkpoint(tmp / "converted.pt", converted, cfg_ref)
     toml = tmp / "server.toml"
     toml.write_text(ROUND_TOML)
     port = free_port()
@@ -165,7 +172,9 @@ def test_a_real_round_with_one_site_on_two_ranks_aggregates_what_its_replies_giv
     assert "[rank" not in (copies[1].work_dir / "service.log").read_text()
 
     cfg = load_server_config(toml)
-    previous = pack_state(initial_weights(cfg))
+    round0 = initial_weights(cfg)
+    assert all(torch.equal(round0[k], converted[k]) for k in converted)  # round 0: the converted weights
+    previous = pack_state(round0)
     checkpoints = sorted((tmp / "runs").rglob("round-*.pt"))
     assert len(checkpoints) == 2
     for rnd, path in enumerate(checkpoints, start=1):
