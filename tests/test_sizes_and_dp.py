@@ -4,7 +4,7 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
 from m3fm.data.collate import collate_qa
-from m3fm.model.configs import CONFIGS, get_config
+from m3fm.model.configs import CONFIGS, SIZES, get_config
 from m3fm.model.m3fm import M3FM, count_parameters
 from sim.toy_batches import toy_qa_samples
 
@@ -20,7 +20,7 @@ def test_paper_sizes_within_ten_percent(name):
 
 
 def test_sizes_grow_with_the_configuration():
-    totals = [count_parameters(get_config(n))["total"] for n in CONFIGS]
+    totals = [count_parameters(get_config(n))["total"] for n in SIZES]
     assert totals == sorted(totals)
 
 

@@ -227,20 +227,24 @@ def check_series(headers: list[InstanceHeader], min_slices: int, gap_tolerance: 
 
 
 def load_hu(site_dir: Path, geometry: SeriesGeometry) -> np.ndarray:
-    """Decode every frame (compressed syntaxes through pylibjpeg) and apply the rescale: (S, H, W) float32 HU."""
-    pixels: dict[str, np.ndarray] = {}
-    for path, _ in geometry.frames:
-        if path in pixels:
-            continue
+    """Decode every frame (compressed syntaxes through pylibjpeg) and apply the rescale: (S, H, W) float32 HU.
+    Each file is decoded once, straight into its slices of one preallocated volume (flips included): no stack of
+    decoded frames, no second copy of the volume."""
+    S, H, W = geometry.shape
+    vol = np.empty((S, H, W), dtype=np.float32)
+    slices: dict[str, list[tuple[int, int]]] = {}
+    for i, (path, k) in enumerate(geometry.frames):
+        slices.setdefault(path, []).append((i, k))
+    rows = slice(None, None, -1) if geometry.flip_h else slice(None)
+    cols = slice(None, None, -1) if geometry.flip_w else slice(None)
+    for path, where in slices.items():
         try:
             ds = pydicom.dcmread(site_dir / path)
-            pixels[path] = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
+            frames = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
         except Exception as e:  # noqa: BLE001 - a decoder failure is a property of this file
             raise InputRejected("undecodable", f"pixel data cannot be decoded: {type(e).__name__}: {e}", path) from None
-    vol = np.stack([pixels[path][k].astype(np.float32) * np.float32(slope) + np.float32(intercept)
-                    for (path, k), (slope, intercept) in zip(geometry.frames, geometry.rescale)])
-    if geometry.flip_h:
-        vol = vol[:, ::-1]
-    if geometry.flip_w:
-        vol = vol[:, :, ::-1]
-    return np.ascontiguousarray(vol)
+        for i, k in where:
+            slope, intercept = geometry.rescale[i]
+            np.multiply(frames[k][rows, cols], np.float32(slope), out=vol[i], dtype=np.float32)
+            vol[i] += np.float32(intercept)
+    return vol
