@@ -5,7 +5,10 @@
 Writes a one-site cohort of the preset (bench: 512 x 512 slices at clinical spacing; each exam takes about
 40 s to render on one core), then ingests it from scratch once per worker count (header index, series checks,
 decode, HU, lung/heart localization, every crop of the model configuration), then once more unchanged (the
-incremental no-op). A measurement, never pass/fail: the machine is shared and timings are noisy.
+incremental no-op). Then, in this process, each series stage by stage (the same functions ingestion calls), and
+the decode-only floor (pydicom reading every file with its pixels, nothing else). Peak RSS per worker: the
+largest of the spawned workers (2+ workers); with 1 worker ingestion runs in this process. A measurement, never
+pass/fail: the machine is shared and timings are noisy.
 """
 
 from __future__ import annotations
@@ -68,19 +71,94 @@ def main() -> None:
                          "slices": len(files), "megabytes": round(megabytes, 1), "seconds": round(cold, 2),
                          "series_per_second": round(series / cold, 3), "slices_per_second": round(len(files) / cold, 1),
                          "megabytes_per_second": round(megabytes / cold, 1), "unchanged_rerun_seconds": round(warm, 2)})
+            if workers > 1:
+                rows[-1]["peak_rss_mb_per_worker"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+        stages = stage_breakdown(site_dir, args.config)
     finally:
         shutil.rmtree(tmp)
     table = Table(title=f"ingestion, preset {args.preset} ({args.exams} exams, cohort written in {generated:.0f} s)")
-    for col in rows[0]:
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # peak RSS per worker: 2+ workers only
+    for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(*(str(v) for v in r.values()))
+        table.add_row(*(str(r.get(c, "-")) for c in columns))
     Console(width=200).print(table)
+    st = Table(title=f"one worker, stage by stage, seconds per series (mean of {stages['series']} series, "
+                     f"{stages['slices_per_series']:.0f} slices each)")
+    for col in stages["seconds_per_series"]:
+        st.add_column(col, justify="right")
+    st.add_row(*(f"{v:.3f}" for v in stages["seconds_per_series"].values()))
+    Console(width=200).print(st)
+    print(f"decode-only floor: {stages['decode_floor_series_per_second']:.2f} series/s on one core "
+          f"(pydicom, pixels included); the stages above sum to {stages['series_per_second_one_core']:.2f} series/s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"benchmark": "ingestion", "rows": rows, "machine": {
+    RESULTS.write_text(json.dumps({"benchmark": "ingestion", "rows": rows, "stages": stages, "machine": {
         "python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
         "peak_rss_mb_main_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}}, indent=1))
     print(f"wrote {RESULTS}")
+
+
+def stage_breakdown(site_dir: Path, config: str) -> dict:
+    """Each series through ingestion's own functions, timed stage by stage, and the decode-only floor."""
+    import numpy as np
+    import pydicom
+
+    from m3fm.data.crops import region_crops, write_memmap
+    from m3fm.data.dicom_series import InputRejected, check_series, load_hu, read_header
+    from m3fm.data.localize import locate
+    from m3fm.model.configs import get_config
+
+    files = sorted(p for p in (site_dir / "dicom").rglob("*") if p.is_file())
+    t0 = time.perf_counter()
+    headers = {}
+    for p in files:
+        try:
+            h = read_header(p, str(p.relative_to(site_dir)))
+            headers.setdefault(h.series_uid, []).append(h)
+        except InputRejected:
+            pass
+    header_s = time.perf_counter() - t0
+    cfg, spent, slices = get_config(config), {}, []
+    out = Path(tempfile.mkdtemp(prefix="m3fm-bench-crops-"))
+    try:
+        for uid, hs in headers.items():
+            marks = {}
+            t = time.perf_counter()
+            try:
+                geo = check_series(hs, 64)
+            except InputRejected:
+                continue
+            marks["check"] = time.perf_counter() - t
+            t = time.perf_counter()
+            hu = load_hu(site_dir, geo)
+            marks["decode + HU"] = time.perf_counter() - t
+            t = time.perf_counter()
+            boxes = locate(hu, geo.spacing)
+            marks["localize"] = time.perf_counter() - t
+            t = time.perf_counter()
+            crops = [(region, arr) for region, _, arr, _, _ in region_crops(hu, geo.spacing, boxes, cfg)]
+            marks["crop + resize"] = time.perf_counter() - t
+            t = time.perf_counter()
+            for region, arr in crops:
+                write_memmap(out / uid / f"{region}.npy", arr)
+            marks["write"] = time.perf_counter() - t
+            for k, v in marks.items():
+                spent.setdefault(k, []).append(v)
+            slices.append(len(geo.frames))
+    finally:
+        shutil.rmtree(out)
+    per_series = {"headers": header_s / max(len(headers), 1), **{k: float(np.mean(v)) for k, v in spent.items()}}
+    t0 = time.perf_counter()
+    for p in files:
+        try:
+            pydicom.dcmread(p).pixel_array
+        except Exception:  # noqa: BLE001 - what ingestion rejects costs the floor nothing more
+            pass
+    floor = time.perf_counter() - t0
+    return {"series": len(slices), "slices_per_series": float(np.mean(slices)) if slices else 0.0,
+            "seconds_per_series": {**per_series, "total": sum(per_series.values())},
+            "series_per_second_one_core": 1 / sum(per_series.values()),
+            "decode_floor_series_per_second": len(headers) / floor}
 
 
 if __name__ == "__main__":
