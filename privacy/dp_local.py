@@ -11,12 +11,14 @@ only move weights no data touched.
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from collections import defaultdict
 from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from m3fm.data.collate import collate_pretrain, collate_qa
 from m3fm.distributed import Ranks
@@ -104,6 +106,16 @@ def private_step(clipping, key: str, items: list[int], size: int, loss_of, ranks
         dp_optimizer.zero_grad(set_to_none=True)
 
 
+def secret_seed(ranks: Ranks | None = None) -> int:
+    """The patient sampler's seed, from the operating system's entropy: amplification by sampling assumes nobody
+    outside the site can tell who was sampled, and the coordinator knows the run's seed. A site's ranks share
+    rank 0's draw, so they all clip the same sample."""
+    seed = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
+    if ranks is not None:
+        dist.broadcast(seed, src=0, group=ranks.group)
+    return int(seed)
+
+
 def _private_round(model: M3FM, phase: str, data, ds, per_key: dict[str, int], pc: PhaseConfig, phase_round: int,
                    dp: DPSGDConfig, budget: SiteBudget, ledger: PrivacyLedger, where: tuple[str, int], seed: int,
                    plan, make_loss, ranks: Ranks | None = None) -> dict:
@@ -120,7 +132,7 @@ def _private_round(model: M3FM, phase: str, data, ds, per_key: dict[str, int], p
     tc = pc.train_config()
     rng = random.Random(f"{seed}|dp-{phase}|{phase_round}")
     clipping, finish = private_training(model, build_optimizer(model, tc), planned, dp, ledger, ranks)
-    sampler = PatientSampler(units, pc.batch_size, rng.randrange(2**31))
+    sampler = PatientSampler(units, pc.batch_size, secret_seed(ranks))
     loss_of, losses = make_loss(tc, rng)
     model.train()
     for i, key in enumerate(schedule):

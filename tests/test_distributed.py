@@ -17,7 +17,7 @@ from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer
 from m3fm.train import TrainConfig, build_optimizer, multitask_step, pretrain_loss, pretrain_step, qa_loss, set_lr
 from privacy.budget import DPSGDConfig
-from privacy.dp_local import private_step
+from privacy.dp_local import private_step, secret_seed
 from privacy.dp_sgd import Clipping
 from sim.toy_batches import toy_pretrain_samples, toy_qa_samples
 
@@ -214,3 +214,19 @@ def test_dp_sgd_on_two_ranks_takes_the_steps_of_one_process_with_the_noise_drawn
         got = torch.load(tmp_path / f"dp.{rank}")
         for k, v in reference.items():
             torch.testing.assert_close(got[k], v, rtol=0, atol=2e-5, msg=lambda m: f"{k}: {m}")
+
+
+def rank_seed(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.save([secret_seed(Ranks(rank, 2)) for _ in range(2)], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_patient_sampler_seed_is_secret_and_shared_by_a_sites_ranks(tmp_path):
+    """From the OS, not the run's seed (the coordinator knows that one), and rank 0's on every rank."""
+    mp.spawn(rank_seed, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "seed")), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"seed.{r}") for r in range(2))
+    assert first == second and first[0] != first[1]
+    assert secret_seed() != secret_seed()
