@@ -104,7 +104,8 @@ def stage_breakdown(site_dir: Path, config: str) -> dict:
     import pydicom
 
     from m3fm.data.crops import region_crops, write_memmap
-    from m3fm.data.dicom_series import InputRejected, check_series, load_hu, read_header
+    from client.ingest import header_or_reason
+    from m3fm.data.dicom_series import InputRejected, check_series, load_hu
     from m3fm.data.localize import locate
     from m3fm.model.configs import get_config
 
@@ -112,11 +113,9 @@ def stage_breakdown(site_dir: Path, config: str) -> dict:
     t0 = time.perf_counter()
     headers = {}
     for p in files:
-        try:
-            h = read_header(p, str(p.relative_to(site_dir)))
+        h, _, _ = header_or_reason(site_dir, str(p.relative_to(site_dir)))
+        if h is not None:
             headers.setdefault(h.series_uid, []).append(h)
-        except InputRejected:
-            pass
     header_s = time.perf_counter() - t0
     cfg, spent, slices = get_config(config), {}, []
     out = Path(tempfile.mkdtemp(prefix="m3fm-bench-crops-"))

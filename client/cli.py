@@ -266,7 +266,7 @@ def predict(
 
     from rich.table import Table
 
-    from client.predict import PredictError, model_and_tokenizer, predict as ask, read_one_series
+    from client.predict import PredictError, model_and_tokenizer, places, predict as ask, read_one_series
     from m3fm.data.clinical import clinical_sentences, read_clinical
     from m3fm.tasks import TASK_BY_NAME
     from m3fm.tokenizer_folder import tokenizer_folder
@@ -286,9 +286,10 @@ def predict(
                 print_warning(console, problem)
             if exam is None and len(records) != 1:
                 raise PredictError(f"{clinical} holds {len(records)} exams; choose one with --exam")
-            if (exam or next(iter(records))) not in records:
+            exam = exam or next(iter(records))
+            if exam not in records:
                 raise PredictError(f"{clinical}: no exam {exam!r}")
-            sentences = clinical_sentences(records[exam or next(iter(records))])
+            sentences = clinical_sentences(records[exam])
         net, tok = model_and_tokenizer(model, tokenizer_folder(tokenizer, Path.cwd(), "--tokenizer"))
         uid, geo, hu, boxes = read_one_series(dicom_dir, min_slices, series)
         answers = ask(net, tok, hu, geo.spacing, boxes, sentences,
@@ -300,8 +301,7 @@ def predict(
     for col in ("task", "where", "answer", "probabilities or 1-6 y risk"):
         table.add_column(col)
     for name, got in answers.items():
-        for where, a in (got.items() if "skipped" not in got and "risk" not in got and "answers" not in got
-                         else [("exam", got)]):
+        for where, a in places(got):
             shown = (" ".join(f"{p:.3f}" for p in a["risk"]) if "risk" in a else a.get("skipped") or
                      ", ".join(f"{k} {p:.3f}" for k, p in a["answers"].items()))
             table.add_row(name, where, a.get("answer", "risk" if "risk" in a else "-"), shown)

@@ -137,10 +137,11 @@ def round_config(config: dict) -> tuple[RoundConfig, PhaseConfig]:
                            tasks_per_step=rc.tasks_per_step, micro_batches=rc.micro_batches)
 
 
-def train_round(o: OpenSite, packed: dict[str, np.ndarray], config: dict
+def train_round(o: OpenSite, packed: dict[str, np.ndarray], config: dict, send: bool = True
                 ) -> tuple[dict[str, np.ndarray] | None, LocalRound]:
     """Packed global weights in -> (packed new weights, or None when the site did not train; the round's result,
-    whose `skipped` says why it did not)."""
+    whose `skipped` says why it did not). send=False: a site's rank other than 0, whose weights nobody reads (rank
+    0's are the same), so they are not packed."""
     site = o.site
     rc, pc = round_config(config)
     dp = DPSGDConfig.from_config(config)
@@ -156,7 +157,7 @@ def train_round(o: OpenSite, packed: dict[str, np.ndarray], config: dict
         return None, LocalRound(skipped=out["reason"])
     result = LocalRound(counts=out["counts"], items=out["items"], loss=out["loss"], privacy=out.get("privacy", {}),
                         steps=out["steps"], seconds=out["seconds"])
-    return pack_state(o.model.state_dict()), result
+    return (pack_state(o.model.state_dict()) if send else None), result
 
 
 @contextmanager

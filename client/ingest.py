@@ -55,14 +55,20 @@ def scan_tree(root: Path, site_dir: Path) -> dict[str, tuple[int, int]]:
     return dict(sorted(found.items()))
 
 
+def header_or_reason(base: Path, rel: str) -> tuple[InstanceHeader | None, str | None, str | None]:
+    """One file's header -> (header, None, None), or (None, category, reason) when it cannot be used."""
+    try:
+        return read_header(base / rel, rel), None, None
+    except InputRejected as e:
+        return None, e.category, e.reason
+    except Exception as e:  # noqa: BLE001 - one bad file never stops a site
+        return None, "unreadable", f"header could not be read: {type(e).__name__}: {e}"
+
+
 def _header_job(args):
     site_dir, rel = args
-    try:
-        return rel, read_header(site_dir / rel, rel).to_dict(), None, None
-    except InputRejected as e:
-        return rel, None, e.category, e.reason
-    except Exception as e:  # noqa: BLE001 - one bad file never stops a site
-        return rel, None, "unreadable", f"header could not be read: {type(e).__name__}: {e}"
+    header, category, reason = header_or_reason(site_dir, rel)
+    return rel, header.to_dict() if header else None, category, reason
 
 
 def read_series(base: Path, headers: list[InstanceHeader], min_slices: int):

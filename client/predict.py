@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.ingest import read_series
+from client.ingest import header_or_reason, read_series
 from client.report import load_model
 from m3fm.data.collate import collate_qa
 from m3fm.data.crops import region_crops
 from m3fm.data.datasets import crop_of, region_image
-from m3fm.data.dicom_series import InputRejected, read_header
+from m3fm.data.dicom_series import InputRejected
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer, load_tokenizer
 from m3fm.tasks import TASKS, get_task
@@ -46,18 +46,15 @@ def model_and_tokenizer(path: Path, tokenizer_dir: Path | None) -> tuple[M3FM, T
 def read_one_series(folder: Path, min_slices: int, series_uid: str | None = None):
     """Every DICOM file under `folder` -> (series UID, geometry, HU volume, organ boxes); PredictError with
     ingestion's reason when the series cannot be used."""
-    headers, unreadable = [], []
+    by_series: dict[str, list] = {}
+    unreadable = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = str(path.relative_to(folder))
-        try:
-            headers.append(read_header(path, rel))
-        except InputRejected as e:
-            unreadable.append(f"{rel}: {e.reason}")
-        except Exception as e:  # noqa: BLE001 - a non-DICOM file beside the series is named, not fatal
-            unreadable.append(f"{rel}: header could not be read: {type(e).__name__}: {e}")
-    by_series: dict[str, list] = {}
-    for h in headers:
-        by_series.setdefault(h.series_uid, []).append(h)
+        header, _, reason = header_or_reason(folder, rel)  # a file beside the series is named, not fatal
+        if header is None:
+            unreadable.append(f"{rel}: {reason}")
+        else:
+            by_series.setdefault(header.series_uid, []).append(header)
     if not by_series:
         raise PredictError(f"{folder}: no readable DICOM instance" + (f" ({'; '.join(unreadable[:3])})" if unreadable else ""))
     if series_uid is None and len(by_series) > 1:
@@ -102,6 +99,11 @@ def predict(model: M3FM, tokenizer: TextTokenizer, hu: np.ndarray, spacing, boxe
             per_side["exam"] = {"risk": np.max([v["risk"] for v in per_side.values()], axis=0).round(4).tolist()}
         out[name] = per_side if len(per_side) > 1 else per_side["exam"]
     return out
+
+
+def places(answer: dict) -> list[tuple[str, dict]]:
+    """One task's answer from `predict` -> (where, answer) rows: per lung (and the exam) or the exam alone."""
+    return list(answer.items()) if set(answer) <= {*SIDES, "exam"} else [("exam", answer)]
 
 
 def answer_of(task, probs: np.ndarray) -> dict:

@@ -63,7 +63,6 @@ class RankGroup:
         self.procs: list[subprocess.Popen] = []
         self.socks: list[socket.socket] = []
         self.rendezvous: Path | None = None
-        self.starts = 0
 
     def start(self) -> None:
         from transport.flower import flower_env
@@ -82,7 +81,6 @@ class RankGroup:
                                                env=env, preexec_fn=die_with_parent))
             theirs.close()
             self.socks.append(mine)
-        self.starts += 1
         (self.work_dir / "service" / "ranks.json").write_text(json.dumps({"pids": [p.pid for p in self.procs]}))
         self.log(f"started {self.world} ranks: pids {[p.pid for p in self.procs]}")
 
@@ -168,8 +166,9 @@ def join_group(rank: int, world: int, init: str, cuda: bool) -> Ranks:
     return Ranks(rank, world)
 
 
-def serve_rank(sock: socket.socket, rank: int, handle, log: Callable[[str], None]) -> None:
-    """Answer the service's requests (handle(header, arrays) -> answer) until it closes the channel."""
+def serve_rank(sock: socket.socket, handle, log: Callable[[str], None]) -> None:
+    """Answer the service's requests (handle(header, arrays) -> answer; ranks other than 0 answer training with
+    nothing, client/service.py) until it closes the channel."""
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     while True:
         try:
@@ -181,8 +180,6 @@ def serve_rank(sock: socket.socket, rank: int, handle, log: Callable[[str], None
         except Exception as e:  # noqa: BLE001 - the service stops the group and reports it
             log(f"request failed: {traceback.format_exc()}")
             answer, out = {"error": f"{type(e).__name__}: {e}"}, {}
-        if rank > 0 and "error" not in answer:
-            answer, out = {"ok": True}, {}  # rank 0 answers for the site
         del arrays
         send_frame(sock, answer, out)
     dist.destroy_process_group()

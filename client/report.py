@@ -116,7 +116,7 @@ def load_model(path: Path) -> tuple[M3FM, dict]:
     except (KeyError, TypeError, ValueError) as e:
         raise ReportError(f"{path}: its model configuration cannot be read ({type(e).__name__}: {e})") from None
     model = M3FM(cfg)
-    load_checkpoint(path, model)
+    load_checkpoint(path, model, payload=payload)
     extra = payload.get("extra") or {}
     return model, model_source(path, cfg.name, extra.get("run_name", ""), extra.get("round", payload.get("step", 0)),
                                extra.get("tokenizer", ""))

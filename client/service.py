@@ -34,7 +34,7 @@ from client.channel import EVALUATE, REPORT, SECURE, TRAIN, listen, recv_frame, 
 from client.ranks import RankGroup, join_group, serve_rank
 from client.federated import (OpenSite, check_tokenizer, evaluate_round, last_ingest, load_weights, open_site,
                               secure_folder, secure_round_id, secure_update, train_round, uses_cuda)
-from client.site import load_site
+from client.site import SiteConfig, load_site
 from m3fm.distributed import Ranks
 from m3fm.model.packing import packed_sizes, split_joined
 from transport.protocol import CHUNK_KEY, SERVICE_TIME, SITE_ID, SKIPPED
@@ -65,9 +65,10 @@ class SiteService:
         self.requests = 0
         self.log = log or (lambda line: None)
 
-    def site(self, model_name: str) -> OpenSite:
-        """The opened site for this model configuration, reopened when the site or its configuration changed."""
-        site = load_site(self.site_dir)  # names a missing or broken site.toml
+    def site(self, model_name: str, site: SiteConfig | None = None) -> OpenSite:
+        """The opened site for this model configuration, reopened when the site or its configuration changed.
+        site: its site.toml as the caller loaded it for this request."""
+        site = site or load_site(self.site_dir)  # names a missing or broken site.toml
         st = (self.site_dir / "site.toml").stat()
         key = (st.st_mtime_ns, st.st_size, last_ingest(site)[0], model_name)
         if self.opened is None or key != self.key:
@@ -87,10 +88,11 @@ class SiteService:
         what = f"request {self.requests}: {op} {config.get('phase', '')} round {config.get('server-round', '')}"
         self.log(f"{what} started")
         t0 = time.perf_counter()
-        if (group := self.rank_group()) is not None:
+        site = load_site(self.site_dir)  # once a request: site.toml may have changed since the last one
+        if (group := self.rank_group(site)) is not None:
             answer, out = group.request(header, arrays)
         else:
-            o = self.site(str(config["model"]))
+            o = self.site(str(config["model"]), site)
             try:
                 answer, out = self._run(op, o, config, arrays)
             except BaseException:
@@ -102,12 +104,13 @@ class SiteService:
         self.log(f"{what} in {took:.2f}s (pid {os.getpid()}, models built {self.builds})")
         return answer, out
 
-    def rank_group(self) -> RankGroup | None:
+    def rank_group(self, site: SiteConfig | None = None) -> RankGroup | None:
         """The site's ranks when it trains on several devices (started on first use, restarted when the number of
-        devices in site.toml changes); None when this process trains alone or is itself a rank."""
+        devices in site.toml changes); None when this process trains alone or is itself a rank. site: its site.toml
+        as the caller loaded it for this request."""
         if self.ranks is not None:
             return None
-        site = load_site(self.site_dir)
+        site = site or load_site(self.site_dir)
         world = self.devices or site.devices
         if self.group is not None and self.group.world != world:
             self.group.stop()
@@ -134,14 +137,14 @@ class SiteService:
         check_tokenizer(o, config)
         if op != SECURE:  # SecAgg+ sends the packed vectors in its own order (server/secure.py)
             arrays = packed_weights(o, arrays)
+        if o.ranks is not None and o.ranks.rank > 0 and op in (TRAIN, SECURE):  # (SecAgg: chunk 0) its steps' share;
+            train_round(o, arrays, config, send=False)  # rank 0 answers for the site and keeps SecAgg's update
+            return {}, {}
         if op == TRAIN:
             weights, result = train_round(o, arrays, config)
             answer = {SITE_ID: o.site.site_id, SKIPPED: result.skipped}
             return ({**answer, "metrics": result.to_metrics()}, weights) if weights is not None else (answer, {})
         if op == SECURE:
-            if o.ranks is not None and o.ranks.rank > 0:  # its share of chunk 0's training; rank 0 keeps the update
-                train_round(o, arrays, config)
-                return {}, {}
             return self._secure_chunk(o, config, arrays)
         if op == EVALUATE:
             return {SITE_ID: o.site.site_id, "metrics": evaluate_round(o, arrays, config)}, {}
@@ -180,10 +183,10 @@ def serve(site_dir: Path, socket_path: Path, log_path: Path | None = None, devic
     service = SiteService(site_dir, log, devices=devices, log_path=log_path)
     site = load_site(service.site_dir)
     try:
-        if (group := service.rank_group()) is not None:
+        if (group := service.rank_group(site)) is not None:
             group.start()  # each rank opens the site: data, tokenizer, its model
         else:
-            service.site(site.model_config)  # warm before the first round: data, tokenizer, model
+            service.site(site.model_config, site)  # warm before the first round: data, tokenizer, model
     except Exception as e:  # noqa: BLE001 - the run's first request reports it again, to the coordinator
         log(f"could not open the site yet: {type(e).__name__}: {e}")
     server = listen(socket_path)
@@ -227,7 +230,7 @@ def serve_as_rank(site_dir: Path, rank: int, world: int, init: str, fd: int, log
     except Exception as e:  # noqa: BLE001 - the first request reports it again
         log(f"could not open the site yet: {type(e).__name__}: {e}")
     log(f"rank {rank} of {world} ready")
-    serve_rank(socket.socket(fileno=fd), rank, service.handle, log)
+    serve_rank(socket.socket(fileno=fd), service.handle, log)
 
 
 def main() -> None:

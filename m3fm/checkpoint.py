@@ -74,9 +74,10 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None) -> dict:
-    """Load weights (and optimizer state) after checking every key, shape and dtype; returns the payload."""
-    payload = read_checkpoint(path)
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, payload: dict | None = None) -> dict:
+    """Load weights (and optimizer state) after checking every key, shape and dtype; returns the payload.
+    payload: the checkpoint as read_checkpoint(path) gave it already (a large file is read once)."""
+    payload = payload if payload is not None else read_checkpoint(path)
     check_state_dict(model.state_dict(), payload["model"], f"checkpoint {path}")
     model.load_state_dict(payload["model"], strict=True)
     if optimizer is not None:

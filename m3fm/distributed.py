@@ -22,33 +22,25 @@ import torch.distributed as dist
 from torch import nn
 
 
+def sum_across(tensors: list[torch.Tensor], group=None) -> list[torch.Tensor]:
+    """Each tensor's sum over the ranks, shaped like it: one all-reduce of one flat buffer for all of them (the
+    results are views into it)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def all_reduce_grads(model: nn.Module, micro_batches: int, group=None) -> None:
     """This rank's gradients are the mean over its `micro_batches` micro-batches; afterwards every rank holds the
     mean over all ranks' micro-batches (weighted by their counts)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = [(p.grad * micro_batches if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    grads = [p.grad * micro_batches if p.grad is not None else torch.zeros_like(p) for p in params]
     flags = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
     count = torch.tensor([float(micro_batches)], dtype=grads[0].dtype, device=grads[0].device)
-    flat = torch.cat([*grads, flags, count])  # one all-reduce a step
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    total = flat[-1]
-    offset = 0
-    for i, p in enumerate(params):
-        n = p.numel()
-        p.grad = (flat[offset:offset + n] / total).view_as(p) if flat[-1 - len(params) + i] > 0 else None
-        offset += n
-
-
-def sum_across(tensors: list[torch.Tensor], group=None) -> None:
-    """Each tensor replaced, in place, by its sum over the ranks: one all-reduce for all of them."""
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    *grads, flags, count = sum_across([*grads, flags, count], group)  # one all-reduce a step
+    total = float(count)
+    for p, g, touched in zip(params, grads, flags.tolist()):
+        p.grad = g / total if touched > 0 else None
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,7 @@ def convert(ref: dict[str, torch.Tensor], cfg: M3FMConfig, heads: dict[str, str]
     for fused, parts in sorted(qkv.items()):
         if set(parts) != {"q", "k", "v"}:
             raise ReferenceWeightsError(f"{fused}: the reference holds only {sorted(parts)} of q, k, v")
-        prefix = _renamed_prefix(fused)
-        put(prefix, torch.cat([parts[p][1] for p in "qkv"], 0), [parts[p][0] for p in "qkv"], "cat(q, k, v)")
+        put((_renamed(fused, {}) or (fused, None))[0], torch.cat([parts[p][1] for p in "qkv"], 0), [parts[p][0] for p in "qkv"], "cat(q, k, v)")
     for scale, pair in sorted(cls.items()):
         if len(pair) != 2:
             raise ReferenceWeightsError(f"scale {scale}: the reference holds {sorted(pair)}, not a CLS token and its "
@@ -162,11 +161,6 @@ def _renamed(k: str, heads: dict[str, str]) -> tuple[str, list[int] | None] | No
             return f"heads.{ours}.fc2.{'bias' if part == 'bias' else 'weight'}", ANSWER_ORDER.get(ours)
         return f"heads.{ours}.{'fc1' if part == 'transform.dense' else 'norm'}.{param}", None
     return None
-
-
-def _renamed_prefix(fused: str) -> str:
-    renamed = _renamed(fused, {})
-    return renamed[0] if renamed else fused
 
 
 def _check_aliases(ref: dict[str, torch.Tensor], report: Conversion) -> None:

@@ -213,8 +213,9 @@ class RankSum:
                 closure()
         if not self.pre_step():
             return None
-        if self.ranks is not None:
-            sum_across([p.grad for p in self.params], self.ranks.group)
+        if self.ranks is not None and self.params:
+            for p, summed in zip(self.params, sum_across([p.grad for p in self.params], self.ranks.group)):
+                p.grad = summed
         return self.original_optimizer.step()
 
 

@@ -62,6 +62,11 @@ def run_tokenizer(cfg: ServerConfig) -> str:
     return _fingerprint(cfg.model, cfg.tokenizer)
 
 
+def request_config(cfg: ServerConfig, config: dict) -> ConfigRecord:
+    """A request's config, carrying the run's tokenizer (a site with another one refuses, client/federated.py)."""
+    return ConfigRecord({**config, TOKENIZER_KEY: run_tokenizer(cfg)})
+
+
 def initial_weights(cfg: ServerConfig) -> dict[str, torch.Tensor]:
     """A fresh run's weights: [run] init's checkpoint, checked strictly against the run's model configuration, or
     the seed's fresh model (every fresh run of one config starts from the same weights)."""
@@ -76,7 +81,7 @@ def initial_weights(cfg: ServerConfig) -> dict[str, torch.Tensor]:
         if tokenizer and tokenizer != run_tokenizer(cfg):
             raise RunError(f"[run] init {cfg.init} was trained with tokenizer {tokenizer}, this run uses "
                            f"{run_tokenizer(cfg)} ([run] tokenizer: the folder it was made with)")
-        load_checkpoint(cfg.init, model)
+        load_checkpoint(cfg.init, model, payload=payload)
     return model.state_dict()
 
 
@@ -117,12 +122,12 @@ def wait_for_sites(grid, n: int, timeout: float) -> list[int]:
 
 def phase_config(cfg: ServerConfig, server_round: int) -> ConfigRecord:
     phase, phase_round = cfg.phase_of(server_round)
-    return ConfigRecord(RoundConfig(
+    return request_config(cfg, RoundConfig(
         phase=phase.name, phase_round=phase_round, rounds=phase.rounds, local_steps=phase.local_steps, lr=phase.lr,
         batch_size=phase.batch_size, model=cfg.model, warmup_steps=phase.warmup_steps, scales=tuple(phase.scales),
         tasks=tuple(phase.tasks), tasks_per_step=phase.tasks_per_step,
         micro_batches=phase.micro_batches, seed=cfg.seed, run_name=cfg.name,
-        server_round=server_round, extra={**dp_sgd_config(cfg), TOKENIZER_KEY: run_tokenizer(cfg)}).to_config())
+        server_round=server_round, extra=dp_sgd_config(cfg)).to_config())
 
 
 def dp_sgd_config(cfg: ServerConfig) -> dict:
@@ -223,8 +228,8 @@ def _run_federation(grid, cfg: ServerConfig, resume: bool, flwr_run_id: int | No
 def collect_site_reports(grid, cfg: ServerConfig, strategy, engine, run_id: int, arrays: ArrayRecord, log) -> int:
     """Send the final weights to every site as a `query.report` message; each keeps the model, writes its own
     report (client/report.py) and answers with its aggregates, stored in site_reports. -> reports received."""
-    config = ConfigRecord({**ReportConfig(model=cfg.model, run_name=cfg.name, run_id=run_id,
-                                          server_round=cfg.total_rounds).to_config(), TOKENIZER_KEY: run_tokenizer(cfg)})
+    config = request_config(cfg, ReportConfig(model=cfg.model, run_name=cfg.name, run_id=run_id,
+                                              server_round=cfg.total_rounds).to_config())
     messages = [Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=node, message_type=REPORT)
                 for node in grid.get_node_ids()]
     rows = []
@@ -360,8 +365,7 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
     evaluate_metrics = None
     if cfg.evaluates_after(rnd):
         wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
-        config = ConfigRecord({**EvaluateConfig(phase=phase.name, model=cfg.model, seed=cfg.seed).to_config(),
-                               TOKENIZER_KEY: run_tokenizer(cfg)})
+        config = request_config(cfg, EvaluateConfig(phase=phase.name, model=cfg.model, seed=cfg.seed).to_config())
         sent = strategy.configure_evaluate(rnd, arrays, config, grid)
         evaluate_round(strategy, rnd, stream(grid, list(sent), cfg.round_timeout, inner.sent_to))
         evaluate_metrics = dict(outcome.evaluate_metrics or {})
