@@ -20,7 +20,7 @@ from sklearn.model_selection import cross_val_score
 from client.site import load_site
 from m3fm.data.datasets import QADataset, SiteData, crop_of
 from m3fm.model.configs import get_config
-from m3fm.tasks import REGION_SCALE, get_task
+from m3fm.tasks import REGION_SCALE, HUWindow, get_task
 
 def patch_means(x: np.ndarray, patch: tuple[int, int, int]) -> np.ndarray:
     """x: (S, H, W) -> the mean of each (ps, ph, pw) patch, flattened."""
@@ -43,12 +43,12 @@ def main() -> None:
     items = [(ds[i]["exam_id"], ds[i]["answer"] == 0) for i in range(len(ds))]
     y = np.array([b for _, b in items])
     rows = []
-    windows = [tuple(float(v) for v in w.split(",")) for w in args.window or ["-1300,150", "-1100,-500", "-1000,-900"]]
-    for window in dict.fromkeys([*windows, tuple(task.hu_window)]):
+    windows = [HUWindow(*(float(v) for v in w.split(","))) for w in args.window or ["-1300,150", "-1100,-500", "-1000,-900"]]
+    for window in dict.fromkeys([*windows, task.hu_window]):
         X = np.array([patch_means(data.image(data.series[e][0], crop_of(task.region), window)[0][0], scale.patch)
                       for e, _ in items])
         auc = cross_val_score(LogisticRegression(max_iter=2000, C=10), X, y, cv=5, scoring="roc_auc")
-        rows.append({"window (HU)": f"{window[0]:.0f} to {window[1]:.0f}", "patches": X.shape[1],
+        rows.append({"window (HU)": f"{window.lo:.0f} to {window.hi:.0f} ({window.encoding})", "patches": X.shape[1],
                      "AUC (5-fold, mean)": round(float(auc.mean()), 3), "AUC (min fold)": round(float(auc.min()), 3),
                      "in use": "yes" if window == task.hu_window else ""})
     common.report(f"windows-{task.name}", f"{site.site_id}: {task.name} from the {scale.name} scale's patch means "

@@ -25,20 +25,39 @@ Loss kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 YES_NO = ("Yes", "No")
 HAZARD_YEARS = 6
 RISK_ANSWERS = tuple(f"risk within {y} year{'s' if y > 1 else ''}" for y in range(1, HAZARD_YEARS + 1))
 
+
+class HUWindow(NamedTuple):
+    """The HU range a task reads and how it becomes the model's input (m3fm/data/crops.py normalize_hu).
+
+    encoding "signed": lo..hi onto -1..1, as the public code does.
+    encoding "below": hi..lo onto 0..1, i.e. how far a voxel lies below hi; everything at or above hi is 0.
+    """
+
+    lo: float
+    hi: float
+    encoding: str = "signed"
+
+
 # HU windows of the public configs: lungs and chest (cancer risk), heart (CVD)
-LUNG_WINDOW = (-1300.0, 150.0)
-HEART_WINDOW = (-135.0, 225.0)
+LUNG_WINDOW = HUWindow(-1300.0, 150.0)
+HEART_WINDOW = HUWindow(-135.0, 225.0)
 # Emphysema is low-attenuation lung: the classical index is the fraction of lung voxels under -950 HU (LAA-950), a
 # per-voxel threshold. The CTViT's patch embedding is linear, so in the wide lung window it sees a patch's sparse
 # dark voxels only through the patch's mean, which other tissue swamps: on the issue-14 cohort, logistic regression
 # on the tiny scale's patch means separates emphysema with AUC 0.77 in the lung window and 1.00 in this one, whose
 # clip at -900 HU is the threshold (benchmarks/windows.py). The same input, one window per task, as the heart has.
-LOW_ATTENUATION_WINDOW = (-1000.0, -900.0)
+# Encoded "below": nearly every voxel of a chest (tissue, normal lung) lies above -900 HU. Scaled onto -1..1 they
+# were all +1, so every patch embedding was one large constant vector and the few holes a small change of it; a site
+# alone (42-57 training exams) then fitted its own patients instead (train AUC 1.00, test 0.40), and so did FedAvg
+# over two such sites (test 0.50 / 0.42), while pooling them found the holes. With the clipped tissue at 0 the holes
+# are the whole input: the same site alone reaches test AUC 1.00, federated 1.00 / 0.96 (issue 14, README).
+LOW_ATTENUATION_WINDOW = HUWindow(-1000.0, -900.0, "below")
 
 # region -> image scale name in the model configuration (m3fm/model/configs.py)
 REGION_SCALE = {
@@ -60,7 +79,7 @@ class Task:
     loss: str
     head: str
     text: str = "clinical"  # what fills the text slot: the clinical record, or the radiology "report"
-    hu_window: tuple[float, float] | None = LUNG_WINDOW
+    hu_window: HUWindow | None = LUNG_WINDOW
     auxiliary: bool = False
 
     @property
@@ -77,7 +96,7 @@ class Task:
 
 
 def _yes_no(name: str, questions: tuple[str, ...], region: str = "both_lungs", group: str = "chest_abnormality",
-            hu_window: tuple[float, float] | None = None) -> Task:
+            hu_window: HUWindow | None = None) -> Task:
     return Task(name, group, questions, YES_NO, region, "ce", "yes_no",
                 hu_window=hu_window or (HEART_WINDOW if region == "heart" else LUNG_WINDOW))
 

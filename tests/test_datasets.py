@@ -5,6 +5,7 @@ import random
 from functools import partial
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -105,3 +106,29 @@ def test_evaluation_items_are_fixed_and_splits_never_share_a_patient(ingested, t
         for it in QADataset(data, split=split).items:
             p = data.patient_of(it["exam_id"])
             assert patients.setdefault(p, split) == split
+
+
+def test_hu_windows_encode_as_the_public_code_except_low_attenuation_which_puts_tissue_at_zero():
+    from m3fm.data.crops import normalize_hu
+    from m3fm.tasks import LUNG_WINDOW
+
+    hu = np.array([-1100.0, -1000.0, -975.0, -950.0, -900.0, -850.0, 40.0, 500.0])
+    # the public code's form: lo..hi onto -1..1, clipped
+    np.testing.assert_allclose(normalize_hu(hu, LUNG_WINDOW), np.clip((hu + 1300) / 1450 * 2 - 1, -1, 1), atol=1e-6)
+    np.testing.assert_allclose(normalize_hu(hu, (-1000.0, -900.0)), [-1, -1, -0.5, 0, 1, 1, 1, 1], atol=1e-6)
+    # emphysema reads how far below -900 HU a voxel lies: normal lung and tissue are 0, holes of -975 HU 0.75
+    window = get_task("emphysema").hu_window
+    np.testing.assert_allclose(normalize_hu(hu, window), [1, 1, 0.75, 0.5, 0, 0, 0, 0], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown encoding 'inverse'"):
+        normalize_hu(hu, (-1000.0, -900.0, "inverse"))
+
+
+def test_emphysema_items_read_the_chest_below_minus_900_hu_with_tissue_at_zero(ingested, tiny_cfg):
+    _, data = site_data(ingested, tiny_cfg)  # site-01 labels every task
+    ds = QADataset(data, None, tasks=["emphysema", "consolidation"], train=False)
+    images = {t: [ds[i]["image"] for i in range(len(ds)) if ds.keys[i] == t] for t in ("emphysema", "consolidation")}
+    assert images["emphysema"] and images["consolidation"], "the tiny cohort labels both tasks"
+    for img in images["emphysema"]:
+        assert img.min() >= 0.0 and img.max() <= 1.0
+        assert np.median(img) == 0.0  # most of a chest lies above -900 HU
+    assert min(img.min() for img in images["consolidation"]) < -0.5  # the lung window, -1..1: lung lies below 0

@@ -140,7 +140,13 @@ def read_memmap(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def normalize_hu(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Clip HU to the task's window and scale to [-1, 1] (public code)."""
-    lo, hi = window
-    return ((np.clip(np.asarray(x, dtype=np.float32), lo, hi) - lo) / (hi - lo) * 2.0 - 1.0).astype(np.float32)
+def normalize_hu(x: np.ndarray, window) -> np.ndarray:
+    """Clip HU to the task's window (m3fm/tasks.py HUWindow, or a plain (lo, hi): signed) and scale it: lo..hi onto
+    -1..1 (public code), or for a "below" window hi..lo onto 0..1 (what lies at or above hi is 0)."""
+    lo, hi, encoding = (*window, "signed")[:3]
+    clipped = np.clip(np.asarray(x, dtype=np.float32), lo, hi)
+    if encoding == "below":
+        return ((hi - clipped) / (hi - lo)).astype(np.float32)
+    if encoding != "signed":
+        raise ValueError(f"HU window {tuple(window)}: unknown encoding {encoding!r} (signed or below)")
+    return ((clipped - lo) / (hi - lo) * 2.0 - 1.0).astype(np.float32)
