@@ -32,13 +32,13 @@ from server.store import RejectedReply, Round, SiteMetric, latest_run, open_serv
 
 # rounds per preset: small enough for the README's 10-minute run on 2 cores. A round's fixed cost is about a second
 # (issue 15), so the demo spreads its steps over several rounds: two short pretraining rounds, eight multitask rounds
-# of 100 steps on the headline tasks, and an evaluation after the last round only.
+# of 150 steps on the headline tasks, and an evaluation after the last round only.
 RUN_PLANS = {
     "tiny": {"evaluate_every": 1, "pretrain": {"rounds": 1, "local_steps": 2},
              "multitask": {"rounds": 1, "local_steps": 2}},
     # the learning benchmark's settings (benchmarks/learning.py) on the headline tasks, at a budget that fits 10 min
     "demo": {"evaluate_every": 0, "pretrain": {"rounds": 2, "local_steps": 10, "lr": 1e-3, "batch_size": 8},
-             "multitask": {"rounds": 8, "local_steps": 100, "tasks_per_step": 1, "lr": 1e-3, "batch_size": 8,
+             "multitask": {"rounds": 8, "local_steps": 150, "tasks_per_step": 1, "lr": 1e-3, "batch_size": 8,
                            "warmup_steps": 20, "tasks": list(HEADLINE_TASKS)}},
 }
 
