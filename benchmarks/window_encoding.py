@@ -36,7 +36,7 @@ from sim.compare import local_budget, pooled_budget, train_alone, train_federate
 
 def signed(x, window):
     """Every window as the public code scales it, -1..1 (the emphysema window's encoding before session 14)."""
-    return normalize_hu(x, (window[0], window[1]))
+    return normalize_hu(x, window._replace(encoding="signed"))
 
 
 def auc(model: M3FM, data: SiteData, split: str):
@@ -64,18 +64,17 @@ def main() -> None:
     for encoding in ("-1..1 (before)", "below (now)"):
         with mock.patch.object(m3fm.data.datasets, "normalize_hu", signed) if "before" in encoding else nullcontext():
             for arm in (f"{sites[-1].site_id} alone", "FedAvg", "pooled"):
-                init = initial_weights(ServerConfig(path=Path(tempfile.mkdtemp()), model=cfg.name, seed=args.seed))
-                model = M3FM(cfg)
-                model.load_state_dict(init)
+                scored = list(zip(sites, datas)) if arm != f"{sites[-1].site_id} alone" else [(sites[-1], datas[-1])]
                 if arm == "FedAvg":
                     model, _ = train_federated(sites, plan, cfg.name, Path(tempfile.mkdtemp()), "fedavg", args.seed)
-                    scored = list(zip(sites, datas))
-                elif arm == "pooled":
-                    train_alone(model, datas, plan, pooled_budget(datas, [1] * len(sites)), args.seed)
-                    scored = list(zip(sites, datas))
-                else:
-                    train_alone(model, datas[-1:], alone, local_budget, args.seed)
-                    scored = [(sites[-1], datas[-1])]
+                else:  # the federated arm's initial weights (the run seed's), trained in one place
+                    model = M3FM(cfg)
+                    model.load_state_dict(initial_weights(ServerConfig(path=Path(tempfile.mkdtemp()), model=cfg.name,
+                                                                       seed=args.seed)))
+                    if arm == "pooled":
+                        train_alone(model, datas, plan, pooled_budget(datas, [1] * len(sites)), args.seed)
+                    else:
+                        train_alone(model, datas[-1:], alone, local_budget, args.seed)
                 row = {"encoding": encoding, "arm": arm}
                 for site, data in scored:
                     row[site.site_id] = f"{auc(model, data, 'test')} (train {auc(model, data, 'train')})"

@@ -54,7 +54,7 @@ HEART_WINDOW = HUWindow(-135.0, 225.0)
 # clip at -900 HU is the threshold (benchmarks/windows.py). The same input, one window per task, as the heart has.
 # Encoded "below": nearly every voxel of a chest (tissue, normal lung) lies above -900 HU. Scaled onto -1..1 they
 # were all +1, so every patch embedding was one large constant vector and the few holes a small change of it; a site
-# alone (42-57 training exams) then fitted its own patients instead (train AUC 1.00, test 0.40), and so did FedAvg
+# alone (42-57 training exams) then fitted its own patients instead (train AUC 1.00, test 0.49), and so did FedAvg
 # over two such sites (test 0.50 / 0.42), while pooling them found the holes. With the clipped tissue at 0 the holes
 # are the whole input: the same site alone reaches test AUC 1.00, federated 1.00 / 0.96 (issue 14, README).
 LOW_ATTENUATION_WINDOW = HUWindow(-1000.0, -900.0, "below")

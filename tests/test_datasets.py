@@ -10,9 +10,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from m3fm.data.collate import collate_pretrain, collate_qa
+from m3fm.data.crops import normalize_hu
 from m3fm.data.datasets import PretrainDataset, QADataset, SiteData, batches_by_key
 from m3fm.model.m3fm import M3FM
-from m3fm.tasks import get_task
+from m3fm.tasks import LUNG_WINDOW, HUWindow, get_task
 from m3fm.train import TrainConfig, build_optimizer, multitask_step, pretrain_step
 
 
@@ -109,18 +110,15 @@ def test_evaluation_items_are_fixed_and_splits_never_share_a_patient(ingested, t
 
 
 def test_hu_windows_encode_as_the_public_code_except_low_attenuation_which_puts_tissue_at_zero():
-    from m3fm.data.crops import normalize_hu
-    from m3fm.tasks import LUNG_WINDOW
-
     hu = np.array([-1100.0, -1000.0, -975.0, -950.0, -900.0, -850.0, 40.0, 500.0])
     # the public code's form: lo..hi onto -1..1, clipped
     np.testing.assert_allclose(normalize_hu(hu, LUNG_WINDOW), np.clip((hu + 1300) / 1450 * 2 - 1, -1, 1), atol=1e-6)
-    np.testing.assert_allclose(normalize_hu(hu, (-1000.0, -900.0)), [-1, -1, -0.5, 0, 1, 1, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(normalize_hu(hu, HUWindow(-1000.0, -900.0)), [-1, -1, -0.5, 0, 1, 1, 1, 1], atol=1e-6)
     # emphysema reads how far below -900 HU a voxel lies: normal lung and tissue are 0, holes of -975 HU 0.75
     window = get_task("emphysema").hu_window
     np.testing.assert_allclose(normalize_hu(hu, window), [1, 1, 0.75, 0.5, 0, 0, 0, 0], atol=1e-6)
     with pytest.raises(ValueError, match="unknown encoding 'inverse'"):
-        normalize_hu(hu, (-1000.0, -900.0, "inverse"))
+        normalize_hu(hu, HUWindow(-1000.0, -900.0, "inverse"))
 
 
 def test_emphysema_items_read_the_chest_below_minus_900_hu_with_tissue_at_zero(ingested, tiny_cfg):

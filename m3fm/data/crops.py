@@ -22,6 +22,7 @@ import numpy as np
 
 from m3fm.data.localize import Box
 from m3fm.model.configs import M3FMConfig
+from m3fm.tasks import HUWindow
 
 AIR_HU = -1024.0
 REGION_SCALE = {"lung_right": "lung", "lung_left": "lung", "heart": "heart", "lungs": "chest",
@@ -140,10 +141,10 @@ def read_memmap(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def normalize_hu(x: np.ndarray, window) -> np.ndarray:
-    """Clip HU to the task's window (m3fm/tasks.py HUWindow, or a plain (lo, hi): signed) and scale it: lo..hi onto
-    -1..1 (public code), or for a "below" window hi..lo onto 0..1 (what lies at or above hi is 0)."""
-    lo, hi, encoding = (*window, "signed")[:3]
+def normalize_hu(x: np.ndarray, window: HUWindow) -> np.ndarray:
+    """Clip HU to the task's window and scale it: lo..hi onto -1..1 (public code), or for a "below" window hi..lo
+    onto 0..1 (what lies at or above hi is 0)."""
+    lo, hi, encoding = window
     clipped = np.clip(np.asarray(x, dtype=np.float32), lo, hi)
     if encoding == "below":
         return ((hi - clipped) / (hi - lo)).astype(np.float32)
