@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from client.site import SiteConfig
 from m3fm.data import clinical as tables
-from m3fm.data.crops import REGION_SCALE, region_crops, write_memmap
+from m3fm.data.crops import REGION_SCALE, crop_plans, write_crop
 from m3fm.data.dicom_series import InputRejected, InstanceHeader, check_series, load_hu, read_header
 from m3fm.data.localize import LocalizationError, locate
 from m3fm.data.store import (Crop, Exam, IngestRun, Label, Rejection, Series, SourceFile, Split, clear_scope,
@@ -97,11 +97,11 @@ def _series_job(args):
     origin = (np.array(first.positions[geo.frames[0][1]]) + geo.flip_h * (first.rows - 1) * geo.spacing[1] * col_dir
               + geo.flip_w * (first.cols - 1) * geo.spacing[2] * row_dir)
     crops = []
-    for region, scale, arr, voxel, first_slice in region_crops(hu, geo.spacing, boxes, get_config(config)):
-        rel = f"crops/{uid}/{region}_{'x'.join(map(str, arr.shape))}.npy"
-        write_memmap(work_dir / rel, arr)
-        crops.append({"region": region, "scale": scale, "shape": list(arr.shape), "voxel_size": voxel.tolist(),
-                      "first_slice": first_slice, "path": rel})
+    for plan in crop_plans(hu, geo.spacing, boxes, get_config(config)):
+        rel = f"crops/{uid}/{plan.region}_{'x'.join(map(str, plan.shape))}.npy"
+        write_crop(work_dir / rel, plan)
+        crops.append({"region": plan.region, "scale": plan.scale, "shape": list(plan.shape),
+                      "voxel_size": plan.voxel_size.tolist(), "first_slice": plan.first_slice, "path": rel})
     return {"status": "accepted", "shape": list(hu.shape), "spacing": list(geo.spacing), "origin": origin.tolist(),
             "boxes": {k: list(v) for k, v in boxes.items()}, "crops": crops, "duplicates": geo.duplicates}
 

@@ -16,6 +16,7 @@ Regions and the scale each is cut at:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,35 +60,65 @@ def cut(vol: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
 
 def resize(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Trilinear resize with voxel centres aligned as torch's interpolate(align_corners=False) does, edges
-    extended (scipy's ndimage.zoom(order=1, mode="nearest", grid_mode=True), within float32 rounding).
+    extended (scipy's ndimage.zoom(order=1, mode="nearest", grid_mode=True), within float32 rounding): x: (S, H, W)
+    -> (shape) float32. The whole volume of `resized_slices`; ingestion streams them to disk instead."""
+    out = np.empty(shape, dtype=np.float32)
+    for j, s in enumerate(resized_slices(x, shape)):
+        out[j] = s
+    return out
+
+
+def resized_slices(x: np.ndarray, shape: tuple[int, int, int]):
+    """Yield the resized volume one output slice (H', W') float32 at a time.
 
     Trilinear is linear along each axis in turn, so it runs as three 1D passes (an axis that keeps its size is
-    skipped), the shrinking ones first so the later passes touch fewer voxels: 3-6x faster than ndimage.zoom's
-    3D kernel at `base` crop sizes. numpy rather than torch: ingestion runs in worker processes, where a forked
-    OpenMP pool can hang.
+    skipped), the shrinking ones first so the later passes touch fewer voxels. The passes run slice by slice: the
+    in-plane passes before the S pass on each input slice it reads (each once: the S pass reads its inputs in
+    order), the S pass as a blend of two such slices, the in-plane passes after it on each output slice. Each
+    voxel sees the same float32 operations as three whole-volume passes, so the output is bit-identical to them,
+    but the work stays in cache and nothing volume-sized is allocated. numpy rather than torch: ingestion runs in
+    worker processes, where a forked OpenMP pool can hang.
     """
-    x = np.asarray(x, dtype=np.float32)
-    for axis in np.argsort([t / s for t, s in zip(shape, x.shape)], kind="stable"):
-        x = _linear_axis(x, shape[axis], int(axis))
-    return x
+    order = [int(a) for a in np.argsort([t / s for t, s in zip(shape, x.shape)], kind="stable")]
+    before, after = order[:order.index(0)], order[order.index(0) + 1:]
+
+    def in_plane(s: np.ndarray, axes: list[int]) -> np.ndarray:
+        for a in axes:
+            s = _linear_axis(s, shape[a], a - 1)
+        return s
+
+    if x.shape[0] == shape[0]:
+        for i in range(shape[0]):
+            yield in_plane(np.asarray(x[i], dtype=np.float32), before + after)
+        return
+    i0, i1, w = _linear_weights(x.shape[0], shape[0])
+    ready: dict[int, np.ndarray] = {}  # input slices through the passes before S, while the S pass needs them
+    for j in range(shape[0]):
+        a, b = int(i0[j]), int(i1[j])
+        for i in [i for i in ready if i < a]:
+            del ready[i]
+        for i in (a, b):
+            if i not in ready:
+                ready[i] = in_plane(np.asarray(x[i], dtype=np.float32), before)
+        out = ready[b] - ready[a]
+        out *= w[j]
+        out += ready[a]
+        yield in_plane(out, after)
+
+
+def _linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output voxel centre: the two nearest input voxels and the weight of the second (float32)."""
+    pos = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    i0 = np.floor(pos).astype(np.intp)
+    return i0, np.minimum(i0 + 1, n_in - 1), (pos - i0).astype(np.float32)
 
 
 def _linear_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     """x resized to n_out along one axis, linear between the two nearest input voxel centres."""
-    n_in = x.shape[axis]
-    if n_in == n_out:
+    if x.shape[axis] == n_out:
         return x
-    pos = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-    i0 = np.floor(pos).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    if axis == 0:  # slice by slice: no full-size temporaries (the S pass is most of a lung crop's work)
-        out = np.empty((n_out, *x.shape[1:]), dtype=np.float32)
-        for j, (a, b, wj) in enumerate(zip(i0, i1, (pos - i0).astype(np.float32))):
-            np.subtract(x[b], x[a], out=out[j])
-            out[j] *= wj
-            out[j] += x[a]
-        return out
-    w = (pos - i0).astype(np.float32).reshape([n_out if a == axis else 1 for a in range(x.ndim)])
+    i0, i1, w = _linear_weights(x.shape[axis], n_out)
+    w = w.reshape([n_out if a == axis else 1 for a in range(x.ndim)])
     out = np.take(x, i0, axis=axis)
     step = np.take(x, i1, axis=axis)
     step -= out
@@ -96,44 +127,67 @@ def _linear_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """One region's crop before it is computed: the cut of the volume (a view where it stays inside) and the
+    shape it is resized to, with the voxel size that results and the index of its first slice in the volume."""
+
+    region: str
+    scale: str
+    source: np.ndarray  # (S, H, W) HU
+    shape: tuple[int, int, int]
+    voxel_size: np.ndarray  # (3,) mm
+    first_slice: int
+
+
+def crop_plan(vol: np.ndarray, spacing, box: Box, target: tuple[int, int, int], region: str = "", scale: str = "") -> CropPlan:
+    """x: (S, H, W) HU -> the plan of a crop of `target` voxels (a target of 0 slices keeps every native slice)."""
+    ranges = widen(box, spacing, target)
+    source = cut(vol, ranges)
+    shape = (target[0] or source.shape[0], target[1], target[2])
+    extent = np.array([hi - lo for lo, hi in ranges], dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
+    return CropPlan(region, scale, source, shape, (extent / np.asarray(shape)).astype(np.float32), ranges[0][0])
+
+
 def crop_resize(vol: np.ndarray, spacing, box: Box, target: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """x: (S, H, W) HU -> (crop (target), voxel_size (3,) mm of the crop's voxels)."""
-    ranges = widen(box, spacing, target)
-    region = cut(vol, ranges)
-    extent = np.array([hi - lo for lo, hi in ranges], dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
-    return resize(region, target), (extent / np.asarray(target)).astype(np.float32)
+    p = crop_plan(vol, spacing, box, target)
+    return resize(p.source, p.shape), p.voxel_size
 
 
 def slab_stack(vol: np.ndarray, spacing, box: Box, in_plane: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
     """One lung at native slice spacing, resized in-plane: (N, H, W), voxel size, index of its first slice."""
-    ranges = widen(box, spacing, (0, in_plane[0], in_plane[1]))
-    region = cut(vol, ranges)
-    target = (region.shape[0], *in_plane)
-    extent = np.array([hi - lo for lo, hi in ranges], dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
-    return resize(region, target), (extent / np.asarray(target)).astype(np.float32), ranges[0][0]
+    p = crop_plan(vol, spacing, box, (0, *in_plane))
+    return resize(p.source, p.shape), p.voxel_size, p.first_slice
+
+
+def crop_plans(vol: np.ndarray, spacing, boxes: dict[str, Box], cfg: M3FMConfig):
+    """Yield the CropPlan of every region the configuration has a scale for."""
+    for region, scale_name in REGION_SCALE.items():
+        volume = cfg.scale(scale_name).volume
+        target = (0, *volume[1:]) if region.startswith("slab_") else tuple(volume)
+        yield crop_plan(vol, spacing, boxes[REGION_BOX[region]], target, region, scale_name)
 
 
 def region_crops(vol: np.ndarray, spacing, boxes: dict[str, Box], cfg: M3FMConfig):
     """Yield (region, scale, array, voxel_size, first_slice) for every region the configuration has a scale for."""
-    for region, scale_name in REGION_SCALE.items():
-        scale = cfg.scale(scale_name)
-        box = boxes[REGION_BOX[region]]
-        if region.startswith("slab_"):
-            arr, voxel, first = slab_stack(vol, spacing, box, scale.volume[1:])
-        else:
-            arr, voxel = crop_resize(vol, spacing, box, scale.volume)
-            first = widen(box, spacing, scale.volume)[0][0]
-        yield region, scale_name, arr, voxel, first
+    for p in crop_plans(vol, spacing, boxes, cfg):
+        yield p.region, p.scale, resize(p.source, p.shape), p.voxel_size, p.first_slice
 
 
-def write_memmap(path: Path, arr: np.ndarray) -> None:
-    """float16 .npy (read back as a memory map) written to a temporary name, then renamed: a crash never
-    leaves half a crop behind. No msync: forcing every crop to disk serialises the workers on I/O."""
+def write_crop(path: Path, plan: CropPlan) -> None:
+    """The plan's crop as a float16 .npy (read back as a memory map), resized and written slice by slice: each
+    slice clipped and narrowed in cache, no volume-sized buffer. Written to a temporary name, then renamed: a crash
+    never leaves half a crop behind. No fsync: forcing every crop to disk serialises the workers on I/O."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
-    half = np.empty(arr.shape, dtype=np.float16)  # clipped and narrowed in one pass, no float32 temporary
-    np.clip(arr, -2048, 4095, out=half, casting="unsafe")  # beyond float16's exact integers is metal
-    np.save(tmp, half)
+    half = np.empty(plan.shape[1:], dtype=np.float16)
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(half.dtype),
+                                                 "fortran_order": False, "shape": plan.shape})
+        for s in resized_slices(plan.source, plan.shape):
+            np.clip(s, -2048, 4095, out=half, casting="unsafe")  # beyond float16's exact integers is metal
+            f.write(half.data)
     tmp.replace(path)
 
 

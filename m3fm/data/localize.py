@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, Delaunay
+from scipy.spatial import ConvexHull
 
 Box = tuple[int, int, int, int, int, int]
 
@@ -23,18 +23,44 @@ class LocalizationError(ValueError):
     pass
 
 
+# 4-connected within an axial slice and never across slices: one ndimage call labels (or fills) every slice as
+# the 2D call would slice by slice, without a Python loop over slices
+IN_PLANE = np.stack([np.zeros((3, 3), bool), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3), bool)])
+
+
+def _label_sizes(labels: np.ndarray, n: int) -> np.ndarray:
+    """Voxels per label 1..n (index 0 holds the background's count)."""
+    return np.bincount(labels.ravel(), minlength=n + 1)
+
+
+def _keep(labels: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
+    """labels in ids, through a lookup table (np.isin sorts the whole volume)."""
+    table = np.zeros(n + 1, dtype=bool)
+    table[ids] = True
+    return table[labels]
+
+
 def _largest(mask: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(mask)
     if n == 0:
         return mask
-    sizes = ndimage.sum(mask, labels, range(1, n + 1))
-    return labels == 1 + int(np.argmax(sizes))
+    return labels == 1 + int(np.argmax(_label_sizes(labels, n)[1:]))
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Each axial slice's holes filled, as ndimage.binary_fill_holes does one 2D slice at a time: background not
+    4-connected to the slice's edge is a hole."""
+    labels, n = ndimage.label(~mask, structure=IN_PLANE)
+    edge = np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[edge] = True
+    outside[0] = True  # label 0 is the mask itself
+    return mask | ~outside[labels]
 
 
 def body_mask(hu: np.ndarray) -> np.ndarray:
     """The patient: largest connected region above -500 HU (drops the table), holes filled slice by slice."""
-    body = _largest(hu > -500)
-    return np.stack([ndimage.binary_fill_holes(s) for s in body])
+    return fill_holes_per_slice(_largest(hu > -500))
 
 
 def lung_masks(hu: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,19 +69,15 @@ def lung_masks(hu: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, np.ndar
     air = (hu < -400) & body
     pixel_area = spacing[1] * spacing[2]
     # the trachea and oesophageal air are small in every axial slice; lungs are not (apices excepted, briefly)
-    small = np.zeros_like(air)
-    for k in range(air.shape[0]):
-        labels, n = ndimage.label(air[k])
-        if n:
-            sizes = ndimage.sum(air[k], labels, range(1, n + 1)) * pixel_area
-            small[k] = np.isin(labels, 1 + np.flatnonzero(sizes < 400.0))  # < 4 cm^2
-    air &= ~small
+    labels, n = ndimage.label(air, structure=IN_PLANE)  # each slice's air regions
+    sizes = _label_sizes(labels, n)[1:] * pixel_area
+    air &= ~_keep(labels, 1 + np.flatnonzero(sizes < 400.0), n)  # < 4 cm^2
     labels, n = ndimage.label(air)
     if n == 0:
         raise LocalizationError("no air inside the body: not a chest CT, or not in Hounsfield units")
-    sizes = ndimage.sum(air, labels, range(1, n + 1))
-    lungs = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.1 * sizes.max()))  # drops bowel gas and the like
-    lungs = np.stack([ndimage.binary_fill_holes(s) for s in lungs])  # vessels and nodules belong to the lung
+    sizes = _label_sizes(labels, n)[1:]
+    lungs = _keep(labels, 1 + np.flatnonzero(sizes >= 0.1 * sizes.max()), n)  # drops bowel gas and the like
+    lungs = fill_holes_per_slice(lungs)  # vessels and nodules belong to the lung
     # the mid-sagittal plane: centre of the body's extent in W, over the lung slices
     cols = np.flatnonzero(body[lungs.any(axis=(1, 2))].any(axis=(0, 1)))
     mid = (cols[0] + cols[-1] + 1) / 2
@@ -81,13 +103,20 @@ def _box(mask: np.ndarray, min_fraction: float = 0.02, trim: float = 0.0) -> Box
 
 
 def _hull(mask2d: np.ndarray) -> np.ndarray:
-    """Filled convex hull of a 2D mask (the region the lungs wrap around in one axial slice)."""
+    """Filled convex hull of a 2D mask (the region the lungs wrap around in one axial slice), boundary included.
+
+    A pixel is inside when it lies on the inner side of every hull edge, tested in exact integer arithmetic over
+    the hull's bounding box only (what Delaunay(hull).find_simplex(grid) >= 0 gives, without the triangulation)."""
     pts = np.argwhere(mask2d)
     if len(pts) < 4 or np.linalg.matrix_rank(pts - pts.mean(0)) < 2:
         return mask2d.copy()
-    hull = Delaunay(pts[ConvexHull(pts).vertices])
-    grid = np.indices(mask2d.shape).reshape(2, -1).T
-    return (hull.find_simplex(grid) >= 0).reshape(mask2d.shape)
+    v = pts[ConvexHull(pts).vertices].astype(np.int64)  # counterclockwise in 2D
+    (r0, c0), (r1, c1) = v.min(0), v.max(0) + 1
+    a, d = v[:, :, None, None], (np.roll(v, -1, axis=0) - v)[:, :, None, None]  # edges a -> a + d: (E, 2, 1, 1)
+    r, c = np.arange(r0, r1)[None, :, None], np.arange(c0, c1)[None, None, :]
+    out = np.zeros_like(mask2d, dtype=bool)
+    out[r0:r1, c0:c1] = (d[:, 0] * (c - a[:, 1]) - d[:, 1] * (r - a[:, 0]) >= 0).all(axis=0)
+    return out
 
 
 def heart_mask(hu: np.ndarray, right: np.ndarray, left: np.ndarray, body: np.ndarray, spacing) -> np.ndarray:
@@ -102,23 +131,32 @@ def heart_mask(hu: np.ndarray, right: np.ndarray, left: np.ndarray, body: np.nda
         # below this the slice cuts the diaphragm's domes, whose tissue the thin lung bases wrap around
         if right[k].any() and left[k].any() and area[k] >= 0.35 * area.max():
             region[k] = _hull(lungs[k])
-    bone = hu > 250
-    tissue = (hu > -150) & (hu < 250) & body & region & ~lungs & ~ndimage.binary_dilation(bone, iterations=2)
+    # the region is empty outside slices s0..top: the rest of the work stays inside them (the bone's dilation by
+    # two 6-connected steps reads two slices further on each side)
+    z, lo, hi = slice(s0, top), max(s0 - 2, 0), min(top + 2, hu.shape[0])
+    bone = hu[z] > 250
+    near_bone = ndimage.binary_dilation(hu[lo:hi] > 250, iterations=2)[s0 - lo:top - lo]
+    tissue = (hu[z] > -150) & (hu[z] < 250) & body[z] & region[z] & ~lungs[z] & ~near_bone
     # drop the spine and what lies behind its front edge (aorta, oesophagus). The vertebral bodies are the
     # bulk of the bone in the middle columns; coronary calcifications are specks and must not count
     w = hu.shape[2]
-    per_row = (bone & region)[:, :, int(0.4 * w):int(0.6 * w)].sum(axis=(0, 2))
-    if per_row.max() > 0:
+    per_row = (bone & region[z])[:, :, int(0.4 * w):int(0.6 * w)].sum(axis=(0, 2))
+    if per_row.max(initial=0) > 0:
         rows = np.flatnonzero(per_row >= 0.3 * per_row.max())
         back_half = rows[rows >= np.flatnonzero(body.any(axis=(0, 2))).mean()]
         if len(back_half):
             tissue[:, int(back_half[0]):, :] = False
     # peel away thin connections (vessels, pleural rims), then keep the biggest blob
     r = max(1, int(round(6.0 / spacing[1])))
-    tissue = ndimage.binary_opening(tissue, structure=np.ones((1, 2 * r + 1, 2 * r + 1)))
+    # an opening by the (2r+1)^2 square, as a row then a column segment: the same result, 2(2r+1) tests a voxel
+    along_h, along_w = np.ones((1, 2 * r + 1, 1), dtype=bool), np.ones((1, 1, 2 * r + 1), dtype=bool)
+    tissue = ndimage.binary_erosion(ndimage.binary_erosion(tissue, along_h), along_w)
+    tissue = ndimage.binary_dilation(ndimage.binary_dilation(tissue, along_h), along_w)
     if not tissue.any():
         raise LocalizationError("no soft tissue between the lungs")
-    return _largest(tissue)
+    heart = np.zeros_like(lungs)
+    heart[z] = _largest(tissue)
+    return heart
 
 
 def locate(hu: np.ndarray, spacing, target_mm: float = 3.0) -> dict[str, Box]:
