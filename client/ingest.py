@@ -71,11 +71,23 @@ def _header_job(args):
     return rel, header.to_dict() if header else None, category, reason
 
 
-def read_series(base: Path, headers: list[InstanceHeader], min_slices: int):
+_VOLUME = [np.empty(0, dtype=np.float32)]  # this process's HU volume, reused series after series
+
+
+def _volume_buffer(n: int) -> np.ndarray:
+    """The process's volume buffer, enlarged (once per larger series) to hold n values."""
+    if _VOLUME[0].size < n:
+        _VOLUME[0] = np.empty(0, dtype=np.float32)  # the old one goes first: never two at once
+        _VOLUME[0] = np.empty(n, dtype=np.float32)
+    return _VOLUME[0]
+
+
+def read_series(base: Path, headers: list[InstanceHeader], min_slices: int, reuse_buffer: bool = False):
     """One series' headers (paths relative to `base`) -> (checked geometry, HU volume (S, H, W), organ boxes);
-    InputRejected naming the problem, and the file when one is to blame. `m3fm-client predict` reads with it too."""
+    InputRejected naming the problem, and the file when one is to blame. `m3fm-client predict` reads with it too.
+    With reuse_buffer the volume is a view of this process's volume buffer, valid until the next series is read."""
     geo = check_series(headers, min_slices)
-    hu = load_hu(base, geo)
+    hu = load_hu(base, geo, _volume_buffer(int(np.prod(geo.shape))) if reuse_buffer else None)
     try:
         return geo, hu, locate(hu, geo.spacing)
     except LocalizationError as e:
@@ -86,7 +98,7 @@ def _series_job(args):
     site_dir, work_dir, uid, header_dicts, min_slices, config = args
     headers = [InstanceHeader.from_dict(h) for h in header_dicts]
     try:
-        geo, hu, boxes = read_series(site_dir, headers, min_slices)
+        geo, hu, boxes = read_series(site_dir, headers, min_slices, reuse_buffer=True)
     except InputRejected as e:
         return {"status": "rejected", "category": e.category, "reason": e.reason, "path": e.path}
     except Exception as e:  # noqa: BLE001 - one bad series never stops a site
@@ -311,6 +323,7 @@ def ingest_site(site: SiteConfig, workers: int = 1, progress: Progress | None = 
         finally:
             if pool is not None:
                 pool.shutdown()
+            _VOLUME[0] = np.empty(0, dtype=np.float32)  # with one worker the series ran in this process
         tables_read = read_tables(s, site)
         assign_splits(s, site)
         summary = summarize(s, site)
