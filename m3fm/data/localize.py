@@ -58,6 +58,20 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     return mask | ~outside[labels]
 
 
+def small_in_plane(mask: np.ndarray, pixel_area: float, max_area: float) -> np.ndarray:
+    """The regions of each axial slice (4-connected) whose area is under max_area (pixel_area a pixel)."""
+    labels, n = ndimage.label(mask, structure=IN_PLANE)
+    return _keep(labels, 1 + np.flatnonzero(_label_sizes(labels, n)[1:] * pixel_area < max_area), n)
+
+
+def open_in_plane(mask: np.ndarray, r: int) -> np.ndarray:
+    """Binary opening of each axial slice by the (2r+1) x (2r+1) square, as a row then a column segment: the same
+    result as the square's, with 2(2r+1) tests a voxel instead of (2r+1)^2."""
+    along_h, along_w = np.ones((1, 2 * r + 1, 1), dtype=bool), np.ones((1, 1, 2 * r + 1), dtype=bool)
+    mask = ndimage.binary_erosion(ndimage.binary_erosion(mask, along_h), along_w)
+    return ndimage.binary_dilation(ndimage.binary_dilation(mask, along_h), along_w)
+
+
 def body_mask(hu: np.ndarray) -> np.ndarray:
     """The patient: largest connected region above -500 HU (drops the table), holes filled slice by slice."""
     return fill_holes_per_slice(_largest(hu > -500))
@@ -69,9 +83,7 @@ def lung_masks(hu: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, np.ndar
     air = (hu < -400) & body
     pixel_area = spacing[1] * spacing[2]
     # the trachea and oesophageal air are small in every axial slice; lungs are not (apices excepted, briefly)
-    labels, n = ndimage.label(air, structure=IN_PLANE)  # each slice's air regions
-    sizes = _label_sizes(labels, n)[1:] * pixel_area
-    air &= ~_keep(labels, 1 + np.flatnonzero(sizes < 400.0), n)  # < 4 cm^2
+    air &= ~small_in_plane(air, pixel_area, 400.0)  # < 4 cm^2
     labels, n = ndimage.label(air)
     if n == 0:
         raise LocalizationError("no air inside the body: not a chest CT, or not in Hounsfield units")
@@ -147,11 +159,7 @@ def heart_mask(hu: np.ndarray, right: np.ndarray, left: np.ndarray, body: np.nda
         if len(back_half):
             tissue[:, int(back_half[0]):, :] = False
     # peel away thin connections (vessels, pleural rims), then keep the biggest blob
-    r = max(1, int(round(6.0 / spacing[1])))
-    # an opening by the (2r+1)^2 square, as a row then a column segment: the same result, 2(2r+1) tests a voxel
-    along_h, along_w = np.ones((1, 2 * r + 1, 1), dtype=bool), np.ones((1, 1, 2 * r + 1), dtype=bool)
-    tissue = ndimage.binary_erosion(ndimage.binary_erosion(tissue, along_h), along_w)
-    tissue = ndimage.binary_dilation(ndimage.binary_dilation(tissue, along_h), along_w)
+    tissue = open_in_plane(tissue, max(1, int(round(6.0 / spacing[1]))))
     if not tissue.any():
         raise LocalizationError("no soft tissue between the lungs")
     heart = np.zeros_like(lungs)

@@ -1,0 +1,143 @@
+"""The ingestion speed work changes nothing the model sees: each fast step equals its plain definition, bit for bit,
+on the tiny cohort's series and on one full-size (bench) series, and crop files are the bytes np.save wrote."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial import ConvexHull, Delaunay
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from client.ingest import ingest_site, read_series
+from client.site import load_site
+from m3fm.data import crops, localize
+from m3fm.data.crops import DirectFile, crop_plan, read_memmap, write_crop
+from m3fm.data.dicom_series import InstanceHeader
+from m3fm.data.store import Crop, Series, SourceFile, open_store
+from sim.cohort.generate import generate_cohort
+from sim.cohort.presets import build_sites
+
+
+def site_volumes(site):
+    """(HU volume, spacing) of the site's first accepted series, as ingestion read it."""
+    engine = open_store(site.database_url)
+    with Session(engine) as s:
+        uid = s.scalars(select(Series.series_uid).where(Series.status == "accepted").order_by(Series.series_uid)).first()
+        headers = [InstanceHeader.from_dict(f.header) for f in
+                   s.scalars(select(SourceFile).where(SourceFile.series_uid == uid, SourceFile.status == "ok"))]
+    engine.dispose()
+    geo, hu, _ = read_series(site.site_dir, headers, site.min_slices)
+    return hu, geo.spacing
+
+
+@pytest.fixture(scope="module")
+def bench_site(tmp_path_factory):
+    """One full-size exam (512 x 512 slices at clinical spacing, base crops), ingested by one worker."""
+    out = tmp_path_factory.mktemp("bench")
+    generate_cohort(out, build_sites("bench", sites=1, exams_per_site=1), seed=3, workers=1)
+    site = load_site(out / "site-01")
+    summary = ingest_site(site, workers=1)
+    assert summary["series_accepted"] >= 1, summary
+    return site
+
+
+def whole_volume_resize(x, shape):
+    """The resize as three whole-volume passes (how crops were made before they streamed slice by slice)."""
+    x = np.asarray(x, dtype=np.float32)
+    for axis in np.argsort([t / s for t, s in zip(shape, x.shape)], kind="stable"):
+        x = crops._linear_axis(x, shape[axis], int(axis))
+    return x
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    half = np.empty(arr.shape, dtype=np.float16)
+    np.clip(arr, -2048, 4095, out=half, casting="unsafe")
+    buf = io.BytesIO()
+    np.save(buf, half)
+    return buf.getvalue()
+
+
+def hull_by_triangulation(mask2d):
+    pts = np.argwhere(mask2d)
+    if len(pts) < 4 or np.linalg.matrix_rank(pts - pts.mean(0)) < 2:
+        return mask2d.copy()
+    grid = np.indices(mask2d.shape).reshape(2, -1).T
+    return (Delaunay(pts[ConvexHull(pts).vertices]).find_simplex(grid) >= 0).reshape(mask2d.shape)
+
+
+def check_localisation_steps(hu, spacing):
+    f = max(1, int(round(3.0 / min(spacing[1], spacing[2]))))  # the volume locate() works on
+    small = hu[:, ::f, ::f]
+    area = spacing[1] * spacing[2] * f * f
+    dense = small > -500
+    labels, n = ndimage.label(dense)
+    sizes = ndimage.sum(dense, labels, range(1, n + 1))
+    body = localize._largest(dense)
+    assert np.array_equal(body, labels == 1 + int(np.argmax(sizes)))
+    filled = localize.fill_holes_per_slice(body)
+    assert np.array_equal(filled, np.stack([ndimage.binary_fill_holes(s) for s in body]))
+    air = (small < -400) & filled
+    want = np.zeros_like(air)
+    for k in range(air.shape[0]):
+        lab, m = ndimage.label(air[k])
+        if m:
+            want[k] = np.isin(lab, 1 + np.flatnonzero(ndimage.sum(air[k], lab, range(1, m + 1)) * area < 400.0))
+    assert want.any() and np.array_equal(localize.small_in_plane(air, area, 400.0), want)
+    right, left, _ = localize.lung_masks(small, (spacing[0], spacing[1] * f, spacing[2] * f))
+    lungs = right | left
+    hulls = [k for k in range(lungs.shape[0]) if lungs[k].sum() > 20]
+    assert hulls
+    for k in hulls[::3]:
+        assert np.array_equal(localize._hull(lungs[k]), hull_by_triangulation(lungs[k])), k
+    tissue = (small > -150) & (small < 250) & filled
+    for r in (1, 2, 3):
+        assert np.array_equal(localize.open_in_plane(tissue, r),
+                              ndimage.binary_opening(tissue, structure=np.ones((1, 2 * r + 1, 2 * r + 1)))), r
+
+
+def test_localisation_steps_equal_their_slice_by_slice_definitions(ingested, bench_site):
+    """Labels, hole filling, airway removal, convex hulls and the opening: the fast forms give the masks of the
+    per-slice scipy calls they replaced, so the organ boxes are the same."""
+    _, sites, _ = ingested
+    for site in (*sites, bench_site):
+        check_localisation_steps(*site_volumes(site))
+
+
+@pytest.mark.parametrize("src,dst", [((7, 9, 11), (4, 13, 5)), ((20, 30, 40), (33, 17, 40)), ((5, 5, 5), (16, 16, 16)),
+                                     ((64, 40, 40), (16, 40, 24)), ((30, 20, 25), (30, 41, 12))])
+def test_crops_stream_to_the_bytes_of_a_whole_volume_resize(tmp_path, monkeypatch, src, dst):
+    """Slice-by-slice resizing, float16 narrowing and direct writes in chunks (with a tail that is no whole block,
+    and where O_DIRECT is missing) give the very bytes np.save wrote for the whole-volume resize."""
+    x = (np.random.default_rng(0).normal(size=src) * 1500).astype(np.float32)
+    x[0, 0, 0] = 9000.0  # metal: clipped to float16's exact integers
+    plan = crops.CropPlan("r", "s", x, dst, np.ones(3, np.float32), 0)
+    want = npy_bytes(whole_volume_resize(x, dst))
+    assert np.array_equal(crops.resize(x, dst), whole_volume_resize(x, dst))
+    monkeypatch.setattr(DirectFile, "CHUNK", 8192)  # many chunks even for a small crop
+    write_crop(tmp_path / "a.npy", plan)
+    assert (tmp_path / "a.npy").read_bytes() == want and not (tmp_path / "a.tmp.npy").exists()
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    write_crop(tmp_path / "b.npy", plan)
+    assert (tmp_path / "b.npy").read_bytes() == want
+
+
+def test_a_full_size_series_crops_are_the_whole_volume_resize(bench_site):
+    """Every base crop of the bench series on disk: the bytes of the whole-volume resize of its cut."""
+    hu, spacing = site_volumes(bench_site)
+    engine = open_store(bench_site.database_url)
+    with Session(engine) as s:
+        series = s.scalars(select(Series).where(Series.status == "accepted").order_by(Series.series_uid)).first()
+        rows = list(s.scalars(select(Crop).where(Crop.series_uid == series.series_uid)))
+    engine.dispose()
+    assert len(rows) == 6
+    for c in rows:
+        box = series.boxes[crops.REGION_BOX[c.region]]
+        target = (0, *c.shape[1:]) if c.region.startswith("slab_") else tuple(c.shape)
+        plan = crop_plan(hu, spacing, box, target)
+        assert plan.shape == tuple(c.shape) and plan.first_slice == c.first_slice
+        got = (bench_site.work_dir / c.path).read_bytes()
+        assert got == npy_bytes(whole_volume_resize(plan.source, plan.shape)), c.region
+        assert read_memmap(bench_site.work_dir / c.path).shape == tuple(c.shape)
