@@ -151,11 +151,12 @@ def index_files(s: Session, site: SiteConfig, pool, progress: Progress | None) -
         clear_scope(s, f"file:{path}")
         s.delete(known[path])
     todo = [p for p, st in found.items() if p not in known or (known[p].size, known[p].mtime_ns) != st]
+    for k in range(0, len(todo), 500):  # one statement per 500 files, not a delete (and a flush) per file
+        s.execute(delete(Rejection).where(Rejection.scope.in_([f"file:{p}" for p in todo[k:k + 500]])))
     for i, (rel, header, category, reason) in enumerate(_map(_header_job, [(site.site_dir, p) for p in todo], pool,
                                                            chunksize=max(1, min(64, len(todo) // 16)))):
-        clear_scope(s, f"file:{rel}")
         size, mtime = found[rel]
-        row = s.get(SourceFile, rel) or SourceFile(path=rel, kind="dicom")
+        row = known.get(rel) or SourceFile(path=rel, kind="dicom")
         row.size, row.mtime_ns = size, mtime
         row.status = "ok" if header else "rejected"
         row.series_uid = header["series_uid"] if header else None
@@ -186,6 +187,7 @@ def process_series(s: Session, site: SiteConfig, pool, progress: Progress | None
                 and _complete(s, site, old, volumes)):
             continue
         jobs.append((site.site_dir, site.work_dir, uid, [r.header for r in rows], site.min_slices, site.model_config))
+    jobs.sort(key=lambda job: -len(job[3]))  # longest first: the workers finish together, not one big series last
     for i, (job, result) in enumerate(zip(jobs, _map(_series_job, jobs, pool))):
         _record_series(s, job[2], groups[job[2]], result)
         s.commit()  # a crash loses only the series in flight
