@@ -130,18 +130,11 @@ def test_crops_are_what_the_previous_resize_made_within_float32_rounding(ingeste
     grow, shrink and keep axes, equal scipy's trilinear zoom to float32 rounding (far below float16 storage)."""
     from client.ingest import read_series
     from m3fm.data.crops import crop_resize, cut, resize, slab_stack
-    from m3fm.data.dicom_series import InstanceHeader
-    from m3fm.data.store import SourceFile
+    from ingested_series import first_accepted_headers
 
     _, sites, _ = ingested
     site = sites[0]
-    engine = open_store(site.database_url)
-    with Session(engine) as s:
-        uid = s.scalars(select(Series.series_uid).where(Series.status == "accepted").order_by(Series.series_uid)).first()
-        headers = [InstanceHeader.from_dict(f.header) for f in
-                   s.scalars(select(SourceFile).where(SourceFile.series_uid == uid, SourceFile.status == "ok"))]
-    engine.dispose()
-    geo, hu, boxes = read_series(site.site_dir, headers, site.min_slices)
+    geo, hu, boxes = read_series(site.site_dir, first_accepted_headers(site), site.min_slices)
     cfg = get_config(site.model_config)
     for region, scale_name in REGION_SCALE.items():
         scale, box = cfg.scale(scale_name), boxes[REGION_BOX[region]]

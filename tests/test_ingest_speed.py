@@ -15,21 +15,16 @@ from client.ingest import ingest_site, read_series
 from client.site import load_site
 from m3fm.data import crops, localize
 from m3fm.data.crops import DirectFile, crop_plan, read_memmap, write_crop
-from m3fm.data.dicom_series import InstanceHeader
-from m3fm.data.store import Crop, Series, SourceFile, open_store
+from m3fm.data.store import Crop, Series, open_store
 from sim.cohort.generate import generate_cohort
 from sim.cohort.presets import build_sites
+
+from ingested_series import first_accepted_headers
 
 
 def site_volumes(site):
     """(HU volume, spacing) of the site's first accepted series, as ingestion read it."""
-    engine = open_store(site.database_url)
-    with Session(engine) as s:
-        uid = s.scalars(select(Series.series_uid).where(Series.status == "accepted").order_by(Series.series_uid)).first()
-        headers = [InstanceHeader.from_dict(f.header) for f in
-                   s.scalars(select(SourceFile).where(SourceFile.series_uid == uid, SourceFile.status == "ok"))]
-    engine.dispose()
-    geo, hu, _ = read_series(site.site_dir, headers, site.min_slices)
+    geo, hu, _ = read_series(site.site_dir, first_accepted_headers(site), site.min_slices)
     return hu, geo.spacing
 
 
