@@ -95,6 +95,31 @@ def test_mim_loss_ignores_visible_cubes(tiny_model, tiny_cfg):
     assert tiny_model.forward_loss(x, changed_masked, mask, "heart") > same + 1.0
 
 
+def test_per_sample_mlm_is_each_records_mean_over_its_masked_tokens(tiny_model, tiny_cfg):
+    """DP's per-sample MLM sends only each record's masked positions through the vocabulary layer; its value and
+    its gradients must be the full-sequence definition's, for records with many, few and no masked tokens."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, tiny_cfg.vocab_size, (4, 40), generator=g)
+    mask = torch.ones(4, 40, dtype=torch.long)
+    mask[2, 30:] = 0
+    labels = torch.full((4, 40), -100)
+    for b, n in enumerate((3, 12, 0, 1)):
+        pos = torch.randperm(40, generator=g)[:n]
+        labels[b, pos] = ids[b, pos]
+    params = list(tiny_model.text_encoder.parameters()) + list(tiny_model.mlm_head.parameters())
+    got = tiny_model.forward_mlm(ids, mask, labels, per_sample=True)
+    logits = tiny_model.mlm_head(tiny_model.text_encoder(ids, mask))  # (B, T, V): every position
+    tokens = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    want = tokens.sum(1) / (labels != -100).sum(1).clamp(min=1)
+    assert torch.allclose(got, want, atol=1e-6) and got[2] == 0 and (got[[0, 1, 3]] > 1).all()
+    weights = torch.tensor([1.0, -2.0, 3.0, 0.5])  # a per-sample weighting, as clipping applies
+    grads = [torch.autograd.grad((x * weights).sum(), params) for x in (got, want)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_mim_can_reconstruct_selected_slices_only():
     from m3fm.model.configs import get_config
     from m3fm.model.mae import target_slices
