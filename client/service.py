@@ -1,6 +1,6 @@
 """A site's warm service: what is expensive is built once and kept between rounds.
 
-Flower 1.41 starts a new ClientApp process for every message (../shared/design/FLOWER_NOTES.md); before this
+Flower 1.41 starts a new ClientApp process for every message (its SuperNode's subprocess isolation); before this
 service each of them imported torch, reopened the site's database and crops, rebuilt the model and the tokenizer.
 Now `m3fm-client start` runs this service beside its SuperNode:
 

@@ -2,6 +2,7 @@
 
 Errors name the file and the field. The work folder (cache and database) must
 lie outside the site folder: ingestion never writes into the source tree.
+Every field, with its default and what it does: examples/site.toml (loaded by tests/test_examples.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ class SiteConfigError(ValueError):
 
 
 DEVICE_TYPES = ("auto", "cuda", "cpu")
+# table -> the fields it may hold; an unknown one is refused (a misspelt privacy ceiling must not pass silently).
+# [scanner] and [cohort] describe a synthetic site (m3fm-sim cohort) and are not read.
+FIELDS = {
+    "": {"site_id", "name", "tasks", "min_cell_size", "storage", "ingest", "privacy", "device", "model", "scanner",
+         "cohort"},
+    "storage": {"work_dir"},
+    "ingest": {"model_config", "min_slices", "dicom_dir", "splits"},
+    "privacy": {"max_epsilon", "delta", "require_dp"},
+    "device": {"type", "devices"},
+    "model": {"tokenizer"},
+}
 
 
 @dataclass
@@ -67,6 +79,13 @@ def load_site(site_dir: Path) -> SiteConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SiteConfigError(f"{path}: not valid TOML: {e}") from None
     where = str(path)
+    for table, allowed in FIELDS.items():
+        t = d.get(table, {}) if table else d
+        if not isinstance(t, dict):
+            raise SiteConfigError(f"{where}: [{table}] must be a table, got {t!r}")
+        if unknown := sorted(set(t) - allowed):
+            raise SiteConfigError(f"{where}: unknown field(s) {unknown} in {f'[{table}]' if table else 'the top level'}"
+                                  f"; known: {sorted(allowed)}")
     tasks = tuple(_need(d, "tasks", list, where))
     unknown = [t for t in tasks if t not in TASK_BY_NAME]
     if unknown:

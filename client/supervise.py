@@ -1,6 +1,6 @@
 """`m3fm-client start` keeps its SuperNode healthy, judged by what the SuperNode logs, not only by its exit.
 
-The policy (README, "Running a site"):
+The policy (docs/deployment.md, "How failures show"):
 - Certificate and key files are parsed before anything starts (privacy/certs.py); a bad one stops the command
   with exit 2, naming the file.
 - The SuperNode runs as transport/supernode.py, which exits when its main thread dies, so a dead connection

@@ -3,8 +3,8 @@
 The public code ships task fine-tunes of its `models/m3fm.py` M3FM as plain state dicts. `convert` maps every
 tensor of one onto our model in its reference form ("<size>-ref", m3fm/model/configs.py's `reference_form`: the
 question's <s> output as the <TASK> token, per-scale CLS tokens, raw hazards, the predictors' epsilon), so that the
-converted model answers as the reference does; the facts behind each rule are in
-../shared/design/M3FM_PUBLIC_CODE.md, "State-dict mapping":
+converted model answers as the reference does; each rule was traced in the public repository's `models/` and
+config files:
 
   img_tokenizer.tokenizer_(S, H, W).patch_embed.proj    Conv3d, kernel = stride -> patch_embed.<scale>.proj Linear
                                                          (weight reshaped to (D, voxels); the scale found by volume)

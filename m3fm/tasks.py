@@ -56,7 +56,7 @@ HEART_WINDOW = HUWindow(-135.0, 225.0)
 # were all +1, so every patch embedding was one large constant vector and the few holes a small change of it; a site
 # alone (42-57 training exams) then fitted its own patients instead (train AUC 1.00, test 0.49), and so did FedAvg
 # over two such sites (test 0.50 / 0.42), while pooling them found the holes. With the clipped tissue at 0 the holes
-# are the whole input: the same site alone reaches test AUC 1.00, federated 1.00 / 0.96 (issue 14, README).
+# are the whole input: the same site alone reaches test AUC 1.00, federated 1.00 / 0.96 (issue 14, docs/learning.md).
 LOW_ATTENUATION_WINDOW = HUWindow(-1000.0, -900.0, "below")
 
 # region -> image scale name in the model configuration (m3fm/model/configs.py)

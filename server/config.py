@@ -1,69 +1,7 @@
 """`server.toml`: one file configures a federated run. Errors name the file and the field.
 
-    [run]
-    name = "m3fm-demo"        # runs are resumed by name
-    model = "tiny"            # model configuration (m3fm/model/configs.py)
-    min_sites = 2             # fewer accepted replies than this fails the round
-    round_timeout = 600       # seconds to wait for the sites' replies
-    round_retries = 2         # a round left with fewer than min_sites usable replies because replies were lost in
-                              # transport (a node gone unavailable, a restart) is sent again to the connected sites
-                              # that did not answer, at most this often (server/delivery.py); each attempt is recorded
-    evaluate_every = 1        # federated evaluation every N rounds (0: never; the last round always)
-    site_reports = true       # after the last round every site evaluates the final model on its test split
-                              # and sends its report (aggregates only); the run report follows
-    seed = 0
-    tokenizer = ""            # a RoBERTa tokenizer folder (vocab.json, merges.txt); empty: the shipped one. Every
-                              # site must use the same (site.toml [model] tokenizer): requests carry its fingerprint
-    init = ""                 # a checkpoint the run starts from (e.g. `m3fm-server import-weights` output), made
-                              # for this model configuration; relative paths are relative to this file. Empty: the
-                              # seed's fresh weights
-    out_dir = "runs"          # checkpoints; relative paths are relative to this file
-    database = ""             # SQLAlchemy URL; empty: a SQLite file in out_dir
-
-    [strategy]
-    name = "fedavg"           # fedavg, fedprox, fedadam
-    proximal_mu = 0.01        # fedprox
-    eta = 0.01                # fedadam: server learning rate (and beta_1, beta_2, tau)
-    max_update_norm = 1000.0  # replies whose L2 distance to the global model is larger are dropped
-
-    [pretrain]                # federated MIM + MLM, then
-    rounds = 1
-    local_steps = 2
-    lr = 1e-4
-    batch_size = 4
-    scales = []               # empty: every scale
-    micro_batches = 1         # micro-batches (batch_size crops of one scale, scales in turn) per optimizer step;
-                              # a site's ranks (--devices) share them, so give at least the largest site's count
-
-    [multitask]               # federated multitask QA
-    rounds = 1
-    local_steps = 2
-    lr = 1e-4
-    batch_size = 4
-    tasks = []                # empty: every task a site has labels for
-    tasks_per_step = 0        # 0: one micro-batch of every task per optimizer step
-
-    [privacy.dp_sgd]          # patient-level DP-SGD at every site (Opacus); a site's own
-    noise_multiplier = 1.0    # [privacy] max_epsilon / delta in site.toml wins over these
-    # target_epsilon = 8.0    # instead of noise_multiplier: noise chosen for the whole run
-    max_grad_norm = 1.0
-    delta = 1e-5
-    physical_batch = 8
-    clipping = "hooks"        # or "fast": Opacus's fast gradient clipping (per-sample norms, two backward passes)
-
-    [privacy.secagg]          # secure aggregation (Flower's SecAgg+ workflow; fedavg only)
-    num_shares = 1.0          # fraction of the round's sites (or a count > 1) holding each secret's shares
-    reconstruction_threshold = 0.67
-    clipping_range = 1.0      # update values are clipped to +-this before quantization
-    quantization_range = 4194304
-    timeout = 600
-    chunk_values = 33554432   # update values per SecAgg+ instance: bounds each message and each process's masks
-
-    [privacy.central_dp]      # site-level DP at the server (Flower's DP strategy wrappers)
-    noise_multiplier = 1.0
-    clipping_norm = 10.0
-    clipping = "server"       # or "client" (Flower's fixedclipping_mod at each site)
-    delta = 1e-5
+Every field, with its default and what it does: examples/server.toml (loaded by tests/test_examples.py, which
+also checks that it names every field of FIELDS below).
 """
 
 from __future__ import annotations
@@ -84,6 +22,22 @@ from transport.secure_chunks import MAX_CHUNK_VALUES
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PHASES = ("pretrain", "multitask")
+PHASE_FIELDS = {"rounds", "local_steps", "lr", "batch_size", "warmup_steps", "scales", "tasks", "tasks_per_step",
+                "micro_batches"}
+# table -> the fields it may hold; anything else is refused with the file, the table and the known names
+FIELDS = {
+    "": {"run", "strategy", "privacy", *PHASES},
+    "run": {"name", "model", "min_sites", "round_timeout", "round_retries", "evaluate_every", "site_reports", "seed",
+            "init", "tokenizer", "out_dir", "database"},
+    "strategy": {"name", "proximal_mu", "eta", "beta_1", "beta_2", "tau", "max_update_norm"},
+    "pretrain": PHASE_FIELDS,
+    "multitask": PHASE_FIELDS,
+    "privacy": {"dp_sgd", "central_dp", "secagg"},
+    "privacy.dp_sgd": {"noise_multiplier", "target_epsilon", "max_grad_norm", "delta", "physical_batch", "clipping"},
+    "privacy.central_dp": {"noise_multiplier", "clipping_norm", "clipping", "delta"},
+    "privacy.secagg": {"num_shares", "reconstruction_threshold", "clipping_range", "quantization_range", "timeout",
+                       "chunk_values"},
+}
 
 
 class ServerConfigError(ValueError):
@@ -194,8 +148,7 @@ def _known(table: dict, allowed: set[str], where: str) -> None:
 
 def _phase(d: dict, name: str, where: str, cfg_name: str) -> PhaseConfig:
     where = f"{where} [{name}]"
-    _known(d, {"rounds", "local_steps", "lr", "batch_size", "warmup_steps", "scales", "tasks", "tasks_per_step",
-                "micro_batches"}, where)
+    _known(d, FIELDS[name], where)
     positive = (lambda v: v > 0, "must be positive")
     pc = PhaseConfig(
         name=name,
@@ -218,8 +171,7 @@ def _phase(d: dict, name: str, where: str, cfg_name: str) -> PhaseConfig:
 
 
 def _secagg(t: dict, w: str) -> SecAggConfig:
-    _known(t, {"num_shares", "reconstruction_threshold", "clipping_range", "quantization_range", "timeout",
-               "chunk_values"}, w)
+    _known(t, FIELDS["privacy.secagg"], w)
     positive = (lambda v: v > 0, "must be positive")
     return SecAggConfig(num_shares=_take(t, "num_shares", float, 1.0, w, *positive),
                         reconstruction_threshold=_take(t, "reconstruction_threshold", float, 0.67, w, *positive),
@@ -233,11 +185,11 @@ def _secagg(t: dict, w: str) -> SecAggConfig:
 
 
 def _privacy(d: dict, where: str) -> tuple[DPSGDConfig | None, CentralDPConfig | None]:
-    _known(d, {"dp_sgd", "central_dp", "secagg"}, f"{where} [privacy]")
+    _known(d, FIELDS["privacy"], f"{where} [privacy]")
     dp = central = None
     if "dp_sgd" in d:
         t, w = d["dp_sgd"], f"{where} [privacy.dp_sgd]"
-        _known(t, {"noise_multiplier", "target_epsilon", "max_grad_norm", "delta", "physical_batch", "clipping"}, w)
+        _known(t, FIELDS["privacy.dp_sgd"], w)
         positive = (lambda v: v > 0, "must be positive")
         try:
             dp = DPSGDConfig(noise_multiplier=_take(t, "noise_multiplier", float, 0.0, w, *positive),
@@ -250,7 +202,7 @@ def _privacy(d: dict, where: str) -> tuple[DPSGDConfig | None, CentralDPConfig |
             raise ServerConfigError(f"{w}: {e}") from None
     if "central_dp" in d:
         t, w = d["central_dp"], f"{where} [privacy.central_dp]"
-        _known(t, {"noise_multiplier", "clipping_norm", "clipping", "delta"}, w)
+        _known(t, FIELDS["privacy.central_dp"], w)
         central = CentralDPConfig(
             noise_multiplier=_take(t, "noise_multiplier", float, 1.0, w, lambda v: v > 0, "must be positive"),
             clipping_norm=_take(t, "clipping_norm", float, 10.0, w, lambda v: v > 0, "must be positive"),
@@ -285,14 +237,13 @@ def load_server_config(path: str | Path) -> ServerConfig:
         d = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ServerConfigError(f"{path}: not valid TOML: {e}") from None
-    _known(d, {"run", "strategy", "privacy", *PHASES}, str(path))
+    _known(d, FIELDS[""], str(path))
     run, where = d.get("run", {}), f"{path} [run]"
-    _known(run, {"name", "model", "min_sites", "round_timeout", "round_retries", "evaluate_every", "site_reports",
-                "seed", "init", "tokenizer", "out_dir", "database"}, where)
+    _known(run, FIELDS["run"], where)
     model = _take(run, "model", str, "tiny", where, lambda v: v in CONFIGS, f"must be one of {list(CONFIGS)}")
     out_dir = Path(_take(run, "out_dir", str, "runs", where))
     st, swhere = d.get("strategy", {}), f"{path} [strategy]"
-    _known(st, {"name", "proximal_mu", "eta", "beta_1", "beta_2", "tau", "max_update_norm"}, swhere)
+    _known(st, FIELDS["strategy"], swhere)
     strategy = StrategyConfig(
         name=_take(st, "name", str, "fedavg", swhere, lambda v: v in STRATEGIES, f"must be one of {list(STRATEGIES)}"),
         proximal_mu=_take(st, "proximal_mu", float, 0.01, swhere, lambda v: v >= 0, "must be 0 or more"),

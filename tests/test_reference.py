@@ -1,5 +1,5 @@
-"""Published M3FM weights (m3fm/reference.py): a state dict in the public code's format, built from the facts in
-../shared/design/M3FM_PUBLIC_CODE.md ("State-dict mapping": names, shapes, conventions) with random values,
+"""Published M3FM weights (m3fm/reference.py): a state dict in the public code's format, built from the mapping
+m3fm/reference.py documents (names, shapes, conventions of niuchuangnn/M3FM's state dicts) with random values,
 converted by `m3fm-server import-weights`, loads strictly and every tensor lands where it should; the reference
 hazard arithmetic; a run started from the converted checkpoint."""
 

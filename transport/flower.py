@@ -1,4 +1,4 @@
-"""Flower's processes and CLI, driven as flwr 1.41 works (see the README's Flower section).
+"""Flower's processes and CLI, driven as flwr 1.41 works (docs/deployment.md).
 
 - `flower-superlink` serves the Fleet, Control and Runtime APIs on one port;
   it is started with its state in memory (or a database file) and without runtime dependency

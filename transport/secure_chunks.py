@@ -1,7 +1,7 @@
 """Secure aggregation past 2 GiB: the packed update split into chunks, each summed by its own SecAgg+ instance.
 
 Flower's SecAgg+ sends a site's masked vector as int64 values inside one ConfigRecord, a single object that may
-not pass 2 GiB: 268M values, where base has 259M parameters, large 506M and huge 869M (FLOWER_NOTES.md). Every
+not pass 2 GiB: 268M values, where base has 259M parameters, large 506M and huge 869M (docs/privacy.md). Every
 process on the way also holds the whole vector several times over (the quantized copy, one int64 mask per
 neighbour, the running sum). So the coordinator runs the protocol once per chunk of at most `chunk_values` values
 of the site's flattened update (every packed key's update in packed order, as float32), each chunk a SecAgg+

@@ -1,4 +1,4 @@
-"""Write a synthetic multi-hospital cohort: one folder per site in the layout of ARCHITECTURE.md.
+"""Write a synthetic multi-hospital cohort: one folder per site in the layout docs/ingestion.md gives.
 
   SITE/site.toml     site id, name, labelled tasks, privacy ceiling, scanner, storage
   SITE/dicom/        CT series as scanner exports (nested folders, series interleaved)
