@@ -117,8 +117,14 @@ def run(
     engine: str = typer.Option("deployment", help="deployment (SuperLink + one SuperNode per site) or ray"),
     out: Path = typer.Option(Path("m3fm-sim-run"), help="folder for the cohort, run, checkpoints and metrics"),
     server_config: Path = typer.Option(None, "--server-config", help="a server.toml to use instead of the preset's plan"),
+    ray_address: str = typer.Option(None, envvar="RAY_ADDRESS",
+                                    help="ray engine: join the Ray cluster whose head is at HOST:PORT instead of "
+                                    "starting one"),
+    cpus_per_site: int = typer.Option(1, min=1, help="ray engine: CPUs a virtual site's actor takes"),
+    gpus_per_site: float = typer.Option(0.0, min=0.0,
+                                        help="ray engine: GPUs (or a fraction) a virtual site's actor takes"),
 ) -> None:
-    """Federated pretraining then multitask training of every site of a cohort, on this machine."""
+    """Federated pretraining then multitask training of every site of a cohort, on this machine (or a Ray cluster)."""
     import time
 
     from sim.federation import (RUN_PLANS, gather_reports, ingest_all, prepare_cohort, run_deployment, run_ray,
@@ -143,7 +149,8 @@ def run(
         code = run_deployment(toml, sites, out, log=console.print)
         ok = code == 0
     else:
-        outcome = run_ray(toml, sites, log=console.print)
+        outcome = run_ray(toml, sites, log=console.print, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
+                          ray_address=ray_address)
         ok = outcome.ok
         if not ok:
             console.print(f"[red]run failed[/red] ({outcome.status}): {outcome.error}")

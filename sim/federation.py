@@ -124,8 +124,16 @@ def run_deployment(server_toml: Path, sites: list[Path], out: Path, log=print, m
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_ray(server_toml: Path, sites: list[Path], log=print, cpus_per_site: int = 1, gpus_per_site: float = 0.0):
+def run_ray(server_toml: Path, sites: list[Path], log=print, cpus_per_site: int = 1, gpus_per_site: float = 0.0,
+            ray_address: str | None = None):
+    """Flower's simulation engine on Ray: a Ray of its own on this machine, or with `ray_address` (HOST:PORT of a
+    cluster's head, as `ray start --head` prints it) the existing cluster, whose nodes then host the virtual sites.
+    Flower 1.41's federation config cannot name an address (its Ray init arguments are CPUs, GPUs and logging),
+    so it goes to ray.init the way Ray reads it: RAY_ADDRESS in the environment the simulation process inherits."""
     cfg = load_server_config(server_toml)
+    if ray_address:
+        os.environ["RAY_ADDRESS"] = ray_address
+        log(f"joining the Ray cluster at {ray_address}")
     options = {"num-supernodes": len(sites), "client-resources-num-cpus": int(cpus_per_site),
                "client-resources-num-gpus": float(gpus_per_site)}
     return coordinate(cfg, False, "127.0.0.1", free_port(), log=log, simulation=options,
