@@ -70,7 +70,7 @@ def measure(config: str, sites: int) -> dict:
 
     from m3fm.model.configs import get_config
     from m3fm.model.m3fm import M3FM
-    from m3fm.model.packing import group_of_packed, layout
+    from m3fm.weights.packing import group_of_packed, layout
     from server.strategy import build_strategy, train_round
     from server.task_sum import array_view
     from transport.protocol import ARRAYS, COUNT, METRICS, SITE, SITE_ID, SKIPPED

@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from m3fm.console import print_error, print_warning
+from m3fm.console import StageProgress, print_error, print_warning
 
 app = typer.Typer(help="m3fm-fed hospital site: ingest local data, train in federated rounds, report.",
                   no_args_is_help=True, add_completion=False)
@@ -30,9 +30,7 @@ def ingest(
     workers: int = typer.Option(1, min=1, help="processes reading and cropping series in parallel"),
 ) -> None:
     """Check, convert and cache the site's CT series and tables into its work folder and database."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from client.ingest import ingest_site
+    from client.ingest import INGEST_STAGES, ingest_site
     from client.site import SiteConfigError, load_site
 
     console = Console()
@@ -42,16 +40,7 @@ def ingest(
         print_error(console, e)
         raise typer.Exit(2) from None
     console.print(f"ingesting {site.site_id} ({site.name}) from {site.site_dir} into {site.work_dir}")
-    labels = {"index": "reading DICOM headers", "series": "checking and cropping series"}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
-        ids: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in ids:
-                ids[stage] = bar.add_task(labels[stage], total=total)
-            bar.update(ids[stage], completed=done)
-
+    with StageProgress(console, INGEST_STAGES) as progress:
         summary = ingest_site(site, workers=workers, progress=progress)
     print_summary(console, site, summary)
     if summary["series_accepted"] == 0 and summary["exams"] == 0:

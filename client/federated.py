@@ -30,7 +30,7 @@ from m3fm.local import (PhaseConfig, local_evaluate, local_multitask, local_pret
                         pretrain_population)
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
-from m3fm.model.packing import group_of_packed, pack_state, unpack_state
+from m3fm.weights.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.text import TextTokenizer, load_tokenizer
 from privacy.dp_local import key_plan, private_multitask, private_pretrain
 from privacy.budget import DPSGDConfig, SiteBudget

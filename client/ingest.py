@@ -143,6 +143,10 @@ def _map(fn, jobs, pool: ProcessPoolExecutor | None, chunksize: int = 1):
         yield from map(fn, jobs)
 
 
+# the stages ingest_site reports to its progress callback (stage, done, total), with what a person reads for them
+INGEST_STAGES = {"index": "reading DICOM headers", "series": "checking and cropping series"}
+
+
 def index_files(s: Session, site: SiteConfig, pool, progress: Progress | None) -> int:
     """Stage 1: headers of new or changed files; rows of vanished files removed. Returns files read."""
     found = scan_tree(site.site_dir / site.dicom_dir, site.site_dir)

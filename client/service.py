@@ -36,7 +36,7 @@ from client.federated import (OpenSite, check_tokenizer, evaluate_round, last_in
                               secure_folder, secure_round_id, secure_update, train_round, uses_cuda)
 from client.site import SiteConfig, load_site
 from m3fm.distributed import Ranks
-from m3fm.model.packing import packed_sizes, split_joined
+from m3fm.weights.packing import packed_sizes, split_joined
 from transport.protocol import CHUNK_KEY, SERVICE_TIME, SITE_ID, SKIPPED
 from transport.secure_chunks import ChunkedUpdate, answer_chunk
 

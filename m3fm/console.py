@@ -7,6 +7,8 @@ taken for rich markup and vanish."""
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.markup import escape
 
@@ -17,3 +19,38 @@ def print_error(console: Console, message: object) -> None:
 
 def print_warning(console: Console, message: object) -> None:
     console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", soft_wrap=True)
+
+
+class StageProgress:
+    """Progress of the stages a person waits for (stage, done, total): rich bars on a terminal; in a log file or
+    CI, where bars would print nothing until the end, a plain line per stage at most every `every_s` seconds and
+    when it completes. Use as a context manager; call it as the work goes."""
+
+    def __init__(self, console: Console, labels: dict[str, str], every_s: float = 10.0):
+        self.console, self.labels, self.every_s = console, labels, every_s
+        self.bar, self.tasks, self.last = None, {}, {}
+
+    def __enter__(self) -> "StageProgress":
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=self.console, transient=False).__enter__()
+        self.t0 = time.monotonic()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        label = self.labels.get(stage, stage)
+        if self.bar is not None:
+            if stage not in self.tasks:
+                self.tasks[stage] = self.bar.add_task(label, total=total)
+            self.bar.update(self.tasks[stage], completed=done, total=total)
+            return
+        now = time.monotonic()
+        if done >= total or now - self.last.get(stage, self.t0) >= self.every_s:
+            self.last[stage] = now
+            self.console.print(f"{escape(label)}: {done}/{total} ({now - self.t0:.0f}s)", soft_wrap=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

@@ -2,7 +2,7 @@
 
 Plain functions over an ingested site (m3fm/data/datasets.py) and a model that
 already holds the global weights; no networking. Each returns what may leave
-the site: sample counts per parameter group (m3fm/model/groups.py), losses and
+the site: sample counts per parameter group (m3fm/weights/groups.py), losses and
 aggregate metrics. A task or scale with fewer training items than the site's
 minimum cell size is neither trained nor reported: a count or a weight from so
 few patients says too much about them.
@@ -28,7 +28,7 @@ from m3fm.data.datasets import PretrainDataset, QADataset, SiteData, batches_by_
 from m3fm.distributed import Ranks
 from m3fm.evaluation import collect_predictions
 from m3fm.metrics import delong
-from m3fm.model.groups import multitask_group_counts, pretrain_group_counts
+from m3fm.weights.groups import multitask_group_counts, pretrain_group_counts
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer, mask_for_mlm
 from m3fm.tasks import YES_NO, get_task

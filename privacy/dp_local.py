@@ -23,7 +23,7 @@ import torch.distributed as dist
 from m3fm.data.collate import collate_pretrain, collate_qa
 from m3fm.distributed import Ranks
 from m3fm.local import PhaseConfig, multitask_population, pretrain_population, text_items, too_few
-from m3fm.model.groups import multitask_group_counts, parameter_group, pretrain_group_counts
+from m3fm.weights.groups import multitask_group_counts, parameter_group, pretrain_group_counts
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer
 from m3fm.train import build_optimizer, model_device, pretrain_loss, qa_loss, set_lr
@@ -41,7 +41,7 @@ def freeze_outside_phase(model: M3FM, phase: str) -> None:
 
 
 def key_groups(phase: str, key: str) -> set[str]:
-    """The parameter groups (m3fm/model/groups.py) a step of one key can reach: the shared trunk and the key's own
+    """The parameter groups (m3fm/weights/groups.py) a step of one key can reach: the shared trunk and the key's own
     tokenizer, task embedding and predictor, never another key's."""
     return set(pretrain_group_counts({key: 1}, 1) if phase == "pretrain" else multitask_group_counts({key: 1}))
 

@@ -138,6 +138,7 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         rc = {"config": str(cfg.path), "resume": resume, "database": cfg.database_url,
               "coordinator": proc_identity(os.getpid()), **(run_config or {})}
         flwr_id = submit_run(app_dir, CONNECTION, rc, env, federation_config=simulation)
+        started = time.monotonic()
         _update(engine, Coordinator, me, flwr_run_id=str(flwr_id))
         log(f"submitted Flower run {flwr_id}")
         shown: set[int] = set()
@@ -146,7 +147,7 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         while time.monotonic() < deadline:
             record_tree(base / "processes.json", os.getpid())
             run = run or find_run(engine, flwr_id)  # the ServerApp creates its row a few seconds in
-            _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log)
+            _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log, started)
             if link.poll() is not None:
                 raise RuntimeError(f"the SuperLink exited with code {link.returncode}; see {base / 'superlink.log'}")
             if time.monotonic() - last_status_check > status_every_s:
@@ -157,7 +158,7 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         else:
             status = f"gave up after {max_hours} h"
         run = run or find_run(engine, flwr_id)
-        _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log)  # those recorded after the last look
+        _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log, started)  # those recorded after the last look
         if status == "finished:stopped":
             run = end_run(engine, flwr_id, "stopped", "stopped by `flwr stop` (the SuperLink's Control API)")
         elif status != "finished:completed":
@@ -192,16 +193,21 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         lock.release()
 
 
-def _show_rounds(engine, run: Run | None, flwr_id: int, total: int, shown: set[int], log) -> None:
-    """Log each round of this submission not shown yet."""
+def _show_rounds(engine, run: Run | None, flwr_id: int, total: int, shown: set[int], log,
+                 started: float | None = None) -> None:
+    """Log each round of this submission not shown yet, with the time since `started` (time.monotonic()) and an
+    estimate of the time left: the mean round of this submission so far times the rounds still to come."""
     if run is None:
         return
     with Session(engine) as s:
-        for r in s.scalars(select(Round).where(Round.run_id == run.id, Round.flwr_run_id == str(flwr_id))
-                           .order_by(Round.round)):
+        rounds = s.scalars(select(Round).where(Round.run_id == run.id, Round.flwr_run_id == str(flwr_id))
+                           .order_by(Round.round)).all()
+        for i, r in enumerate(rounds):
             if r.round not in shown:
                 shown.add(r.round)
-                log(_round_line(r, total))
+                mean = sum(x.seconds for x in rounds[:i + 1]) / (i + 1)
+                elapsed = None if started is None else time.monotonic() - started
+                log(_round_line(r, total, elapsed, mean * (total - r.round)))
 
 
 def end_run(engine, flwr_id: int, status: str, error: str) -> Run | None:
@@ -260,11 +266,17 @@ def settle_dead_coordinators(engine, log=None) -> list[int]:
     return killed
 
 
-def _round_line(r: Round, total: int) -> str:
+def _round_line(r: Round, total: int, elapsed_s: float | None = None, left_s: float | None = None) -> str:
     losses = {k[len(LOSS):]: v for k, v in (r.train_metrics or {}).items() if k.startswith(LOSS)}
     shown = ", ".join(f"{k} {v:.3f}" for k, v in list(losses.items())[:4]) + (" ..." if len(losses) > 4 else "")
+    clock = "" if elapsed_s is None else f" ({_duration(elapsed_s)} elapsed, about {_duration(left_s or 0)} left)"
     return (f"round {r.round}/{total} {r.phase} {r.phase_round}: {r.sites_accepted}/{r.sites_replied} sites, "
-            f"{r.seconds:.0f}s; {shown}")
+            f"{r.seconds:.0f}s{clock}; {shown}")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from m3fm.checkpoint import load_checkpoint, read_checkpoint, write_checkpoint
 from m3fm.model.configs import get_config
-from m3fm.model.packing import group_of_packed, pack_state, unpack_state
+from m3fm.weights.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer
 from privacy.dp_sgd import MECHANISM as DP_SGD_MECHANISM

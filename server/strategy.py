@@ -7,7 +7,7 @@ finite, sample counts that name real parameter groups, an update no larger than 
 reply is dropped and recorded in the round's outcome with its reason. A good one is folded into a `TaskAwareSum`
 (server/task_sum.py) and let go before the next one is taken, so the coordinator holds the global model, one running sum and one
 reply, whatever the number of sites. Each parameter ends up averaged over the sites that trained its group
-(m3fm/model/groups.py; weights travel packed, one vector per group, m3fm/model/packing.py), weighted by their
+(m3fm/weights/groups.py; weights travel packed, one vector per group, m3fm/weights/packing.py), weighted by their
 sample counts for that group; a parameter nobody trained keeps its value. FedProx and FedAdam keep
 Flower's own logic around that average (the proximal term travels in the train config; FedAdam's server step runs
 on the task-aware average).

@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
-from m3fm.model.packing import group_of_packed, split_joined
+from m3fm.weights.packing import group_of_packed, split_joined
 from transport.wire import npy_array
 
 CHUNK = 1 << 16  # values per step of the loops over a group: temporaries stay in cache, never a group's size

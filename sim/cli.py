@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from m3fm.console import print_error
+from m3fm.console import StageProgress, print_error
 
 app = typer.Typer(help="m3fm-fed simulation: synthetic hospitals and federated runs on one machine.",
                   no_args_is_help=True, add_completion=False)
@@ -73,11 +73,9 @@ def cohort(
         ranks[site] = int(n)
     profiles = [replace(p, devices=ranks.get(p.site_id, 1)) for p in profiles]
     t0 = time.perf_counter()
-    with console.status("generating ...") as status:
-        def progress(s):
-            status.update(f"generating ... {s['site_id']} done ({s['exams']} exams, {s['seconds']:.1f}s)")
+    with StageProgress(console, {p.site_id: f"writing {p.site_id} (exams)" for p in profiles}) as exams:
         try:
-            summaries = generate_cohort(out_dir, profiles, seed, workers, progress)
+            summaries = generate_cohort(out_dir, profiles, seed, workers, exam_progress=exams)
         except FileExistsError as e:
             print_error(console, e)
             raise typer.Exit(2) from None
@@ -127,6 +125,8 @@ def run(
     """Federated pretraining then multitask training of every site of a cohort, on this machine (or a Ray cluster)."""
     import time
 
+    from client.ingest import INGEST_STAGES
+    from sim.cohort.presets import PRESETS, build_sites
     from sim.federation import (RUN_PLANS, gather_reports, ingest_all, prepare_cohort, run_deployment, run_ray,
                                 write_server_toml, write_site_metrics)
 
@@ -137,8 +137,12 @@ def run(
         raise typer.BadParameter(f"choose one of {', '.join(RUN_PLANS)}", param_hint="--preset")
     t0 = time.perf_counter()
     out = out.resolve()
-    sites = prepare_cohort(out, cohort_dir, preset, log=console.print)
-    cached = ingest_all(sites, log=console.print)
+    profiles = build_sites(preset) if preset in PRESETS else []
+    with StageProgress(console, {p.site_id: f"writing {p.site_id} (exams)" for p in profiles}) as exams:
+        sites = prepare_cohort(out, cohort_dir, preset, log=console.print, progress=exams)
+    labels = {f"{p.name} {k}": f"{p.name}: {v}" for p in sites for k, v in INGEST_STAGES.items()}
+    with StageProgress(console, labels) as ingesting:
+        cached = ingest_all(sites, log=console.print, progress=ingesting)
     if config is not None and config != cached:
         print_error(console, f"the sites cached crops for model {cached!r}, not {config!r}; set [ingest] "
                     "model_config in their site.toml and ingest again")

@@ -43,8 +43,9 @@ RUN_PLANS = {
 }
 
 
-def prepare_cohort(out: Path, cohort: Path | None, preset: str, log=print) -> list[Path]:
-    """The cohort's site folders, generated (preset) when no cohort is given and none is in `out` yet."""
+def prepare_cohort(out: Path, cohort: Path | None, preset: str, log=print, progress=None) -> list[Path]:
+    """The cohort's site folders, generated (preset) when no cohort is given and none is in `out` yet;
+    progress(site_id, exams written, exams) as it goes."""
     if cohort is None:
         cohort = out / "cohort"
         if not (cohort / "cohort.json").is_file():
@@ -52,20 +53,23 @@ def prepare_cohort(out: Path, cohort: Path | None, preset: str, log=print) -> li
             from sim.cohort.presets import build_sites
 
             log(f"generating the {preset} cohort in {cohort} ...")
-            generate_cohort(cohort, build_sites(preset), seed=0, workers=2)
+            generate_cohort(cohort, build_sites(preset), seed=0, workers=2, exam_progress=progress)
     sites = sorted(p for p in Path(cohort).glob("site-*") if (p / "site.toml").is_file())
     if not sites:
         raise FileNotFoundError(f"{cohort} holds no site folders (site-*/site.toml)")
     return sites
 
 
-def ingest_all(sites: list[Path], log=print) -> str:
-    """Ingest every site (incremental: unchanged sites take a moment); returns their common model config."""
+def ingest_all(sites: list[Path], log=print, progress=None) -> str:
+    """Ingest every site (incremental: unchanged sites take a moment); returns their common model config.
+    progress(stage, done, total), the stage "SITE_ID index" or "SITE_ID series" (client/ingest.py's stages)."""
     configs = set()
     for path in sites:
         site = load_site(path)
         t0 = time.perf_counter()
-        summary = ingest_site(site, workers=2)
+        per_site = None if progress is None else (lambda stage, done, total, sid=site.site_id:
+                                                  progress(f"{sid} {stage}", done, total))
+        summary = ingest_site(site, workers=2, progress=per_site)
         log(f"ingested {site.site_id}: {summary['series_accepted']} series, {summary['exams']} exams "
             f"({time.perf_counter() - t0:.1f}s)")
         configs.add(site.model_config)

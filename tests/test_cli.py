@@ -28,7 +28,7 @@ def test_client_info_reports_the_environment():
 
 
 def test_configs_table_lists_every_configuration():
-    res = run(sys.executable, "-m", "m3fm.model.configs")
+    res = run(sys.executable, "-m", "m3fm.model")
     assert res.returncode == 0, res.stderr
     for name in ("tiny", "small", "base", "large", "huge"):
         assert name in res.stdout
@@ -40,3 +40,23 @@ def test_model_demo_trains_and_reloads(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "predictions identical: True" in res.stdout.replace("\n", " ")
     assert (tmp_path / "model-demo.pt").is_file()
+
+
+def test_progress_in_a_log_prints_plain_lines_at_most_every_interval_and_at_the_end():
+    import io
+
+    from rich.console import Console
+
+    from m3fm.console import StageProgress
+
+    out = io.StringIO()
+    with StageProgress(Console(file=out, force_terminal=False, width=200), {"series": "cropping"}, every_s=3600) as p:
+        for i in range(1, 101):
+            p("series", i, 100)
+    lines = out.getvalue().splitlines()  # the interval never passed: only the stage's completion
+    assert len(lines) == 1 and lines[0].startswith("cropping: 100/100 (")
+    out = io.StringIO()
+    with StageProgress(Console(file=out, force_terminal=False, width=200), {}, every_s=0) as p:
+        for i in range(1, 4):
+            p("index", i, 3)
+    assert [line.split(" (")[0] for line in out.getvalue().splitlines()] == ["index: 1/3", "index: 2/3", "index: 3/3"]

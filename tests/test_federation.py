@@ -8,8 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from client.app import app as client_app
-from m3fm.model.groups import parameter_group
-from m3fm.model.packing import pack_state
+from m3fm.weights.groups import parameter_group
+from m3fm.weights.packing import pack_state
 from server.config import ServerConfigError, load_server_config
 from server.rounds import RunError, phase_config, run_federation
 from server.store import Checkpoint, RejectedReply, Round, RoundAttempt, Run, SiteMetric, open_server_store

@@ -23,7 +23,7 @@ from client.report import privacy_spent
 from client.federated import open_site, train_round
 from m3fm.data.datasets import PretrainDataset, QADataset, SiteData
 from m3fm.model.configs import get_config
-from m3fm.model.packing import group_of_packed, pack_state
+from m3fm.weights.packing import group_of_packed, pack_state
 from m3fm.tasks import get_task
 from privacy.dp_sgd import PatientSampler, PrivacyLedger, epsilon_of, noise_for_target
 from server.central_dp import wrap_central_dp

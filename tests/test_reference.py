@@ -16,7 +16,7 @@ from m3fm.checkpoint import load_checkpoint, read_checkpoint, write_checkpoint
 from m3fm.model.configs import get_config
 from m3fm.model.heads import cumulative_hazard
 from m3fm.model.m3fm import M3FM
-from m3fm.model.packing import pack_state
+from m3fm.weights.packing import pack_state
 from m3fm.model.text import TextTokenizer, load_tokenizer
 from m3fm.reference import ReferenceWeightsError, convert
 from server.config import ServerConfigError, load_server_config

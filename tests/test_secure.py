@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from client.app import app as client_app
 from client.federated import open_site, secure_update
-from m3fm.model.packing import pack_state
+from m3fm.weights.packing import pack_state
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, clip_inputs_inplace
 from transport.protocol import CHUNK_VALUES_KEY, CLIPPING_NORM_KEY, PACKED_ORDER_KEY, TRAINED_MARK_KEY
 from transport.secure_chunks import MAX_CHUNK_VALUES, ChunkedUpdate, chunk_plan

@@ -21,7 +21,7 @@ from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.checkpoint import read_checkpoint, write_checkpoint
 from m3fm.reference import convert
-from m3fm.model.packing import pack_state
+from m3fm.weights.packing import pack_state
 from privacy.budget import DPSGDConfig
 from privacy.dp_sgd import PrivacyLedger
 from server.config import load_server_config

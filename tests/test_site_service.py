@@ -22,7 +22,7 @@ from client.service import SiteService
 from client.site import load_site
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
-from m3fm.model.packing import pack_state
+from m3fm.weights.packing import pack_state
 from server.store import RejectedReply, Round, SiteMetric, open_server_store
 from test_deployment import TOML, federation, wait_rounds
 from transport.protocol import ITEMS, EvaluateConfig

@@ -6,8 +6,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from m3fm.model.groups import parameter_group
-from m3fm.model.packing import pack_state, unpack_state
+from m3fm.weights.groups import parameter_group
+from m3fm.weights.packing import pack_state, unpack_state
 from server.strategy import build_strategy
 from server.task_sum import task_aware_average
 

@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
-from m3fm.model.packing import pack_state, packed_sizes, split_joined
+from m3fm.weights.packing import pack_state, packed_sizes, split_joined
 from server.strategy import reply_problem
 from server.task_sum import array_view, record_values
 from transport.object_pulls import quick_object_pulls

@@ -3,7 +3,7 @@ metric prefixes, and the typed values they carry. No Flower and no torch here: t
 hospital (client/) and the site's warm service (client/service.py) all import it, and none imports the others.
 
 A training round: the coordinator sends `train.<phase>` with records ARRAYS (the packed global weights, one vector
-per parameter group, m3fm/model/packing.py) and CONFIG (RoundConfig.to_config()). The site answers with SITE
+per parameter group, m3fm/weights/packing.py) and CONFIG (RoundConfig.to_config()). The site answers with SITE
 ({site_id, skipped}) and, when it trained, ARRAYS and METRICS (LocalRound.to_metrics()). SecAgg+ rounds are plain
 `train` messages (server/secure.py); evaluation is `evaluate`; after the last round `query.report` asks each site
 for its report, answered in REPORT ({json}).

@@ -1,4 +1,4 @@
-"""Weights on the wire: one Flower Array per dtype, the packed vectors (m3fm/model/packing.py) joined in order.
+"""Weights on the wire: one Flower Array per dtype, the packed vectors (m3fm/weights/packing.py) joined in order.
 
 Flower moves each Array as its own objects (the Array and its 5 MB chunks), one HTTP request each, through the
 SuperLink, which answers about a hundred of them a second on two busy cores (traced with FLWR_LOG_LEVEL=DEBUG:

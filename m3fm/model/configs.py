@@ -5,7 +5,7 @@ layers at width 768/1024/1280 (12/16/16 heads), a RoBERTa-base text encoder
 (12 x 768), a 4-layer task encoder at the image width with 16 heads, 2-layer
 MLP predictors with hidden width 1024, and a 2-block MIM decoder.
 
-`python -m m3fm.model.configs` prints every configuration with its parameter
+`python -m m3fm.model` prints every configuration with its parameter
 count per component, counted on the meta device (nothing is allocated).
 """
 
@@ -195,30 +195,3 @@ def get_config(name: str) -> M3FMConfig:
         return CONFIGS[name]()
     except KeyError:
         raise KeyError(f"unknown model configuration {name!r}; choose one of {', '.join(CONFIGS)}") from None
-
-
-def main() -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from m3fm.model.m3fm import count_parameters
-
-    table = Table(title="M3FM configurations (parameters, millions)")
-    cols = ["config", "img layers x width", "image encoder", "text encoder", "task encoder", "predictors",
-            "M3FM total", "MIM decoder", "MLM head"]
-    for c in cols:
-        table.add_column(c, justify="right")
-    for name in CONFIGS:
-        cfg = get_config(name)
-        counts = count_parameters(cfg)
-        table.add_row(name, f"{cfg.img_depth} x {cfg.img_dim}",
-                      *(f"{counts[k] / 1e6:.1f}" for k in ("image_encoder", "text_encoder", "task_encoder",
-                                                           "predictors", "total", "mim_decoder", "mlm_head")))
-    console = Console(width=140)
-    console.print(table)
-    console.print("M3FM total = what inference and multitask training use; the MIM decoder and MLM head "
-                    "exist for pretraining only.")
-
-
-if __name__ == "__main__":
-    main()

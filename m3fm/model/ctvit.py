@@ -192,7 +192,7 @@ class CTViT(nn.Module):
         self.dim = cfg.img_dim
         self.patch_embed = nn.ModuleDict({s.name: PatchEmbed(s.patch, cfg.img_dim) for s in cfg.scales})
         self.pos_embed = nn.ModuleDict({s.name: FactorizedPosEmbed(s.grid, cfg.img_dim) for s in cfg.scales})
-        if cfg.cls_per_scale:  # its own group per scale (m3fm/model/groups.py), like the scale's tokenizer
+        if cfg.cls_per_scale:  # its own group per scale (m3fm/weights/groups.py), like the scale's tokenizer
             self.scale_cls = nn.ModuleDict({s.name: PrependTokens(1, cfg.img_dim) for s in cfg.scales})
         else:
             self.cls_token = PrependTokens(1, cfg.img_dim)

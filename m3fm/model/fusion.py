@@ -23,7 +23,7 @@ yes/no predictor (emphysema, consolidation, ... on the chest crop) then collapse
 one "anything abnormal?" answer (issue 14: asked another question about the same
 scans, the model's answer moved by under 0.006). A per-task vector gives every task
 its own token from step 1; each is averaged only over the sites that trained that
-task (group "task:<name>", m3fm/model/groups.py).
+task (group "task:<name>", m3fm/weights/groups.py).
 """
 
 from __future__ import annotations

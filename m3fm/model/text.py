@@ -25,6 +25,8 @@ from tokenizers.processors import RobertaProcessing
 from transformers import RobertaConfig, RobertaModel
 
 from m3fm.model.configs import M3FMConfig
+from m3fm.model.state_dict import check_state_dict
+from m3fm.tasks import ALL_TASKS
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 # RoBERTa's fixed ids; the encoder's position ids and padding depend on them
@@ -33,8 +35,6 @@ BOS_ID, PAD_ID, EOS_ID = 0, 1, 2
 
 def shipped_corpus() -> list[str]:
     """The text the default vocabulary is trained on: package resources plus every task question and answer."""
-    from m3fm.tasks import ALL_TASKS
-
     lines: list[str] = []
     for name in ("clinical_sentences.txt", "radiology_lexicon.txt"):
         lines += resources.files("m3fm.resources").joinpath(name).read_text(encoding="utf-8").splitlines()
@@ -158,8 +158,6 @@ class TextEncoder(nn.Module):
 
         Shapes must match exactly; a mismatch raises with the offending keys.
         """
-        from m3fm.checkpoint import check_state_dict
-
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a RoBERTa directory: config.json not found")

@@ -18,6 +18,7 @@ import csv
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -214,17 +215,20 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def generate_site(out: Path, site: SiteProfile, site_index: int, seed: int, workers: int = 1) -> dict:
+def generate_site(out: Path, site: SiteProfile, site_index: int, seed: int, workers: int = 1,
+                  exam_progress=None) -> dict:
+    """One site's folder; exam_progress(site_id, exams written, exams) as they are rendered."""
     t0 = time.perf_counter()
     site_dir = out / site.site_id
     (site_dir / "reports").mkdir(parents=True)
     plans = plan_site(site, site_index, seed)
     jobs = [(plan, site, seed, site_dir) for plan in plans]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_render, jobs))
-    else:
-        results = [_render(j) for j in jobs]
+    results = []
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        for res in (pool.map(_render, jobs) if pool else map(_render, jobs)):
+            results.append(res)
+            if exam_progress:
+                exam_progress(site.site_id, len(results), len(jobs))
     for plan, res in zip(plans, results):
         (site_dir / "reports" / f"{plan.exam_id}.txt").write_text(res["report"], encoding="utf-8")
     write_csv(site_dir / "clinical.csv", CLINICAL_COLUMNS, [r["clinical"] for r in results])
@@ -255,7 +259,9 @@ def summarize(site: SiteProfile, plans, results, labels, seconds: float) -> dict
             "seconds": seconds}
 
 
-def generate_cohort(out: Path, sites: list[SiteProfile], seed: int, workers: int = 1, progress=None) -> list[dict]:
+def generate_cohort(out: Path, sites: list[SiteProfile], seed: int, workers: int = 1, progress=None,
+                    exam_progress=None) -> list[dict]:
+    """progress(site summary) after each site; exam_progress(site_id, done, total) after each exam."""
     out = Path(out)
     taken = [s.site_id for s in sites if (out / s.site_id).exists()]
     if taken:
@@ -264,7 +270,7 @@ def generate_cohort(out: Path, sites: list[SiteProfile], seed: int, workers: int
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for i, site in enumerate(sites):
-        summaries.append(generate_site(out, site, i, seed, workers))
+        summaries.append(generate_site(out, site, i, seed, workers, exam_progress))
         if progress:
             progress(summaries[-1])
     recorded = [{k: v for k, v in s.items() if k != "seconds"} for s in summaries]  # timings vary; bytes may not

@@ -4,7 +4,7 @@ Flower moves every array of a message as its own object, one HTTP request
 each. M3FM has hundreds of small tensors (biases, norms), so a tiny model's
 round spent most of its time moving objects (measured: 38 s to return two
 sites' 224-array replies on loopback, 2 cores). Packing the state dict into
-one vector per parameter group (m3fm/model/groups.py) cuts a message to about
+one vector per parameter group (m3fm/weights/groups.py) cuts a message to about
 twenty arrays, and it is also the unit task-aware averaging works on.
 
 The layout (which tensor sits where) is the model's state-dict order within
@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from m3fm.model.groups import parameter_group
+from m3fm.weights.groups import parameter_group
 
 
 def packed_key(name: str, dtype: torch.dtype) -> str:
