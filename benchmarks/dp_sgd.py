@@ -9,7 +9,8 @@ same initial weights on a tiny synthetic site ingested for each configuration's 
 items of one key; a private step Poisson-samples `batch` patients on average and trains one item of each. Every
 (configuration, phase, mode) runs in a fresh process, so its peak memory (VmHWM on CPU, max allocated on a GPU) is
 its own; step time is (a round of 2 + steps steps - a round of 2 steps) / steps, after a warm-up round, so round
-setup is left out. --base adds M3FM-Base at batch 2. A measurement, never pass/fail.
+setup is left out. A private step's batch is Poisson (its mean is `batch`), so over a few steps it trains more or fewer
+items than the plain round: "dp / plain per item" divides each round's time by the items it trained. --base adds M3FM-Base at batch 2. A measurement, never pass/fail.
 """
 
 from __future__ import annotations
@@ -61,7 +62,18 @@ def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch
     from privacy.dp_local import private_multitask, private_pretrain
     from privacy.dp_sgd import PrivacyLedger
 
+    from privacy.dp_sgd import PatientSampler
+
     torch.set_num_threads(1)
+    items = [0]  # items trained: a private step takes one item of each Poisson-sampled patient, so its batch varies
+    sample = PatientSampler.sample
+
+    def counted(self, key):
+        got = sample(self, key)
+        items[0] += len(got)
+        return got
+
+    PatientSampler.sample = counted
     site = load_site(Path(site_dir))
     cfg = get_config(config)
     data, tokenizer = SiteData(site.database_url, site.work_dir, cfg), load_tokenizer(cfg)
@@ -70,8 +82,9 @@ def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch
     dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, physical_batch=batch, clipping=clipping)
     ledger_dir = tempfile.mkdtemp()
 
-    def one_round(n: int) -> float:
+    def one_round(n: int) -> tuple[float, int]:
         pc = PhaseConfig(phase, rounds=1, local_steps=n, batch_size=batch, tasks_per_step=1)
+        items[0] = 0 if mode == "dp" else n * batch
         t0 = time.perf_counter()
         if mode == "plain":
             out = (local_pretrain if phase == "pretrain" else local_multitask)(model, data, tokenizer, pc, 1, 1)
@@ -82,15 +95,16 @@ def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch
         assert out["trained"], out
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, items[0]
 
     one_round(1)  # warm-up: allocator, first-call costs
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    short, long = one_round(2), one_round(2 + steps)
+    (short, short_items), (long, long_items) = one_round(2), one_round(2 + steps)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else common.rss_bytes_peak()
     shutil.rmtree(ledger_dir, ignore_errors=True)
-    return {"step_s": (long - short) / steps, "peak_mib": peak / 2**20}
+    return {"step_s": (long - short) / steps, "items_per_step": (long_items - short_items) / steps,
+            "item_s": (long - short) / max(long_items - short_items, 1), "peak_mib": peak / 2**20}
 
 
 def main() -> None:
@@ -119,7 +133,8 @@ def main() -> None:
                     dp = pool.apply(measure, (site, config, phase, "dp", steps, batch, args.device, clipping))
                 rows.append({"config": config, "phase": phase, "batch": batch, "steps": steps, "clipping": clipping,
                              "plain step s": plain["step_s"], "dp step s": dp["step_s"],
-                             "dp / plain": dp["step_s"] / plain["step_s"], "plain peak MiB": plain["peak_mib"],
+                             "dp / plain": dp["step_s"] / plain["step_s"], "dp items a step": dp["items_per_step"],
+                             "dp / plain per item": dp["item_s"] / plain["item_s"], "plain peak MiB": plain["peak_mib"],
                              "dp peak MiB": dp["peak_mib"], "dp / plain memory": dp["peak_mib"] / plain["peak_mib"]})
                 print(rows[-1], flush=True)
     common.report("dp_sgd", f"patient-level DP-SGD step over plain step ({args.device}, equal patients per step)",

@@ -43,6 +43,7 @@ from server.secure import secure_train_round
 from server.strategy import (RoundOutcome, TaskAwareFedAvg, build_strategy, evaluate_round, train_round,
                              weighted_metrics)
 from server.task_sum import array_record
+from server.tensorboard import write_round
 from transport.protocol import (ARRAYS, CONFIG, COUNT, DP, REPORT, REPORT_JSON, REPORT_RECORD, SITE_ID, SKIPPED,
                                 TOKENIZER_KEY, EvaluateConfig, ReportConfig, RoundConfig)
 
@@ -383,6 +384,7 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
     sha = save_round(path, cfg, rnd, state, strategy.state())
     clock.mark("checkpointed")
     seconds = time.perf_counter() - clock.t0
+    per_site = [(r.site_id, r.kind, dict(r.metrics or {})) for r in rows if isinstance(r, SiteMetric)]  # before commit
     with Session(engine) as s:
         s.add(Round(run_id=run_id, round=rnd, phase=phase.name, phase_round=phase_round, flwr_run_id=_text(flwr_run_id),
                     sites_replied=outcome.replies, sites_accepted=len(outcome.accepted),
@@ -394,6 +396,8 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
         run = s.get(Run, run_id)
         run.updated_at = now()
         s.commit()
+    write_round(cfg.run_dir(run_id), rnd, phase.name, outcome.metrics, evaluate_metrics, per_site, seconds,
+                len(outcome.accepted), log)
     log(f"round {rnd}/{cfg.total_rounds} ({phase.name} {phase_round}/{phase.rounds}): "
         f"{len(outcome.accepted)}/{outcome.replies} sites accepted, {seconds:.1f}s")
     return arrays

@@ -130,6 +130,16 @@ def test_rounds_checkpoint_and_a_resumed_run_continues_without_repeating_a_round
         # round 2 went out once before the crash: that attempt is recorded as interrupted, the resumed one counted
         assert [(a.round, a.attempt, a.outcome, a.flwr_run_id) for a in attempts] == [
             (1, 1, "ok", "11"), (2, 1, "interrupted", "11"), (2, 2, "ok", "12"), (3, 1, "ok", "12")]
+    # every round's metrics also went to TensorBoard event files in the run's folder, the resumed rounds included
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(cfg.run_dir(run_id) / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("round/sites")] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("round/sites")] == [3.0, 3.0, 3.0]
+    assert any(t.startswith("pretrain/train/") for t in tags) and any(t.startswith("multitask/train/") for t in tags)
+    assert {t.split("/")[1] for t in tags if t.startswith("site/")} == {s.site_id for s in sites}
     with pytest.raises(RunError, match="already completed"):
         run_federation(InProcessGrid(client_app, nodes), cfg, resume=True, log=lambda *_: None)
 
