@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 _writers: dict[Path, object] = {}  # one writer (one event file) per run folder for the ServerApp's lifetime
+_missing_said = False  # the package is absent: said once, not every round
 
 
 def _writer(folder: Path):
@@ -31,11 +32,12 @@ def _numbers(metrics: dict | None) -> dict[str, float]:
 def write_round(run_dir: Path, rnd: int, phase: str, train: dict | None, evaluate: dict | None,
                 per_site: list[tuple[str, str, dict]], seconds: float, sites: int, log=print) -> bool:
     """per_site: (site_id, "train" or "evaluate", metrics). -> whether event files were written."""
+    global _missing_said
     try:
         w = _writer(Path(run_dir) / "tensorboard")
     except ImportError:
-        if None not in _writers:
-            _writers[None] = None  # say it once
+        if not _missing_said:
+            _missing_said = True
             log("tensorboard is not installed: no event files (pip install 'm3fm-fed[tensorboard]')")
         return False
     for kind, metrics in (("train", train), ("evaluate", evaluate)):
