@@ -39,7 +39,8 @@ def ingest(
     except SiteConfigError as e:
         print_error(console, e)
         raise typer.Exit(2) from None
-    console.print(f"ingesting {site.site_id} ({site.name}) from {site.site_dir} into {site.work_dir}")
+    source = f"the PACS at {site.dicomweb.url} and {site.site_dir}" if site.dicomweb else str(site.site_dir)
+    console.print(f"ingesting {site.site_id} ({site.name}) from {source} into {site.work_dir}")
     with StageProgress(console, INGEST_STAGES) as progress:
         summary = ingest_site(site, workers=workers, progress=progress)
     print_summary(console, site, summary)
@@ -62,6 +63,11 @@ def print_summary(console: Console, site, summary: dict) -> None:
                        ("exams_with_images", "exams with an accepted series"), ("patients", "patients"),
                        ("crops", "cached crops")):
         t.add_row(label, str(summary[key]))
+    for key, label in (("series_listed", "PACS: CT series listed"), ("series_downloaded", "PACS: series downloaded"),
+                       ("instances_downloaded", "PACS: instances downloaded"),
+                       ("series_failed", "PACS: series that failed to download")):
+        if "pacs" in summary:
+            t.add_row(label, str(summary["pacs"][key]))
     for split, n in sorted(summary["splits"].items()):
         t.add_row(f"patients in {split}", str(n))
     console.print(t)

@@ -1,6 +1,7 @@
 """`m3fm-client ingest`: turn a hospital's folder into a checked, cached, queryable local dataset.
 
 Stages (each incremental: unchanged inputs are not read again):
+  0. pacs    for a site with [source] dicomweb: new instances downloaded from the PACS (client/pacs.py)
   1. index   every file under dicom/: header only, no pixels; unreadable files rejected with the reason
   2. series  group by SeriesInstanceUID; check, decode, convert to HU, find lungs and heart, cache crops
   3. tables  clinical.csv, labels.csv, reports/ checked against the schema and the task registry
@@ -26,6 +27,7 @@ import numpy as np
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from client.pacs import sync_pacs
 from client.site import SiteConfig
 from m3fm.data import clinical as tables
 from m3fm.data.crops import REGION_SCALE, crop_plans, write_crop
@@ -144,12 +146,12 @@ def _map(fn, jobs, pool: ProcessPoolExecutor | None, chunksize: int = 1):
 
 
 # the stages ingest_site reports to its progress callback (stage, done, total), with what a person reads for them
-INGEST_STAGES = {"index": "reading DICOM headers", "series": "checking and cropping series"}
+INGEST_STAGES = {"pacs": "retrieving new series from the PACS", "index": "reading DICOM headers", "series": "checking and cropping series"}
 
 
 def index_files(s: Session, site: SiteConfig, pool, progress: Progress | None) -> int:
     """Stage 1: headers of new or changed files; rows of vanished files removed. Returns files read."""
-    found = scan_tree(site.site_dir / site.dicom_dir, site.site_dir)
+    found = scan_tree(site.dicom_root, site.dicom_base)
     known = {r.path: r for r in s.scalars(select(SourceFile).where(SourceFile.kind == "dicom"))}
     for path in set(known) - set(found):
         clear_scope(s, f"file:{path}")
@@ -157,7 +159,7 @@ def index_files(s: Session, site: SiteConfig, pool, progress: Progress | None) -
     todo = [p for p, st in found.items() if p not in known or (known[p].size, known[p].mtime_ns) != st]
     for k in range(0, len(todo), 500):  # one statement per 500 files, not a delete (and a flush) per file
         s.execute(delete(Rejection).where(Rejection.scope.in_([f"file:{p}" for p in todo[k:k + 500]])))
-    for i, (rel, header, category, reason) in enumerate(_map(_header_job, [(site.site_dir, p) for p in todo], pool,
+    for i, (rel, header, category, reason) in enumerate(_map(_header_job, [(site.dicom_base, p) for p in todo], pool,
                                                            chunksize=max(1, min(64, len(todo) // 16)))):
         size, mtime = found[rel]
         row = known.get(rel) or SourceFile(path=rel, kind="dicom")
@@ -190,7 +192,7 @@ def process_series(s: Session, site: SiteConfig, pool, progress: Progress | None
         if (old is not None and old.members_hash == members_hash(rows) and old.pipeline == PIPELINE_VERSION
                 and _complete(s, site, old, volumes)):
             continue
-        jobs.append((site.site_dir, site.work_dir, uid, [r.header for r in rows], site.min_slices, site.model_config))
+        jobs.append((site.dicom_base, site.work_dir, uid, [r.header for r in rows], site.min_slices, site.model_config))
     jobs.sort(key=lambda job: -len(job[3]))  # longest first: the workers finish together, not one big series last
     for i, (job, result) in enumerate(zip(jobs, _map(_series_job, jobs, pool))):
         _record_series(s, job[2], groups[job[2]], result)
@@ -324,6 +326,7 @@ def ingest_site(site: SiteConfig, workers: int = 1, progress: Progress | None = 
         # one pool for both stages: spawned workers (no forked OpenMP or database state) start once
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
         try:
+            pacs = sync_pacs(s, site, progress) if site.dicomweb else None
             files_read = index_files(s, site, pool, progress)
             series_processed = process_series(s, site, pool, progress)
         finally:
@@ -333,6 +336,8 @@ def ingest_site(site: SiteConfig, workers: int = 1, progress: Progress | None = 
         tables_read = read_tables(s, site)
         assign_splits(s, site)
         summary = summarize(s, site)
+        if pacs is not None:
+            summary["pacs"] = pacs
         summary.update(files_read=files_read, series_processed=series_processed, tables_read=tables_read,
                        seconds=round(time.perf_counter() - t0, 2), database=site.database_url)
         run.finished_at, run.summary = now(), summary

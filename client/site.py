@@ -10,6 +10,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from m3fm.model.configs import CONFIGS
 from m3fm.tokenizer_folder import tokenizer_folder
@@ -25,14 +26,25 @@ DEVICE_TYPES = ("auto", "cuda", "cpu")
 # table -> the fields it may hold; an unknown one is refused (a misspelt privacy ceiling must not pass silently).
 # [scanner] and [cohort] describe a synthetic site (m3fm-sim cohort) and are not read.
 FIELDS = {
-    "": {"site_id", "name", "tasks", "min_cell_size", "storage", "ingest", "privacy", "device", "model", "scanner",
-         "cohort"},
+    "": {"site_id", "name", "tasks", "min_cell_size", "storage", "ingest", "source", "privacy", "device", "model",
+         "scanner", "cohort"},
     "storage": {"work_dir"},
     "ingest": {"model_config", "min_slices", "dicom_dir", "splits"},
+    "source": {"dicomweb", "credentials_file", "modality", "retries", "timeout_s"},
     "privacy": {"max_epsilon", "delta", "require_dp"},
     "device": {"type", "devices"},
     "model": {"tokenizer"},
 }
+
+
+@dataclass(frozen=True)
+class DicomWebSource:
+    """[source]: a PACS the site's CT is pulled from over DICOMweb (client/pacs.py) instead of the dicom/ folder."""
+    url: str  # the DICOMweb root, e.g. http://pacs.local:8042/dicom-web
+    modality: str = "CT"  # the series asked for (QIDO-RS Modality filter)
+    retries: int = 3  # attempts per request before a series is recorded as a rejection
+    timeout_s: float = 60.0  # per HTTP request
+    credentials_file: Path | None = None  # one line user:password; else the M3FM_DICOMWEB_* environment
 
 
 @dataclass
@@ -51,6 +63,17 @@ class SiteConfig:
     device_type: str = "auto"  # [device] type: auto (CUDA when present), cuda or cpu
     devices: int = 1  # [device] devices: local ranks that train (client/ranks.py), one per GPU
     tokenizer: Path | None = None  # [model] tokenizer: a RoBERTa folder (vocab.json, merges.txt); None: the shipped
+    dicomweb: DicomWebSource | None = None  # [source]: None reads the dicom/ folder
+
+    @property
+    def dicom_base(self) -> Path:
+        """The folder the DICOM paths in the site database are relative to: the site folder, or for a PACS site
+        the work folder (its downloads live in WORK_DIR/pacs, outside the site folder like every cache)."""
+        return self.work_dir if self.dicomweb else self.site_dir
+
+    @property
+    def dicom_root(self) -> Path:
+        return self.work_dir / "pacs" if self.dicomweb else self.site_dir / self.dicom_dir
 
     @property
     def database_url(self) -> str:
@@ -125,10 +148,38 @@ def load_site(site_dir: Path) -> SiteConfig:
         tokenizer = tokenizer_folder(d.get("model", {}).get("tokenizer"), site_dir, f"{where}: model.tokenizer")
     except ValueError as e:
         raise SiteConfigError(str(e)) from None
+    dicomweb = _dicomweb_source(d.get("source", {}), site_dir, where)
     return SiteConfig(site_dir=site_dir, site_id=_need(d, "site_id", str, where), name=d.get("name", d["site_id"]),
                       tasks=tasks, min_cell_size=min_cell, work_dir=work_dir, min_slices=min_slices,
                       model_config=model_config, dicom_dir=ingest.get("dicom_dir", "dicom"), splits=splits,
-                      privacy=privacy, device_type=device_type, devices=devices, tokenizer=tokenizer)
+                      privacy=privacy, device_type=device_type, devices=devices, tokenizer=tokenizer,
+                      dicomweb=dicomweb)
+
+
+def _dicomweb_source(source: dict, site_dir: Path, where: str) -> DicomWebSource | None:
+    if "dicomweb" not in source:
+        if source:
+            raise SiteConfigError(f"{where}: [source] needs field 'dicomweb' (the PACS's DICOMweb URL)")
+        return None
+    url = source["dicomweb"]
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SiteConfigError(f"{where}: source.dicomweb must be an http(s) URL, got {url!r}")
+    if parts.password is not None:
+        raise SiteConfigError(f"{where}: source.dicomweb carries a password; put user:password in a file named by "
+                              "source.credentials_file, or in M3FM_DICOMWEB_USER / M3FM_DICOMWEB_PASSWORD")
+    retries, timeout = source.get("retries", 3), source.get("timeout_s", 60.0)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 1:
+        raise SiteConfigError(f"{where}: source.retries must be a positive integer, got {retries!r}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise SiteConfigError(f"{where}: source.timeout_s must be a positive number of seconds, got {timeout!r}")
+    creds = source.get("credentials_file")
+    if creds is not None:
+        creds = (site_dir / creds).resolve()
+        if not creds.is_file():
+            raise SiteConfigError(f"{where}: source.credentials_file {creds} is not a file")
+    return DicomWebSource(url=url.rstrip("/"), modality=str(source.get("modality", "CT")), retries=retries,
+                          timeout_s=float(timeout), credentials_file=creds)
 
 
 def report_name(run_name: str, run_id: int, server_round: int) -> str:

@@ -19,7 +19,7 @@ def named_fields(path: Path) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {"": set()}
     table = ""
     for line in path.read_text().splitlines():
-        if m := re.match(r"\s*\[([\w.]+)\]", line):
+        if m := re.match(r"\s*#?\s*\[([\w.]+)\]\s*(#|$)", line):  # a table, or one shown commented out
             table = m.group(1)
             out.setdefault(table, set())
             parts = table.split(".")
