@@ -72,6 +72,12 @@ def test_flwr_run_dot_runs_this_repository_against_a_plain_superlink(ingested, c
         status = run_status("mine", run_id, env)
     logs = "".join((tmp / name).read_text(errors="replace")[-1500:] for name in ("superlink.log", "site-01.log"))
     assert status == "finished:completed", f"{status}\n{logs}"
+    listed = subprocess.run([flower_bin("flwr"), "ls", "mine"], capture_output=True, text=True, env=env, timeout=60)
+    assert listed.returncode == 0 and str(run_id) in listed.stdout, listed.stdout + listed.stderr
+    shown = subprocess.run([flower_bin("flwr"), "log", str(run_id), "mine", "--show"], capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert shown.returncode == 0 and "round 2/2 (multitask 1/1): 2/2 sites accepted" in shown.stdout, \
+        (shown.stdout + shown.stderr)[-2000:]
     engine = open_server_store(f"sqlite:///{tmp / 'runs' / 'server.db'}")
     with Session(engine) as s:
         run = s.scalars(select(Run)).one()
