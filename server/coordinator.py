@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 
 from server.config import ServerConfig
 from server.lifecycle import CoordinatorLock
-from server.store import Coordinator, EnrolledSite, Round, Run, interrupt_attempts, now, open_server_store
+from server.store import (Coordinator, EnrolledSite, Round, Run, SiteReport, interrupt_attempts, now,
+                          open_server_store)
 from transport.flower import (flower_env, register_supernode, run_status, start_superlink, stop, submit_run,
                               wait_for_port, write_app_dir, write_connection)
 from transport.processes import is_alive, proc_identity, record_tree, stop_leftovers
@@ -142,12 +143,15 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         _update(engine, Coordinator, me, flwr_run_id=str(flwr_id))
         log(f"submitted Flower run {flwr_id}")
         shown: set[int] = set()
+        reported: list[str] = []
         status, last_status_check, run = "pending", 0.0, None
         deadline = time.monotonic() + max_hours * 3600
         while time.monotonic() < deadline:
             record_tree(base / "processes.json", os.getpid())
             run = run or find_run(engine, flwr_id)  # the ServerApp creates its row a few seconds in
             _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log, started)
+            if cfg.site_reports:
+                _show_reports(engine, run, reported, log)
             if link.poll() is not None:
                 raise RuntimeError(f"the SuperLink exited with code {link.returncode}; see {base / 'superlink.log'}")
             if time.monotonic() - last_status_check > status_every_s:
@@ -159,6 +163,8 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
             status = f"gave up after {max_hours} h"
         run = run or find_run(engine, flwr_id)
         _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log, started)  # those recorded after the last look
+        if cfg.site_reports:
+            _show_reports(engine, run, reported, log)
         if status == "finished:stopped":
             run = end_run(engine, flwr_id, "stopped", "stopped by `flwr stop` (the SuperLink's Control API)")
         elif status != "finished:completed":
@@ -208,6 +214,26 @@ def _show_rounds(engine, run: Run | None, flwr_id: int, total: int, shown: set[i
                 mean = sum(x.seconds for x in rounds[:i + 1]) / (i + 1)
                 elapsed = None if started is None else time.monotonic() - started
                 log(_round_line(r, total, elapsed, mean * (total - r.round)))
+
+
+def _show_reports(engine, run: Run | None, reported: list[str], log) -> None:
+    """After the last round every site evaluates the final model on its test split and writes its report, which
+    takes a while at a hospital's size: say so once, then log each site's report as it lands (server/rounds.py
+    records them one by one). `reported` holds what was shown: "" for the first line, then site ids."""
+    if run is None:
+        return
+    with Session(engine) as s:
+        if s.get(Run, run.id).status != "completed":
+            return
+        sites = s.scalars(select(SiteReport.site_id).where(SiteReport.run_id == run.id)
+                          .order_by(SiteReport.id)).all()
+    if not reported:
+        reported.append("")
+        log("rounds done: each site is evaluating the final model on its test split and writing its report")
+    for site in sites:
+        if site not in reported:
+            reported.append(site)
+            log(f"site report {len(reported) - 1} in: {site}")
 
 
 def end_run(engine, flwr_id: int, status: str, error: str) -> Run | None:

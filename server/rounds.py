@@ -233,27 +233,25 @@ def collect_site_reports(grid, cfg: ServerConfig, strategy, engine, run_id: int,
                                               server_round=cfg.total_rounds).to_config())
     messages = [Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=node, message_type=REPORT)
                 for node in grid.get_node_ids()]
-    rows = []
+    got = 0
     for reply in stream(grid, messages, cfg.round_timeout, strategy.sent_to):
         who = strategy.who(reply)
         node = who["node_id"]
         if reply.has_error():
-            rows.append(RejectedReply(run_id=run_id, round=cfg.total_rounds, kind="report", reason=reply.error.reason,
-                                      **who))
-            continue
-        try:
-            report = json.loads(str(reply.content[REPORT_RECORD][REPORT_JSON]))
-            report["site_id"], report["tasks"]  # what the run report reads
-        except (ValueError, KeyError, TypeError) as e:  # one malformed reply is recorded; the others still count
-            rows.append(RejectedReply(run_id=run_id, round=cfg.total_rounds, kind="report",
-                                      reason=f"malformed report reply ({type(e).__name__}: {e})", **who))
-            continue
-        rows.append(SiteReport(run_id=run_id, round=cfg.total_rounds, site_id=str(report["site_id"]), node_id=node,
-                               report=report))
-    with Session(engine) as s:
-        s.add_all(rows)
-        s.commit()
-    got = sum(isinstance(r, SiteReport) for r in rows)
+            row = RejectedReply(run_id=run_id, round=cfg.total_rounds, kind="report", reason=reply.error.reason, **who)
+        else:
+            try:
+                report = json.loads(str(reply.content[REPORT_RECORD][REPORT_JSON]))
+                report["site_id"], report["tasks"]  # what the run report reads
+                row = SiteReport(run_id=run_id, round=cfg.total_rounds, site_id=str(report["site_id"]), node_id=node,
+                                 report=report)
+                got += 1
+            except (ValueError, KeyError, TypeError) as e:  # one malformed reply is recorded; the others still count
+                row = RejectedReply(run_id=run_id, round=cfg.total_rounds, kind="report",
+                                    reason=f"malformed report reply ({type(e).__name__}: {e})", **who)
+        with Session(engine) as s:  # one by one: the coordinator shows each report as it lands
+            s.add(row)
+            s.commit()
     log(f"site reports: {got} of {len(messages)} sites")
     return got
 

@@ -150,7 +150,7 @@ def run(
     toml = server_config or write_server_toml(out / "server.toml", f"sim-{preset}", cached, len(sites), RUN_PLANS[preset])
     console.print(f"federated run with {len(sites)} sites, engine {engine}, config {toml}")
     if engine == "deployment":
-        code = run_deployment(toml, sites, out, log=console.print)
+        code = run_deployment(toml, sites, out, log=lambda line: console.print(line, markup=False, highlight=False))
         ok = code == 0
     else:
         outcome = run_ray(toml, sites, log=console.print, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -96,8 +97,13 @@ def run_deployment(server_toml: Path, sites: list[Path], out: Path, log=print, m
     logs.mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen([flower_bin("m3fm-server"), "run", "--config", str(server_toml), "--port", str(port),
                                "--insecure"],
-                              stdout=open(logs / "server.log", "ab"), stderr=subprocess.STDOUT, env=flower_env(),
-                              start_new_session=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(flower_env(), COLUMNS="400"),  # whole lines: this side's console wraps them
+                              start_new_session=True, text=True, errors="replace")
+    # what the coordinator says (rounds with elapsed time and estimate, site reports) goes to its log and to the
+    # person waiting, as `m3fm-server run` would show it on a terminal
+    relay = threading.Thread(target=_relay, args=(server.stdout, logs / "server.log", log), daemon=True)
+    relay.start()
     clients = []
 
     def stopped(signum, frame):  # SIGTERM would end this process without the `finally` that stops the others
@@ -125,7 +131,16 @@ def run_deployment(server_toml: Path, sites: list[Path], out: Path, log=print, m
         for p in clients:
             stop(p, timeout=20)
         stop(server, timeout=30)
+        relay.join(timeout=10)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _relay(stream, path: Path, log) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for line in stream:
+            f.write(line)
+            f.flush()
+            log(f"coordinator: {line.rstrip()}")
 
 
 def run_ray(server_toml: Path, sites: list[Path], log=print, cpus_per_site: int = 1, gpus_per_site: float = 0.0,

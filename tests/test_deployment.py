@@ -247,6 +247,8 @@ def test_ray_engine_runs_secure_aggregation_with_central_dp_in_a_loopback_only_n
                           timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "round 2/2 multitask 1: 3/3 sites" in done.stdout
+    # the wait for the reports shows too, one line per site as its report lands
+    assert "rounds done: each site is evaluating" in done.stdout and "site report 3 in: site-0" in done.stdout
     for site in ("site-01", "site-02", "site-03"):
         assert (tmp_path / "out" / "metrics" / f"{site}.json").is_file()
         # after the run each site wrote its report and m3fm-sim copied it beside the run report

@@ -99,28 +99,28 @@ def service_lines(work_dir):
     return (work_dir / "service.log").read_text().splitlines() if (work_dir / "service.log").exists() else []
 
 
-def test_ten_rounds_through_real_processes_keep_one_service_per_site_and_a_killed_one_comes_back(ingested, cluster):
-    """SuperLink + 2 SuperNodes (`m3fm-client start`) on 127.0.0.1, 10 rounds. Site 2's service serves all 10
-    with one model; site 1's is killed while it trains round 5: that round fails for site 1 alone (min_sites 1),
+def test_seven_rounds_through_real_processes_keep_one_service_per_site_and_a_killed_one_comes_back(ingested, cluster):
+    """SuperLink + 2 SuperNodes (`m3fm-client start`) on 127.0.0.1, 7 rounds. Site 2's service serves all 7
+    with one model; site 1's is killed while it trains round 4: that round fails for site 1 alone (min_sites 1),
     `m3fm-client start` restarts it, and site 1 trains every round after (the relay waits for the restart)."""
     procs, tmp = cluster
     _, all_sites, _ = ingested
     sites = [load_site(copy_site(s.site_dir, tmp / "sites")) for s in all_sites[:2]]  # own logs, own services
-    toml = TOML.format(name="warm", timeout=120, multitask=9).replace("min_sites = 2", "min_sites = 1")
-    toml = toml.replace("[multitask]\nrounds = 9\nlocal_steps = 1", "[multitask]\nrounds = 9\nlocal_steps = 2")
+    toml = TOML.format(name="warm", timeout=120, multitask=6).replace("min_sites = 2", "min_sites = 1")
+    toml = toml.replace("[multitask]\nrounds = 6\nlocal_steps = 1", "[multitask]\nrounds = 6\nlocal_steps = 2")
     server, clients, db, _ = federation(tmp, procs, sites, toml)
     first, second = (s.work_dir for s in sites)
     deadline = time.monotonic() + 400
     victim = None
-    while victim is None and time.monotonic() < deadline:  # site 1 starts training round 5
+    while victim is None and time.monotonic() < deadline:  # site 1 starts training round 4
         assert server.poll() is None, (tmp / "server.log").read_text()[-3000:]
         for line in service_lines(first):
-            if m := re.search(r"\[service pid (\d+)\] request \d+: train multitask round 5 started", line):
+            if m := re.search(r"\[service pid (\d+)\] request \d+: train multitask round 4 started", line):
                 victim = int(m.group(1))
         time.sleep(0.05)
-    assert victim is not None, "site 1 never started round 5"
+    assert victim is not None, "site 1 never started round 4"
     os.kill(victim, signal.SIGKILL)
-    wait_rounds(db, 10, server, limit_s=600)
+    wait_rounds(db, 7, server, limit_s=600)
     assert server.wait(120) == 0, (tmp / "server.log").read_text()[-3000:]
 
     engine = open_server_store(db)
@@ -129,22 +129,22 @@ def test_ten_rounds_through_real_processes_keep_one_service_per_site_and_a_kille
         rejected = {(r.round, r.site_id): r.reason for r in s.scalars(select(RejectedReply))}
         rounds = s.scalars(select(Round)).all()
     engine.dispose()
-    assert len(rounds) == 10
-    assert all((r, "site-02") in trained for r in range(1, 11))
-    assert (5, "site-01") not in trained and "site service" in rejected.get((5, "site-01"), ""), rejected
-    assert {(r, "site-01") for r in range(6, 11)} <= trained  # the next round waited for the restarted service
+    assert len(rounds) == 7
+    assert all((r, "site-02") in trained for r in range(1, 8))
+    assert (4, "site-01") not in trained and "site service" in rejected.get((4, "site-01"), ""), rejected
+    assert {(r, "site-01") for r in range(5, 8)} <= trained  # the next round waited for the restarted service
 
     done = [line for line in service_lines(second) if re.search(r"request \d+: train .* in [\d.]+s", line)]
-    assert len(done) == 10
+    assert len(done) == 7
     pids = {re.search(r"service pid (\d+)", line).group(1) for line in done}
     assert len(pids) == 1  # one service process served every round of site 2
     assert all(line.endswith("models built 1)") for line in done)  # and built its model once
     restarted = {re.search(r"service pid (\d+)", line).group(1) for line in service_lines(first)
-                 if re.search(r"request \d+: train .* round (6|10) in", line)}
+                 if re.search(r"request \d+: train .* round (5|7) in", line)}
     assert restarted and str(victim) not in restarted
     assert "restarting it" in (tmp / f"{sites[0].site_id}.log").read_text()
     # each message's ClientApp was a fork of the site's warm SuperExec (transport/superexec.py), not a new
     # `flwr-clientapp` interpreter
     node_log = (second / "supernode.log").read_text()
-    assert len(re.findall(r"m3fm superexec: ClientApp for task \d+ forked as pid \d+", node_log)) >= 10
+    assert len(re.findall(r"m3fm superexec: ClientApp for task \d+ forked as pid \d+", node_log)) >= 7
     assert "Start `flwr-clientapp` process" not in node_log
