@@ -113,7 +113,7 @@ def stage_breakdown(site_dir: Path, config: str) -> dict:
     import pydicom
 
     from m3fm.data.crops import crop_plans, write_crop
-    from client.ingest import _volume_buffer, header_or_reason
+    from client.series_reader import header_or_reason, volume_buffer
     from m3fm.data.dicom_series import InputRejected, check_series, load_hu
     from m3fm.data.localize import locate
     from m3fm.model.configs import get_config
@@ -138,7 +138,7 @@ def stage_breakdown(site_dir: Path, config: str) -> dict:
                 continue
             marks["check"] = time.perf_counter() - t
             t = time.perf_counter()
-            hu = load_hu(site_dir, geo, _volume_buffer(int(np.prod(geo.shape))))  # as a worker reads
+            hu = load_hu(site_dir, geo, volume_buffer(int(np.prod(geo.shape))))  # as a worker reads
             marks["decode + HU"] = time.perf_counter() - t
             t = time.perf_counter()
             boxes = locate(hu, geo.spacing)
@@ -175,7 +175,7 @@ def compressed_series(site_dir: Path, headers, cfg) -> dict:
     import pydicom
     from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-    from client.ingest import read_series
+    from client.series_reader import read_series
     from m3fm.data.crops import crop_plans, resize
 
     geo, hu, boxes = read_series(site_dir, headers, 64)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.ingest import header_or_reason, read_series
+from client.series_reader import header_or_reason, read_series
 from client.report import load_model
 from m3fm.data.collate import collate_qa
 from m3fm.data.crops import region_crops

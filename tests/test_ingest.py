@@ -128,7 +128,7 @@ def scipy_trilinear(x: np.ndarray, shape) -> np.ndarray:
 def test_crops_are_what_the_previous_resize_made_within_float32_rounding(ingested):
     """The speed work must not change what the model sees: every crop of a tiny-cohort series, and odd shapes that
     grow, shrink and keep axes, equal scipy's trilinear zoom to float32 rounding (far below float16 storage)."""
-    from client.ingest import read_series
+    from client.series_reader import read_series
     from m3fm.data.crops import crop_resize, cut, resize, slab_stack
     from ingested_series import first_accepted_headers
 

@@ -11,7 +11,8 @@ from scipy.spatial import ConvexHull, Delaunay
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client.ingest import ingest_site, read_series
+from client.ingest import ingest_site
+from client.series_reader import read_series
 from client.site import load_site
 from m3fm.data import crops, localize
 from m3fm.data.crops import DirectFile, crop_plan, read_memmap, write_crop
