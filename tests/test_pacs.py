@@ -15,8 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from client.federated import last_ingest
+from client.ingest import ingest_site
 from client.site import SiteConfigError, load_site
 from m3fm.data.store import Crop, Rejection, Series, SourceFile, open_store
+from server.coordinator import free_port
 from transport.flower import flower_bin, flower_env
 
 ORTHANC = "/usr/sbin/Orthanc"
@@ -95,7 +97,7 @@ def accepted(site) -> dict[str, dict[str, str]]:
     return crops
 
 
-def pacs_site(folder_site, tmp_path: Path, pid: int) -> Path:
+def pacs_site(folder_site, tmp_path: Path) -> Path:
     """A copy of the site with no dicom/ folder and [source] pointing at the PACS."""
     site_dir = tmp_path / "pacs-site"
     site_dir.mkdir()
@@ -136,7 +138,7 @@ def test_a_site_ingested_from_its_pacs_equals_the_site_ingested_from_its_folder(
         p.unlink()
     before = json.loads(in_namespace(pid, sys.executable, "-c", STATE, USER, PASSWORD).stdout)
 
-    site_dir = pacs_site(folder, tmp_path, pid)
+    site_dir = pacs_site(folder, tmp_path)
     env = {k: v for k, v in flower_env().items() if not k.startswith("M3FM_DICOMWEB")}
     first = in_namespace(pid, flower_bin("m3fm-client"), "ingest", str(site_dir), "--workers", "2", env=env)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
@@ -183,3 +185,21 @@ def test_pacs_source_fields_are_checked(ingested, tmp_path):
         (site_dir / "site.toml").write_text(base + f"\n[source]\n{source}\n")
         with pytest.raises(SiteConfigError, match=problem):
             load_site(site_dir)
+
+
+def test_a_pacs_that_cannot_be_reached_is_a_named_problem_and_the_site_goes_on_with_its_cache(ingested, tmp_path):
+    _, sites, _ = ingested
+    site_dir = pacs_site(sites[0], tmp_path)
+    port = free_port()  # nothing listens there
+    toml = (site_dir / "site.toml").read_text().replace("127.0.0.1:8042", f"127.0.0.1:{port}")
+    (site_dir / "site.toml").write_text(toml.replace("retries = 2", "retries = 1"))
+    site = load_site(site_dir)
+    summary = ingest_site(site)
+    assert summary["pacs"] == {"series_listed": 0, "series_downloaded": 0, "instances_downloaded": 0,
+                               "series_failed": 0}
+    assert summary["rejected"] == {"pacs_unreachable": 1} and summary["exams"] > 0  # the tables were still read
+    engine = open_store(site.database_url)
+    with Session(engine) as s:
+        (problem,) = s.scalars(select(Rejection).where(Rejection.category == "pacs_unreachable")).all()
+    engine.dispose()
+    assert f"127.0.0.1:{port}" in problem.reason and "after 1 attempts" in problem.reason
