@@ -65,9 +65,8 @@ def print_summary(console: Console, site, summary: dict) -> None:
         t.add_row(label, str(summary[key]))
     for key, label in (("series_listed", "PACS: CT series listed"), ("series_downloaded", "PACS: series downloaded"),
                        ("instances_downloaded", "PACS: instances downloaded"),
-                       ("series_failed", "PACS: series that failed to download")):
-        if "pacs" in summary:
-            t.add_row(label, str(summary["pacs"][key]))
+                       ("series_failed", "PACS: series that failed to download")) if "pacs" in summary else ():
+        t.add_row(label, str(summary["pacs"][key]))
     for split, n in sorted(summary["splits"].items()):
         t.add_row(f"patients in {split}", str(n))
     console.print(t)

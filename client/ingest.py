@@ -22,7 +22,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
@@ -88,7 +87,8 @@ def _map(fn, jobs, pool: ProcessPoolExecutor | None, chunksize: int = 1):
 
 
 # the stages ingest_site reports to its progress callback (stage, done, total), with what a person reads for them
-INGEST_STAGES = {"pacs": "retrieving new series from the PACS", "index": "reading DICOM headers", "series": "checking and cropping series"}
+INGEST_STAGES = {"pacs": "retrieving new series from the PACS", "index": "reading DICOM headers",
+                 "series": "checking and cropping series"}
 
 
 def index_files(s: Session, site: SiteConfig, pool, progress: Progress | None) -> int:

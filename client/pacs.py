@@ -31,6 +31,7 @@ from m3fm.data.store import clear_scope, reject
 # the stored transfer syntax, not a transcoded one: the pixels ingestion decodes are the PACS's own bytes
 AS_STORED = (("application/dicom", "*"),)
 STUDY_UID, SERIES_UID, SOP_UID, MODALITY = "0020000D", "0020000E", "00080018", "00080060"
+INSTANCES = "00201209"  # Number of Series Related Instances, in a QIDO-RS series answer
 
 
 def _value(item: dict, tag: str) -> str | None:
@@ -75,13 +76,14 @@ def _retrying(fn, attempts: int, what: str):
             time.sleep(min(2 ** (attempt - 1), 10))
 
 
-def fetch_series(client: DICOMwebClient, study: str, series: str, missing: set[str], have: int, partial: Path,
-                 final: Path, attempts: int) -> int:
-    """Download the series' missing instances into `partial`, then move them into `final`; returns how many."""
+def fetch_series(client: DICOMwebClient, study: str, series: str, missing: set[str], whole_series: bool,
+                 partial: Path, final: Path, attempts: int) -> int:
+    """Download the series' missing instances into `partial`, then move them into `final`; returns how many.
+    whole_series: nothing of it is cached, so one request serves it all."""
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
 
-    def whole():  # nothing cached yet: one streamed multipart request for the series
+    def whole():  # one streamed multipart request for the series
         got = 0
         for ds in client.iter_series(study, series, media_types=AS_STORED):
             sop = str(ds.SOPInstanceUID)
@@ -96,7 +98,7 @@ def fetch_series(client: DICOMwebClient, study: str, series: str, missing: set[s
             partial / f"{sop}.dcm", enforce_file_format=True)
 
     try:
-        if have == 0:
+        if whole_series:
             _retrying(whole, attempts, f"series {series}")
         else:  # a series that grew: fetch only its new instances
             for sop in sorted(missing):
@@ -129,21 +131,21 @@ def sync_pacs(s: Session, site: SiteConfig, progress: Callable[[str, int, int], 
         study, series = _value(item, STUDY_UID), _value(item, SERIES_UID)
         scope = f"pacs:{series}"
         final = root / study / series
+        cached = {p.stem for p in final.glob("*.dcm")} if final.is_dir() else set()
+        clear_scope(s, scope)
         try:
-            listed = _retrying(lambda: client.search_for_instances(study, series, fields=[SOP_UID],
-                                                                   get_remaining=True),
-                               source.retries, f"series {series}: QIDO-RS instances")
-            sops = {_value(x, SOP_UID) for x in listed}
-            cached = {p.stem for p in final.glob("*.dcm")} if final.is_dir() else set()
-            missing = sops - cached
-            if missing:
-                n = fetch_series(client, study, series, missing, len(sops & cached), partial_root / series, final,
-                                 source.retries)
-                counts["series_downloaded"] += 1
-                counts["instances_downloaded"] += n
-            clear_scope(s, scope)
+            # a series whose instance count the PACS states and the cache matches is not listed again: an unchanged
+            # re-run costs one search, not one per series
+            if not cached or str(_value(item, INSTANCES)) != str(len(cached)):  # IS: a number or its digits
+                listed = _retrying(lambda: client.search_for_instances(study, series, fields=[SOP_UID],
+                                                                       get_remaining=True),
+                                   source.retries, f"series {series}: QIDO-RS instances")
+                missing = {_value(x, SOP_UID) for x in listed} - cached
+                if missing:
+                    counts["instances_downloaded"] += fetch_series(client, study, series, missing, not cached,
+                                                                   partial_root / series, final, source.retries)
+                    counts["series_downloaded"] += 1
         except RuntimeError as e:
-            clear_scope(s, scope)
             reject(s, scope, "series", "download_failed", f"not retrieved from the PACS: {e}", series_uid=series)
             counts["series_failed"] += 1
         s.commit()
