@@ -5,7 +5,9 @@ import io
 import os
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from scipy import ndimage
 from scipy.spatial import ConvexHull, Delaunay
 from sqlalchemy import select
@@ -15,7 +17,9 @@ from client.ingest import ingest_site
 from client.series_reader import read_series
 from client.site import load_site
 from m3fm.data import crops, localize
+from m3fm.data import dicom_series
 from m3fm.data.crops import DirectFile, crop_plan, read_memmap, write_crop
+from m3fm.data.dicom_series import check_series, load_hu, read_header
 from m3fm.data.store import Crop, Series, open_store
 from sim.cohort.generate import generate_cohort
 from sim.cohort.presets import build_sites
@@ -135,5 +139,67 @@ def test_a_full_size_series_crops_are_the_whole_volume_resize(bench_site):
         plan = crop_plan(hu, spacing, box, target)
         assert plan.shape == tuple(c.shape) and plan.first_slice == c.first_slice
         got = (bench_site.work_dir / c.path).read_bytes()
-        assert got == npy_bytes(whole_volume_resize(plan.source, plan.shape)), c.region
+        whole = crops.cut(hu, crops.widen(box, spacing, target))  # padded with air all at once, as before
+        assert got == npy_bytes(whole_volume_resize(whole, plan.shape)), c.region
         assert read_memmap(bench_site.work_dir / c.path).shape == tuple(c.shape)
+
+
+def test_series_read_from_where_the_headers_said_equal_pydicoms_decode(ingested, bench_site):
+    """load_hu reads uncompressed pixels straight from the offsets the header pass recorded: the same HU volume as
+    decoding every file again with pydicom, on every tiny-cohort site and on the full-size series."""
+    _, sites, _ = ingested
+    for site in (*sites, bench_site):
+        headers = first_accepted_headers(site)
+        geo = check_series(headers, site.min_slices)
+        assert set(geo.pixels) == {h.path for h in headers}  # every file took the direct read
+        direct = load_hu(site.site_dir, geo)
+        geo.pixels.clear()
+        assert np.array_equal(direct, load_hu(site.site_dir, geo))
+
+
+@pytest.mark.parametrize("signed,stored,syntax", [(0, 16, ExplicitVRLittleEndian), (0, 12, ExplicitVRLittleEndian),
+                                                  (1, 12, ExplicitVRLittleEndian), (1, 16, ImplicitVRLittleEndian)])
+def test_direct_pixel_read_corrects_unused_bits_as_pydicom_does(ingested, tmp_path, signed, stored, syntax):
+    """Signed and unsigned pixels, 12 of 16 bits stored with garbage in the unused ones, implicit and explicit VR:
+    the direct read gives pydicom's pixel_array; a file that changed size since its header was read is left to
+    pydicom."""
+    _, sites, _ = ingested
+    src = sites[0].site_dir / first_accepted_headers(sites[0])[0].path
+    ds = pydicom.dcmread(src)
+    rng = np.random.default_rng(stored + signed)
+    values = rng.integers(-2000 if signed else 0, 2000 if signed else 4000, size=(ds.Rows, ds.Columns))
+    raw = values.astype(np.int16 if signed else np.uint16)
+    if stored < 16:  # garbage above the stored bits, which pydicom shifts out (and sign-extends when signed)
+        raw = (raw.view(np.uint16) & np.uint16(0x0FFF)) | (rng.integers(0, 16, raw.shape, dtype=np.uint16) << 12)
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = signed, stored, stored - 1
+    ds.PixelData = raw.astype(np.uint16).tobytes()
+    ds.file_meta.TransferSyntaxUID = syntax
+    path = tmp_path / "one.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    header = read_header(path, "one.dcm")
+    assert "pixel_offset" in header.extra
+    got = dicom_series._native_frames(path, header.extra, 1, ds.Rows, ds.Columns)
+    want = pydicom.dcmread(path).pixel_array
+    assert got.dtype == want.dtype and np.array_equal(got[0], want)
+    if stored < 16:
+        assert not np.array_equal(got[0].view(np.uint16), raw)  # the garbage was there to remove
+    with open(path, "ab") as f:
+        f.write(b"\0\0")
+    assert dicom_series._native_frames(path, header.extra, 1, ds.Rows, ds.Columns) is None
+
+
+def test_a_crop_past_the_volume_edge_is_padded_slice_by_slice_to_the_same_bytes(tmp_path):
+    """Crops widened past the volume (on either side, in every axis) are padded per slice as they are read:
+    the bytes of resizing the materialised, air-padded cut."""
+    vol = (np.random.default_rng(1).normal(size=(20, 30, 26)) * 800).astype(np.float32)
+    cases = [([(-5, 25), (-3, 33), (2, 20)], (12, 16, 9)), ([(10, 30), (0, 30), (-4, 30)], (20, 30, 30)),
+             ([(-8, 4), (5, 9), (-1, 9)], (3, 8, 8))]
+    for ranges, shape in cases:
+        padded = crops.padded_cut(vol, ranges)
+        assert isinstance(padded, crops.PaddedCut)
+        want = crops.cut(vol, ranges)
+        assert np.array_equal(np.asarray(padded), want)
+        assert np.array_equal(np.stack([padded[i] for i in range(padded.shape[0])]), want)
+        write_crop(tmp_path / "c.npy", crops.CropPlan("r", "s", padded, shape, np.ones(3, np.float32), 0))
+        assert (tmp_path / "c.npy").read_bytes() == npy_bytes(whole_volume_resize(want, shape))
+    assert crops.padded_cut(vol, [(0, 20), (0, 30), (0, 26)]).base is vol  # inside: a view, nothing padded

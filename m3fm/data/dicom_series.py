@@ -104,13 +104,16 @@ def read_header(path: Path, rel: str) -> InstanceHeader:
     if "PixelData" not in ds:
         raise InputRejected("not_image", f"no pixel data (SOP class {ds.get('SOPClassUID', '?')})", rel)
     syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    raw = ds.get_item(0x7FE00010)  # a RawDataElement when deferred (large), else already read whole
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)  # a RawDataElement: where the pixels lie, not read
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    extra = {"transfer_syntax": syntax}
     if syntax in NATIVE_SYNTAXES and hasattr(raw, "value_tell") and raw.length != 0xFFFFFFFF:
         size = os.path.getsize(path)
         if raw.value_tell + raw.length > size:
             raise InputRejected("truncated", f"truncated file: pixel data needs {raw.length} bytes, "
                                 f"only {max(size - raw.value_tell, 0)} present", rel)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+        extra.update(native_pixels(ds, raw, frames, size, syntax))
+    
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
     if per_frame:  # enhanced multi-frame: geometry and rescale live in functional groups
         positions = [_floats(_group(ds, f, "PlanePositionSequence", "ImagePositionPatient")) for f in per_frame]
@@ -143,7 +146,24 @@ def read_header(path: Path, rel: str) -> InstanceHeader:
         orientation=orientation, pixel_spacing=spacing,
         thickness=None if thickness in (None, "") else float(thickness), rescale=rescale,
         manufacturer=str(ds.get("Manufacturer", "")), model=str(ds.get("ManufacturerModelName", "")),
-        kernel=str(ds.get("ConvolutionKernel", "")), extra={"transfer_syntax": syntax})
+        kernel=str(ds.get("ConvolutionKernel", "")), extra=extra)
+
+
+LITTLE_ENDIAN_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit and explicit VR: read as they lie
+
+
+def native_pixels(ds, raw, frames: int, size: int, syntax: str) -> dict:
+    """Where an uncompressed file's pixels lie, for load_hu to read them without parsing the file again: {} when
+    the layout is one it leaves to pydicom (deflated or big endian, colour, not 8/16/32 bits, a length that does
+    not fit)."""
+    bits, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if (syntax not in LITTLE_ENDIAN_NATIVE or int(ds.get("SamplesPerPixel", 1) or 1) != 1 or bits not in (8, 16, 32)
+            or not 0 < stored <= bits or raw.length < frames * rows * cols * bits // 8):
+        return {}
+    kind = "i" if int(ds.get("PixelRepresentation", 0) or 0) else "u"
+    return {"pixel_offset": int(raw.value_tell), "pixel_dtype": f"<{kind}{bits // 8}",
+            "pixel_unused_bits": bits - stored, "file_size": size}
 
 
 @dataclass
@@ -158,6 +178,7 @@ class SeriesGeometry:
     flip_w: bool  # row direction points to the patient's right: flip so W runs toward the left
     shape: tuple[int, int, int]
     duplicates: list[tuple[str, str]]  # (file, the file it duplicates): same SOP instance stored twice
+    pixels: dict[str, dict] = field(default_factory=dict)  # file -> where its uncompressed pixels lie (native_pixels)
 
 
 def check_series(headers: list[InstanceHeader], min_slices: int, gap_tolerance: float = 1.5) -> SeriesGeometry:
@@ -223,7 +244,8 @@ def check_series(headers: list[InstanceHeader], min_slices: int, gap_tolerance: 
     return SeriesGeometry(uid, [(f[1], f[2]) for f in frames], [f[3] for f in frames],
                           (spacing_s, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
                           flip_h=col[1] < 0, flip_w=row[0] < 0, shape=(len(frames), first.rows, first.cols),
-                          duplicates=duplicates)
+                          duplicates=duplicates,
+                          pixels={h.path: h.extra for h in unique if "pixel_offset" in h.extra})
 
 
 def load_hu(site_dir: Path, geometry: SeriesGeometry, buffer: np.ndarray | None = None) -> np.ndarray:
@@ -241,11 +263,14 @@ def load_hu(site_dir: Path, geometry: SeriesGeometry, buffer: np.ndarray | None 
     rows = slice(None, None, -1) if geometry.flip_h else slice(None)
     cols = slice(None, None, -1) if geometry.flip_w else slice(None)
     for path, where in slices.items():
-        try:
-            ds = pydicom.dcmread(site_dir / path)
-            frames = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
-        except Exception as e:  # noqa: BLE001 - a decoder failure is a property of this file
-            raise InputRejected("undecodable", f"pixel data cannot be decoded: {type(e).__name__}: {e}", path) from None
+        frames = _native_frames(site_dir / path, geometry.pixels.get(path), 1 + max(k for _, k in where), H, W)
+        if frames is None:
+            try:
+                ds = pydicom.dcmread(site_dir / path)
+                frames = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
+            except Exception as e:  # noqa: BLE001 - a decoder failure is a property of this file
+                raise InputRejected("undecodable", f"pixel data cannot be decoded: {type(e).__name__}: {e}",
+                                    path) from None
         for i, k in where:
             slope, intercept = geometry.rescale[i]
             if slope == 1:  # one pass: stored * 1.0 is exact, so this is the same float32 sum
@@ -254,3 +279,25 @@ def load_hu(site_dir: Path, geometry: SeriesGeometry, buffer: np.ndarray | None 
                 np.multiply(frames[k][rows, cols], np.float32(slope), out=vol[i], dtype=np.float32)
                 vol[i] += np.float32(intercept)
     return vol
+
+
+def _native_frames(path: Path, layout: dict | None, frames: int, rows: int, cols: int) -> np.ndarray | None:
+    """An uncompressed file's first `frames` frames (F, H, W) read straight from where its header said they lie,
+    as pydicom's pixel_array gives them (unused high bits corrected: masked, or sign-extended when signed), but
+    without parsing the file a second time (pydicom's read was 0.3 s of a 196-slice series). None when the header
+    gave no layout or the file is no longer the size it had then: pydicom reads it instead."""
+    if layout is None:
+        return None
+    try:
+        if os.path.getsize(path) != layout["file_size"]:
+            return None
+        arr = np.fromfile(path, dtype=layout["pixel_dtype"], count=frames * rows * cols, offset=layout["pixel_offset"])
+    except OSError:
+        return None
+    if arr.size != frames * rows * cols:
+        return None
+    shift = layout["pixel_unused_bits"]
+    if shift:  # as pydicom does (its correct_unused_bits): shift the unused bits out and back
+        np.left_shift(arr, shift, out=arr)
+        np.right_shift(arr, shift, out=arr)
+    return arr.reshape(frames, rows, cols)
