@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +30,7 @@ from client.pacs import sync_pacs
 from client.series_reader import PIPELINE_VERSION, header_job, release_volume_buffer, series_job
 from client.site import SiteConfig
 from m3fm.data import clinical as tables
-from m3fm.data.crops import REGION_SCALE
+from m3fm.data.crops import REGION_SCALE, TORCH_CAST_MIN_SERIES
 from m3fm.data.dicom_series import InstanceHeader
 from m3fm.data.store import (Crop, Exam, IngestRun, Label, Rejection, Series, SourceFile, Split, clear_scope,
                              now, open_store, reject)
@@ -118,7 +119,7 @@ def index_files(s: Session, site: SiteConfig, pool, progress: Progress | None) -
     return len(todo)
 
 
-def process_series(s: Session, site: SiteConfig, pool, progress: Progress | None) -> int:
+def process_series(s: Session, site: SiteConfig, pool, progress: Progress | None, workers: int = 1) -> int:
     """Stage 2: every series whose files changed (or whose crops for the configuration are missing)."""
     cfg = get_config(site.model_config)
     volumes = {sc.name: tuple(sc.volume) for sc in cfg.scales}
@@ -136,8 +137,12 @@ def process_series(s: Session, site: SiteConfig, pool, progress: Progress | None
         if (old is not None and old.members_hash == members_hash(rows) and old.pipeline == PIPELINE_VERSION
                 and _complete(s, site, old, volumes)):
             continue
-        jobs.append((site.dicom_base, site.work_dir, uid, [r.header for r in rows], site.min_slices, site.model_config))
+        jobs.append([site.dicom_base, site.work_dir, uid, [r.header for r in rows], site.min_slices, site.model_config])
     jobs.sort(key=lambda job: -len(job[3]))  # longest first: the workers finish together, not one big series last
+    # narrow crops to float16 through torch where this process has it loaded already (the series run here), or where
+    # each worker has enough series to repay loading it
+    torch_cast = (pool is None and "torch" in sys.modules) or len(jobs) >= TORCH_CAST_MIN_SERIES * workers
+    jobs = [(*job, torch_cast) for job in jobs]
     for i, (job, result) in enumerate(zip(jobs, _map(series_job, jobs, pool))):
         _record_series(s, job[2], groups[job[2]], result)
         s.commit()  # a crash loses only the series in flight
@@ -272,7 +277,7 @@ def ingest_site(site: SiteConfig, workers: int = 1, progress: Progress | None = 
         try:
             pacs = sync_pacs(s, site, progress) if site.dicomweb else None
             files_read = index_files(s, site, pool, progress)
-            series_processed = process_series(s, site, pool, progress)
+            series_processed = process_series(s, site, pool, progress, workers)
         finally:
             if pool is not None:
                 pool.shutdown()

@@ -7,6 +7,7 @@ predict` reads a series with the same functions.
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,11 @@ def read_series(base: Path, headers: list[InstanceHeader], min_slices: int, reus
 
 
 def series_job(args):
-    site_dir, work_dir, uid, header_dicts, min_slices, config = args
+    site_dir, work_dir, uid, header_dicts, min_slices, config, torch_cast = args
+    if torch_cast and multiprocessing.parent_process() is not None:
+        import torch  # a spawned worker's own torch: one thread, the workers are the parallelism
+
+        torch.set_num_threads(1)
     headers = [InstanceHeader.from_dict(h) for h in header_dicts]
     try:
         geo, hu, boxes = read_series(site_dir, headers, min_slices, reuse_buffer=True)
@@ -81,7 +86,7 @@ def series_job(args):
     crops = []
     for plan in crop_plans(hu, geo.spacing, boxes, get_config(config)):
         rel = f"crops/{uid}/{plan.region}_{'x'.join(map(str, plan.shape))}.npy"
-        write_crop(work_dir / rel, plan)
+        write_crop(work_dir / rel, plan, torch_cast)
         crops.append({"region": plan.region, "scale": plan.scale, "shape": list(plan.shape),
                       "voxel_size": plan.voxel_size.tolist(), "first_slice": plan.first_slice, "path": rel})
     return {"status": "accepted", "shape": list(hu.shape), "spacing": list(geo.spacing), "origin": origin.tolist(),

@@ -119,9 +119,27 @@ def test_crops_stream_to_the_bytes_of_a_whole_volume_resize(tmp_path, monkeypatc
     monkeypatch.setattr(DirectFile, "CHUNK", 8192)  # many chunks even for a small crop
     write_crop(tmp_path / "a.npy", plan)
     assert (tmp_path / "a.npy").read_bytes() == want and not (tmp_path / "a.tmp.npy").exists()
+    write_crop(tmp_path / "t.npy", plan, torch_cast=True)
+    assert (tmp_path / "t.npy").read_bytes() == want
     monkeypatch.delattr(os, "O_DIRECT", raising=False)
     write_crop(tmp_path / "b.npy", plan)
     assert (tmp_path / "b.npy").read_bytes() == want
+
+
+def test_torch_narrows_to_float16_as_numpy_does():
+    """The torch cast ingestion uses for long runs gives numpy's float16 bits: ties to even, subnormals, signed
+    zeros, values past float16's exact integers and past the clip."""
+    rng = np.random.default_rng(5)
+    ties = np.float16(rng.uniform(-2048, 2048, 20000)).astype(np.float32)
+    ties += np.spacing(np.float16(ties)).astype(np.float32) / 2  # exactly halfway between two float16 values
+    tiny = (rng.normal(size=20000) * 1e-5).astype(np.float32)  # float16 subnormals and underflow to zero
+    s = np.concatenate([rng.uniform(-3000, 9000, 100000).astype(np.float32), ties, tiny,
+                        np.float32([0.0, -0.0, 4095.0, 4095.5, -2048.5, 2049.0, 65504.0, np.inf, -np.inf])])
+    want = np.empty(s.shape, np.float16)
+    np.clip(s, -2048, 4095, out=want, casting="unsafe")
+    got = np.empty(s.shape, np.float16)
+    crops.HalfCast(got)(s)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 def test_a_full_size_series_crops_are_the_whole_volume_resize(bench_site):
