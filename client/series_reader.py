@@ -37,6 +37,11 @@ def header_job(args):
     return rel, header.to_dict() if header else None, category, reason
 
 
+def header_chunk_job(base: Path, rels: list[str]) -> list[tuple]:
+    """header_job for a few files at once: one message to a worker, not one a file."""
+    return [header_job((base, rel)) for rel in rels]
+
+
 _VOLUME = [np.empty(0, dtype=np.float32)]  # this process's HU volume, reused series after series
 
 

@@ -3,6 +3,7 @@ on the tiny cohort's series and on one full-size (bench) series, and crop files 
 
 import io
 import os
+import shutil
 
 import numpy as np
 import pydicom
@@ -20,7 +21,7 @@ from m3fm.data import crops, localize
 from m3fm.data import dicom_series
 from m3fm.data.crops import DirectFile, crop_plan, read_memmap, write_crop
 from m3fm.data.dicom_series import check_series, load_hu, read_header
-from m3fm.data.store import Crop, Series, open_store
+from m3fm.data.store import Crop, Rejection, Series, open_store
 from sim.cohort.generate import generate_cohort
 from sim.cohort.presets import build_sites
 
@@ -221,3 +222,41 @@ def test_a_crop_past_the_volume_edge_is_padded_slice_by_slice_to_the_same_bytes(
         write_crop(tmp_path / "c.npy", crops.CropPlan("r", "s", padded, shape, np.ones(3, np.float32), 0))
         assert (tmp_path / "c.npy").read_bytes() == npy_bytes(whole_volume_resize(want, shape))
     assert crops.padded_cut(vol, [(0, 20), (0, 30), (0, 26)]).base is vol  # inside: a view, nothing padded
+
+
+def site_records(site) -> dict:
+    """What ingestion recorded and wrote, in a form two runs can be compared by."""
+    engine = open_store(site.database_url)
+    with Session(engine) as s:
+        series = {x.series_uid: (x.status, x.category, x.reason, x.files, x.members_hash, x.boxes, x.origin)
+                  for x in s.scalars(select(Series))}
+        rejections = sorted((r.scope, r.category, r.reason, r.path or "") for r in s.scalars(select(Rejection)))
+        crop_rows = sorted((c.series_uid, c.region, tuple(c.shape), c.first_slice, c.path) for c in s.scalars(select(Crop)))
+    engine.dispose()
+    crop_bytes = {row[-1]: (site.work_dir / row[-1]).read_bytes() for row in crop_rows}
+    return {"series": series, "rejections": rejections, "crops": crop_rows, "bytes": crop_bytes}
+
+
+def test_overlapped_index_and_cutting_record_what_one_process_does(cohort, tmp_path):
+    """With a worker pool, series are cut while the index goes on. A series with one file in a folder read last is
+    cut early without it, cut again once the index is whole, and ends as the one-process run records it; so does
+    every other series, rejection and crop byte, and a second run does nothing."""
+    out, _ = cohort
+    runs = {}
+    for workers in (1, 2):
+        site_dir = tmp_path / f"w{workers}" / "site-01"
+        shutil.copytree(out / "site-01", site_dir, ignore=shutil.ignore_patterns("work*"))
+        first = sorted(p for p in (site_dir / "dicom").rglob("*") if p.is_file())[0]
+        stray = site_dir / "dicom" / "zzz-late" / first.name
+        stray.parent.mkdir()
+        first.rename(stray)  # sorts after every other folder
+        site = load_site(site_dir)
+        summary = ingest_site(site, workers=workers)
+        runs[workers] = (summary, site_records(site), site)
+    (one, rec1, _), (two, rec2, site2) = runs[1], runs[2]
+    assert two["series_cut_again"] == 1 and one["series_cut_again"] == 0
+    assert rec1 == rec2 and rec2["series"] and rec2["bytes"]
+    for key in ("files_read", "series_processed", "series_accepted", "series_rejected", "crops"):
+        assert one[key] == two[key], key
+    again = ingest_site(site2, workers=2)
+    assert (again["files_read"], again["series_processed"]) == (0, 0) and site_records(site2) == rec2
