@@ -81,13 +81,6 @@ def assign_split(salt: str, patient_id: str, fractions: dict[str, float]) -> str
     return "test"
 
 
-def _map(fn, jobs, pool: ProcessPoolExecutor | None, chunksize: int = 1):
-    if pool is not None and len(jobs) > 1:
-        yield from pool.map(fn, jobs, chunksize=chunksize)
-    else:
-        yield from map(fn, jobs)
-
-
 # the stages ingest_site reports to its progress callback (stage, done, total), with what a person reads for them
 INGEST_STAGES = {"pacs": "retrieving new series from the PACS", "index": "reading DICOM headers",
                  "series": "checking and cropping series"}
@@ -119,11 +112,11 @@ def _store_header(s: Session, found: dict, known: dict, rel: str, header, catego
         reject(s, f"file:{rel}", "file", category, reason, path=rel)
 
 
-def index_files(s: Session, site: SiteConfig, pool, progress: Progress | None) -> int:
-    """Stage 1: headers of new or changed files; rows of vanished files removed. Returns files read."""
+def index_files(s: Session, site: SiteConfig, progress: Progress | None) -> int:
+    """Stage 1, in this process: headers of new or changed files; rows of vanished files removed. Returns files
+    read. (With a worker pool, index_and_cut runs stages 1 and 2 together.)"""
     found, known, todo = _files_to_read(s, site)
-    for i, (rel, header, category, reason) in enumerate(_map(header_job, [(site.dicom_base, p) for p in todo], pool,
-                                                           chunksize=max(1, min(64, len(todo) // 16)))):
+    for i, (rel, header, category, reason) in enumerate(header_job((site.dicom_base, p)) for p in todo):
         _store_header(s, found, known, rel, header, category, reason)
         if progress:
             progress("index", i + 1, len(todo))
@@ -131,8 +124,9 @@ def index_files(s: Session, site: SiteConfig, pool, progress: Progress | None) -
     return len(todo)
 
 
-def process_series(s: Session, site: SiteConfig, pool, progress: Progress | None, workers: int = 1) -> int:
-    """Stage 2: every series whose files changed (or whose crops for the configuration are missing)."""
+def process_series(s: Session, site: SiteConfig, progress: Progress | None) -> int:
+    """Stage 2, in this process: every series whose files changed (or whose crops for the configuration are
+    missing)."""
     cfg = get_config(site.model_config)
     volumes = {sc.name: tuple(sc.volume) for sc in cfg.scales}
     # plain values, read once: ORM rows expire at every commit below, and reading them again cost a SELECT per
@@ -143,22 +137,17 @@ def process_series(s: Session, site: SiteConfig, pool, progress: Progress | None
     known = {x.series_uid: x for x in s.scalars(select(Series))}
     for uid in set(known) - set(groups):  # every file of it is gone
         _forget_series(s, uid)
-    jobs = []
-    for uid, rows in groups.items():
-        if _up_to_date(s, site, known.get(uid), rows, volumes):
-            continue
-        jobs.append([site.dicom_base, site.work_dir, uid, [r.header for r in rows], site.min_slices, site.model_config])
-    jobs.sort(key=lambda job: -len(job[3]))  # longest first: the workers finish together, not one big series last
-    # narrow crops to float16 through torch where this process has it loaded already (the series run here), or where
-    # each worker has enough series to repay loading it
-    torch_cast = (pool is None and "torch" in sys.modules) or len(jobs) >= TORCH_CAST_MIN_SERIES * workers
-    jobs = [(*job, torch_cast) for job in jobs]
-    for i, (job, result) in enumerate(zip(jobs, _map(series_job, jobs, pool))):
-        _record_series(s, job[2], groups[job[2]], result)
+    stale = [uid for uid, rows in groups.items() if not _up_to_date(s, site, known.get(uid), rows, volumes)]
+    # narrow crops to float16 through torch where this process has it loaded already, or has enough series to
+    # repay loading it
+    torch_cast = "torch" in sys.modules or len(stale) >= TORCH_CAST_MIN_SERIES
+    for i, uid in enumerate(stale):
+        result = series_job(_cut_args(site, uid, groups[uid], torch_cast))
+        _record_series(s, uid, groups[uid], result)
         s.commit()  # a crash loses only the series in flight
         if progress:
-            progress("series", i + 1, len(jobs))
-    return len(jobs)
+            progress("series", i + 1, len(stale))
+    return len(stale)
 
 
 def index_and_cut(s: Session, site: SiteConfig, pool: ProcessPoolExecutor, progress: Progress | None,
@@ -187,7 +176,7 @@ def index_and_cut(s: Session, site: SiteConfig, pool: ProcessPoolExecutor, progr
     torch_cast = len(unread) >= TORCH_CAST_MIN_SERIES * workers
     chunks = [todo[k:k + 32] for k in range(0, len(todo), 32)]
     reading, cuts, cut_with = set(), {}, {}  # header futures; cut future -> (uid, files); uid -> hash cut with
-    counts = {"read": 0, "recorded": 0}
+    counts = {"read": 0, "recorded": 0, "cut again": 0}
 
     def consider(uid: str) -> None:
         """Cut the series if it has files, every folder of them is read, it was not cut yet and its record is stale."""
@@ -199,20 +188,19 @@ def index_and_cut(s: Session, site: SiteConfig, pool: ProcessPoolExecutor, progr
     def cut(uid: str) -> None:
         members = sorted(groups[uid].values())
         cut_with[uid] = members_hash(members)
-        job = (site.dicom_base, site.work_dir, uid, [m.header for m in members], site.min_slices, site.model_config,
-               torch_cast)
-        cuts[pool.submit(series_job, job)] = (uid, members)
+        cuts[pool.submit(series_job, _cut_args(site, uid, members, torch_cast))] = (uid, members)
 
     def take_headers(results) -> None:
         candidates = set()
         for rel, header, category, reason in results:
             _store_header(s, found, known, rel, header, category, reason)
+            folder = _folder(rel)
             if header:  # (a changed file is in no group before its header is read again)
                 groups[header["series_uid"]][rel] = Member(rel, *found[rel], header)
-                in_folder[_folder(rel)].add(header["series_uid"])
-            unread[_folder(rel)] -= 1
-            if not unread[_folder(rel)]:
-                candidates |= in_folder[_folder(rel)]
+                in_folder[folder].add(header["series_uid"])
+            unread[folder] -= 1
+            if not unread[folder]:
+                candidates |= in_folder[folder]
         counts["read"] += len(results)
         if progress:
             progress("index", counts["read"], len(todo))
@@ -244,7 +232,7 @@ def index_and_cut(s: Session, site: SiteConfig, pool: ProcessPoolExecutor, progr
         if uid in cut_with and cut_with[uid] != members_hash(list(files.values())):
             wait([f for f, (u, _) in cuts.items() if u == uid])  # one writer of a series' crops at a time
             del cut_with[uid]
-            counts["cut again"] = counts.get("cut again", 0) + 1
+            counts["cut again"] += 1
         consider(uid)
     while cuts:
         for f in wait(set(cuts), return_when=FIRST_COMPLETED)[0]:
@@ -252,7 +240,13 @@ def index_and_cut(s: Session, site: SiteConfig, pool: ProcessPoolExecutor, progr
     for uid in set(old_series) - {u for u, files in groups.items() if files}:  # every file of it is gone
         _forget_series(s, uid)
     s.commit()
-    return len(todo), len(cut_with), counts.get("cut again", 0)
+    return len(todo), len(cut_with), counts["cut again"]
+
+
+def _cut_args(site: SiteConfig, uid: str, members: list[Member], torch_cast: bool) -> tuple:
+    """series_job's argument for one series."""
+    return (site.dicom_base, site.work_dir, uid, [m.header for m in members], site.min_slices, site.model_config,
+            torch_cast)
 
 
 def _folder(rel: str) -> str:
@@ -398,8 +392,8 @@ def ingest_site(site: SiteConfig, workers: int = 1, progress: Progress | None = 
             if pool is not None:
                 files_read, series_processed, recut = index_and_cut(s, site, pool, progress, workers)
             else:  # one process: nothing to overlap
-                files_read = index_files(s, site, pool, progress)
-                series_processed = process_series(s, site, pool, progress, workers)
+                files_read = index_files(s, site, progress)
+                series_processed = process_series(s, site, progress)
         finally:
             if pool is not None:
                 pool.shutdown()

@@ -73,7 +73,6 @@ class PaddedCut:
     def __init__(self, vol: np.ndarray, ranges: list[tuple[int, int]]):
         self.vol, self.ranges = vol, ranges
         self.shape = tuple(hi - lo for lo, hi in ranges)
-        self.dtype = np.dtype(np.float32)
         (_, _), (h0, h1), (w0, w1) = ranges
         self._src = (slice(max(h0, 0), min(h1, vol.shape[1])), slice(max(w0, 0), min(w1, vol.shape[2])))
         self._dst = tuple(slice(s.start - lo, s.stop - lo) for s, lo in zip(self._src, (h0, w0)))
@@ -225,14 +224,12 @@ def write_crop(path: Path, plan: CropPlan, torch_cast: bool = False) -> None:
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, {"descr": "<f2", "fortran_order": False, "shape": plan.shape})
     half = np.empty(plan.shape[1:], dtype="<f2")
-    narrow = HalfCast(half) if torch_cast else None
+    # clipped, since beyond float16's exact integers is metal
+    narrow = HalfCast(half) if torch_cast else (lambda s: np.clip(s, -2048, 4095, out=half, casting="unsafe"))
     with DirectFile(tmp) as f:
         f.write(head.getvalue())
         for s in resized_slices(plan.source, plan.shape):
-            if narrow is not None:
-                narrow(s)
-            else:
-                np.clip(s, -2048, 4095, out=half, casting="unsafe")  # beyond float16's exact integers is metal
+            narrow(s)
             f.write(half.data)
     tmp.replace(path)
 

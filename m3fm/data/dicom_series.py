@@ -113,7 +113,6 @@ def read_header(path: Path, rel: str) -> InstanceHeader:
             raise InputRejected("truncated", f"truncated file: pixel data needs {raw.length} bytes, "
                                 f"only {max(size - raw.value_tell, 0)} present", rel)
         extra.update(native_pixels(ds, raw, frames, size, syntax))
-    
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
     if per_frame:  # enhanced multi-frame: geometry and rescale live in functional groups
         positions = [_floats(_group(ds, f, "PlanePositionSequence", "ImagePositionPatient")) for f in per_frame]
