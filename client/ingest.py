@@ -14,7 +14,6 @@ rejection go to the site database; one bad input never stops the rest.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from client.pacs import sync_pacs
-from client.series_reader import (PIPELINE_VERSION, header_chunk_job, header_job, release_volume_buffer,
+from client.series_reader import (PIPELINE_VERSION, header_chunk_job, header_job, release_volume_buffer, worker_pool,
                                   series_job)
 from client.site import SiteConfig
 from m3fm.data import clinical as tables
@@ -384,8 +383,7 @@ def ingest_site(site: SiteConfig, workers: int = 1, progress: Progress | None = 
         run = IngestRun(started_at=now())
         s.add(run)
         s.commit()
-        # one pool for both stages: spawned workers (no forked OpenMP or database state) start once
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+        pool = worker_pool(workers) if workers > 1 else None  # one pool for both stages
         try:
             pacs = sync_pacs(s, site, progress) if site.dicomweb else None
             recut = 0

@@ -34,8 +34,11 @@ class StageProgress:
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+            # redrawn on each call, not by rich's refresh thread: with a thread running, ingestion's workers
+            # spawn instead of fork (client/series_reader.worker_pool), 2 s later on a bench site
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=self.console, transient=False).__enter__()
+                                TimeElapsedColumn(), console=self.console, transient=False,
+                                auto_refresh=False).__enter__()
         self.t0 = time.monotonic()
         return self
 
@@ -44,7 +47,7 @@ class StageProgress:
         if self.bar is not None:
             if stage not in self.tasks:
                 self.tasks[stage] = self.bar.add_task(label, total=total)
-            self.bar.update(self.tasks[stage], completed=done, total=total)
+            self.bar.update(self.tasks[stage], completed=done, total=total, refresh=True)
             return
         now = time.monotonic()
         if done >= total or now - self.last.get(stage, self.t0) >= self.every_s:

@@ -2,8 +2,11 @@
 on the tiny cohort's series and on one full-size (bench) series, and crop files are the bytes np.save wrote."""
 
 import io
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pydicom
@@ -127,9 +130,10 @@ def test_crops_stream_to_the_bytes_of_a_whole_volume_resize(tmp_path, monkeypatc
     assert (tmp_path / "b.npy").read_bytes() == want
 
 
-def test_torch_narrows_to_float16_as_numpy_does():
-    """The torch cast ingestion uses for long runs gives numpy's float16 bits: ties to even, subnormals, signed
-    zeros, values past float16's exact integers and past the clip."""
+@pytest.mark.parametrize("cast", [crops.HalfCast, crops.HalfBits])
+def test_fast_casts_narrow_to_float16_as_numpy_does(cast):
+    """Both fast casts (torch's for long runs, the bit arithmetic otherwise) give numpy's float16 bits: ties to
+    even, subnormals, signed zeros, values past float16's exact integers and past the clip."""
     rng = np.random.default_rng(5)
     ties = np.float16(rng.uniform(-2048, 2048, 20000)).astype(np.float32)
     ties += np.spacing(np.float16(ties)).astype(np.float32) / 2  # exactly halfway between two float16 values
@@ -139,8 +143,20 @@ def test_torch_narrows_to_float16_as_numpy_does():
     want = np.empty(s.shape, np.float16)
     np.clip(s, -2048, 4095, out=want, casting="unsafe")
     got = np.empty(s.shape, np.float16)
-    crops.HalfCast(got)(s)
+    cast(got)(s)
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_bit_cast_matches_numpy_across_the_clip_range():
+    """Every 997th float32 bit pattern from 0 to 4096 and from -0 to -4096 (both signs, every exponent, mantissas
+    of every kind), and every float32 in one binade's worth of mantissa around a float16 rounding boundary."""
+    steps = [np.arange(0, 0x45800000, 997, dtype=np.uint32), np.arange(0x80000000, 0xC5800000, 997, dtype=np.uint32),
+             np.arange(0x44FFE000 - 4096, 0x44FFE000 + 4096, dtype=np.uint32)]  # around 2047 -> 2048
+    for bits in steps:
+        x = bits.view(np.float32)
+        got, want = np.empty(x.shape, np.float16), np.clip(x, -2048, 4095).astype(np.float16)
+        crops.HalfBits(got)(x)
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 def test_a_full_size_series_crops_are_the_whole_volume_resize(bench_site):
@@ -238,7 +254,7 @@ def site_records(site) -> dict:
 
 
 def test_overlapped_index_and_cutting_record_what_one_process_does(cohort, tmp_path):
-    """With a worker pool, series are cut while the index goes on. A series with one file in a folder read last is
+    """With a (forked) worker pool, series are cut while the index goes on. A series with one file in a folder read last is
     cut early without it, cut again once the index is whole, and ends as the one-process run records it; so does
     every other series, rejection and crop byte, and a second run does nothing."""
     out, _ = cohort
@@ -251,7 +267,15 @@ def test_overlapped_index_and_cutting_record_what_one_process_does(cohort, tmp_p
         stray.parent.mkdir()
         first.rename(stray)  # sorts after every other folder
         site = load_site(site_dir)
-        summary = ingest_site(site, workers=workers)
+        if workers == 1:
+            summary = ingest_site(site, workers=1)
+        else:  # a fresh process, whose workers fork (pytest's may hold torch, and then they spawn)
+            code = "import json, sys; from client.ingest import ingest_site; from client.site import load_site; " \
+                   "print(json.dumps(ingest_site(load_site(sys.argv[1]), workers=2)))"
+            done = subprocess.run([sys.executable, "-c", code, str(site_dir)], capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, done.stderr
+            summary = json.loads(done.stdout.splitlines()[-1])
         runs[workers] = (summary, site_records(site), site)
     (one, rec1, _), (two, rec2, site2) = runs[1], runs[2]
     assert two["series_cut_again"] == 1 and one["series_cut_again"] == 0
@@ -260,3 +284,21 @@ def test_overlapped_index_and_cutting_record_what_one_process_does(cohort, tmp_p
         assert one[key] == two[key], key
     again = ingest_site(site2, workers=2)
     assert (again["files_read"], again["series_processed"]) == (0, 0) and site_records(site2) == rec2
+
+
+@pytest.mark.parametrize("before,method", [("", "fork"), ("thread", "spawn"), ("torch", "spawn")])
+def test_ingestion_workers_fork_only_where_forking_is_safe(before, method):
+    """A fresh one-thread process forks its workers; one with another thread, or with torch (OpenMP) loaded,
+    spawns them. Either way the workers run jobs."""
+    code = f"""import threading
+if {before!r} == "thread":
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+if {before!r} == "torch":
+    import torch
+from client.series_reader import worker_pool
+pool = worker_pool(2)
+print(pool._mp_context.get_start_method(), pool.submit(sum, [1, 2]).result())
+pool.shutdown()"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [method, "3"]

@@ -224,8 +224,7 @@ def write_crop(path: Path, plan: CropPlan, torch_cast: bool = False) -> None:
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, {"descr": "<f2", "fortran_order": False, "shape": plan.shape})
     half = np.empty(plan.shape[1:], dtype="<f2")
-    # clipped, since beyond float16's exact integers is metal
-    narrow = HalfCast(half) if torch_cast else (lambda s: np.clip(s, -2048, 4095, out=half, casting="unsafe"))
+    narrow = (HalfCast if torch_cast else HalfBits)(half)
     with DirectFile(tmp) as f:
         f.write(head.getvalue())
         for s in resized_slices(plan.source, plan.shape):
@@ -237,6 +236,45 @@ def write_crop(path: Path, plan: CropPlan, torch_cast: bool = False) -> None:
 # A worker imports torch (about 2 s and 200 MB here) only when it has this many series or more to crop: the cast
 # then saves more than the import costs (0.24 s of a base series' 0.43 s of cropping went to numpy's float16 cast).
 TORCH_CAST_MIN_SERIES = 8
+
+
+class HalfBits:
+    """Clip a float32 slice to [-2048, 4095] (beyond float16's exact integers is metal) and narrow it into `half`
+    (float16) by integer arithmetic on its bits: the bits numpy's cast gives, 2.4x faster.
+
+    numpy's float32 -> float16 cast is a scalar loop here (its x86 baseline has no F16C): 0.58 ms a 448 x 320
+    slice, most of a series' cropping without torch. Rounding to nearest even on the bits is a few whole-array
+    integer passes: add 0xFFF plus the lowest kept mantissa bit, drop 13 bits, rebias the exponent (a carry out
+    of the mantissa lands in the exponent, as it should). That covers float16's normal numbers, which is all but
+    |x| < 2^-14 after the clip; those (zeros, and the rare tiny value a resize leaves) are float16 subnormals,
+    whose bits are |x| * 2^24 rounded half to even (the scaling is exact). The input is finite: HU always is.
+    tests/test_ingest_speed.py checks it against numpy's cast on every 997th float32 in the clip range (and on
+    every 7th once, by hand: no difference)."""
+
+    SUBNORMAL = 0x38800000  # |x| below 2^-14, as float32 bits
+    ROUND_AND_REBIAS = np.uint32((0xFFF - ((127 - 15) << 23)) % 2**32)
+
+    def __init__(self, half: np.ndarray):
+        self.half = half.view(np.uint16)
+        self.clipped = np.empty(half.shape, dtype=np.float32)
+        self.magnitude, self.out = np.empty(half.shape, dtype=np.uint32), np.empty(half.shape, dtype=np.uint32)
+
+    def __call__(self, s: np.ndarray) -> None:
+        bits, mag, out = self.clipped.view(np.uint32), self.magnitude, self.out
+        np.clip(s, -2048, 4095, out=self.clipped)
+        np.bitwise_and(bits, 0x7FFFFFFF, out=mag)
+        np.right_shift(mag, 13, out=out)
+        np.bitwise_and(out, 1, out=out)  # the lowest mantissa bit kept: a tie rounds to even
+        np.add(out, mag, out=out)
+        np.add(out, self.ROUND_AND_REBIAS, out=out)
+        np.right_shift(out, 13, out=out)
+        if mag.min() < self.SUBNORMAL:
+            tiny = mag < self.SUBNORMAL
+            out[tiny] = np.rint(np.abs(self.clipped[tiny]) * np.float32(2**24))
+        np.right_shift(bits, 16, out=mag)
+        np.bitwise_and(mag, 0x8000, out=mag)  # the sign
+        np.bitwise_or(out, mag, out=out)
+        np.copyto(self.half, out, casting="unsafe")  # the low 16 bits
 
 
 class HalfCast:
