@@ -8,7 +8,7 @@ decode, HU, lung/heart localization, every crop of the model configuration), the
 incremental no-op); --cohort DIR reuses a cohort written before with the same preset and exams (its site-01 is
 copied, never changed). Then, in this process, each series stage by stage (the same functions ingestion calls), and
 the decode-only floor (pydicom reading every file with its pixels, nothing else). Peak RSS per worker: the
-largest of the spawned workers (2+ workers); with 1 worker ingestion runs in this process. A measurement, never
+largest of the workers (2+ workers); with 1 worker ingestion runs in this process. A measurement, never
 pass/fail: the machine is shared and timings are noisy.
 
 Besides the whole run's rate: the rate after start-up (once each worker has finished its first series; counted in
