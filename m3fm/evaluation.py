@@ -36,11 +36,12 @@ class TaskPredictions:
 
 @torch.no_grad()
 def collect_predictions(model: M3FM, data: SiteData, tokenizer: TextTokenizer, split: str, tasks=None,
-                        batch_size: int = 8, min_items: int = 1) -> dict[str, TaskPredictions]:
-    """task -> predictions on the split, for tasks with at least min_items questions there."""
+                        batch_size: int = 8, min_items: int = 1, draw: int = 0) -> dict[str, TaskPredictions]:
+    """task -> predictions on the split, for tasks with at least min_items questions there. `draw` seeds what an
+    evaluation item still draws (a negative's nodule slab, a lung without a label): reports use draw 0."""
     model.eval()
     device = next(model.parameters()).device
-    ds = QADataset(data, split, tasks=tasks, train=False)
+    ds = QADataset(data, split, tasks=tasks, train=False, seed=draw)
     out: dict[str, TaskPredictions] = {}
     for name in sorted(set(ds.keys)):
         idx = [i for i, k in enumerate(ds.keys) if k == name]

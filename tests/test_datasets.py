@@ -130,3 +130,20 @@ def test_emphysema_items_read_the_chest_below_minus_900_hu_with_tissue_at_zero(i
         assert img.min() >= 0.0 and img.max() <= 1.0
         assert np.median(img) == 0.0  # most of a chest lies above -900 HU
     assert min(img.min() for img in images["consolidation"]) < -0.5  # the lung window, -1..1: lung lies below 0
+
+
+def test_evaluation_draws_move_only_what_an_item_leaves_to_chance(ingested, tiny_cfg):
+    # benchmarks/pooling.py --eval-draws scores a test split over several draws (m3fm.evaluation draw=k): a
+    # negative's nodule slab moves between draws, an annotated nodule's slab, the question and the answer do not
+    _, data = site_data(ingested, tiny_cfg)
+    a = QADataset(data, split=None, tasks=["nodule_presence"], train=False, seed=0)
+    b = QADataset(data, split=None, tasks=["nodule_presence"], train=False, seed=1)
+    moved = 0
+    for i in range(len(a)):
+        sa, sb = a[i], b[i]
+        assert sa["question"] == sb["question"] and sa["answer"] == sb["answer"]
+        if a.items[i]["slice_location"] is not None:
+            np.testing.assert_array_equal(sa["image"], sb["image"])
+        else:
+            moved += not np.array_equal(sa["image"], sb["image"])
+    assert moved > 0
