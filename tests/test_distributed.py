@@ -70,10 +70,16 @@ def test_a_task_parallel_step_on_two_ranks_equals_one_process_accumulating_the_m
         assert got["grads"].keys() == grads.keys()
         for k, g in grads.items():
             torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-7, msg=lambda m: f"{k}: {m}")
-        # and the step: Adam divides by sqrt(v), so a gradient at rounding level (a key bias's, zero in exact
-        # arithmetic under softmax) turns a last-bit difference into a few 1e-6 of weight
+        # and the step. Adam's first step moves a weight by lr * g / (|g| + eps): a gradient at rounding level (a
+        # key bias's, zero in exact arithmetic under softmax) moves it by anything up to lr, whose sign and size
+        # the summation order decides (CI once saw 2.1e-5 on a key bias). Those weights (a few hundred of the
+        # model's) are held to Adam's bound, lr; every other weight to 2e-5
         for k, v in reference.items():
-            torch.testing.assert_close(got["state"][k], v, rtol=0, atol=2e-5, msg=lambda m: f"{k}: {m}")
+            diff = (got["state"][k].double() - v.double()).abs()
+            g = grads.get(k, torch.zeros_like(v))
+            rounding = (g != 0) & (g.abs() < 1e-6)  # a zero gradient moves nothing: held to 2e-5 too
+            assert float(torch.where(rounding, 0.0, diff).max()) <= 2e-5, k
+            assert float(torch.where(rounding, diff, 0.0).max()) <= tc.lr, k
 
 
 class ToyQA:
