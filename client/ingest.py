@@ -26,8 +26,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from client.pacs import sync_pacs
-from client.series_reader import (PIPELINE_VERSION, header_chunk_job, header_job, release_volume_buffer, worker_pool,
-                                  series_job)
+from client.series_reader import (PIPELINE_VERSION, header_chunk_job, header_job, release_volume_buffer, series_job,
+                                  worker_pool)
 from client.site import SiteConfig
 from m3fm.data import clinical as tables
 from m3fm.data.crops import REGION_SCALE, TORCH_CAST_MIN_SERIES

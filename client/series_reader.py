@@ -11,7 +11,7 @@ import gc
 import multiprocessing
 import sys
 import threading
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     if fork:
         gc.freeze()
         try:
-            wait([pool.submit(int) for _ in range(workers)])  # the first task forks every worker at once
+            pool.submit(int).result()  # the first task forks every worker at once
         finally:
             gc.unfreeze()
     return pool

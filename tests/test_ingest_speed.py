@@ -254,9 +254,9 @@ def site_records(site) -> dict:
 
 
 def test_overlapped_index_and_cutting_record_what_one_process_does(cohort, tmp_path):
-    """With a (forked) worker pool, series are cut while the index goes on. A series with one file in a folder read last is
-    cut early without it, cut again once the index is whole, and ends as the one-process run records it; so does
-    every other series, rejection and crop byte, and a second run does nothing."""
+    """With a (forked) worker pool, series are cut while the index goes on. A series with one file in a folder
+    read last is cut early without it, cut again once the index is whole, and ends as the one-process run records
+    it; so does every other series, rejection and crop byte, and a second run does nothing."""
     out, _ = cohort
     runs = {}
     for workers in (1, 2):
