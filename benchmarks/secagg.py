@@ -162,6 +162,18 @@ def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit
         out = json.loads((work / "out.json").read_text()) if (work / "out.json").exists() else {}
         if not out.get("ok"):
             raise RuntimeError(f"run {status}: {out.get('error', '')[-1500:] or 'no result'}")
+        # where the round went: each stage's wall time at the ServerApp, and the busiest site's time in its ClientApps
+        stage_s: dict[str, float] = {}
+        for st in out.get("stages", []):
+            stage_s[st["stage"]] = stage_s.get(st["stage"], 0.0) + st["s"]
+        site_s: dict[str, float] = {}
+        for i in range(sites):
+            mine: dict[str, float] = {}
+            timings = work / f"site-{i}" / "timings.jsonl"
+            for line in (timings.read_text().splitlines() if timings.exists() else []):
+                t = json.loads(line)
+                mine[t["stage"]] = mine.get(t["stage"], 0.0) + t["s"]
+            site_s = {k: max(v, site_s.get(k, 0.0)) for k, v in mine.items()}
         extra = {k: (peak[k] - idle[k]) / 2**20 for k in peak}
         extra["coordinator"] -= out["serverapp_idle_peak_mb"]
         model_mb = 4 * size / 2**20
@@ -170,7 +182,9 @@ def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit
                 "round_s": round(out["round_s"], 1), "coordinator_extra_mb": round(extra["coordinator"]),
                 "coordinator_extra_x_model": round(extra["coordinator"] / model_mb, 2),
                 "site_extra_mb": round(max(extra[f"site-{i}"] for i in range(sites))),
-                "site_extra_x_model": round(max(extra[f"site-{i}"] for i in range(sites)) / model_mb, 2)}
+                "site_extra_x_model": round(max(extra[f"site-{i}"] for i in range(sites)) / model_mb, 2),
+                "server_stage_s": {k: round(v, 1) for k, v in stage_s.items()},
+                "site_clientapp_s": {k: round(v, 1) for k, v in site_s.items()}}
     finally:
         for n in nodes:
             stop(n, timeout=20)
@@ -211,6 +225,8 @@ def main() -> None:
     ap.add_argument("--superlink-db", choices=("memory", "file"), default="memory",
                     help="the SuperLink's state: Flower's in-memory store (as `m3fm-server run` starts it) or a "
                          "SQLite file (as it did before: secure rounds at 100M failed on its lock)")
+    ap.add_argument("--out", type=Path, help="the JSON written (default: benchmarks/results/secagg[_deployment].json)")
+    ap.add_argument("--modes", nargs="+", choices=("plain", "secure"), default=["plain", "secure"])
     ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # size sites secure: run in this (child) process
     args = ap.parse_args()
     if args.one:
@@ -218,7 +234,7 @@ def main() -> None:
         return
     rows, skipped = [], []
     for size in (values_of(s) for s in args.sizes):
-        for secure in (False, True):
+        for secure in [m == "secure" for m in args.modes]:
             try:
                 row = (deployment_one(size, args.sites, secure, args.chunk_values, args.limit_s, args.superlink_db)
                        if args.engine == "deployment" else inprocess_row(size, args.sites, secure, args))
@@ -244,7 +260,7 @@ def main() -> None:
     Console(width=220).print(table)
     for s in skipped:
         print("skipped:", s)
-    path = RESULTS if args.engine == "inprocess" else RESULTS.with_name("secagg_deployment.json")
+    path = args.out or (RESULTS if args.engine == "inprocess" else RESULTS.with_name("secagg_deployment.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": f"secagg {args.engine}", "chunk_values": args.chunk_values,
                                 "rows": rows, "skipped": skipped, "machine": {

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from secagg_site_app import PLAIN, random_values
 from server.delivery import arrivals
-from server.secure import SecAggConfig, secure_train_round
+from server.secure import PromptGrid, SecAggConfig, secure_train_round
 from transport.object_pulls import quick_object_pulls
 from transport.protocol import ARRAYS, CONFIG
 from transport.wire import arrays_of, drop_arrays, joined_record
@@ -43,8 +43,25 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
+def timed_stages(stages: list) -> None:
+    """Each SecAgg+ stage's wall time at the ServerApp (push, the sites' work, every hop, the pulls)."""
+    inner = PromptGrid.send_and_receive
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        t0 = time.perf_counter()
+        replies = inner(self, messages, timeout=timeout)
+        stage = next((str(m.content.config_records["secaggplus_configs"]["stage"]) for m in messages
+                      if "secaggplus_configs" in m.content.config_records), "fit")
+        stages.append({"stage": stage, "s": time.perf_counter() - t0})
+        return replies
+    PromptGrid.send_and_receive = send_and_receive
+
+
 def one_round(grid: Grid, rc) -> None:
     quick_object_pulls()
+    stages: list[dict] = []
+    timed_stages(stages)
     size, sites, secure, chunk = int(rc["values"]), int(rc["sites"]), bool(int(rc["secure"])), int(rc["chunk-values"])
     deadline = time.monotonic() + 300
     while len(grid.get_node_ids()) < sites and time.monotonic() < deadline:
@@ -73,4 +90,4 @@ def one_round(grid: Grid, rc) -> None:
         ok = got == sites
     seconds = time.perf_counter() - t0
     Path(str(rc["out"])).write_text(json.dumps({"ok": ok, "round_s": seconds, "serverapp_idle_peak_mb": idle_mb,
-                                                "serverapp_peak_mb": peak_rss_mb()}))
+                                                "serverapp_peak_mb": peak_rss_mb(), "stages": stages}))

@@ -8,6 +8,8 @@ Only Flower, NumPy and transport/ are imported: each message's ClientApp process
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import flwr.compat.common.recorddict_compat as compat
@@ -17,11 +19,26 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+from transport.masked_arrays import masked_vectors_as_arrays
 from transport.protocol import ARRAYS, CHUNK_KEY, CHUNK_VALUES_KEY, CONFIG, TRAINED_MARK_KEY
 from transport.secure_chunks import ChunkedUpdate, answer_chunk
 from transport.wire import joined_record
 
-clientapp = ClientApp(mods=[secaggplus_mod])
+
+
+def timed_mod(msg: Message, context: Context, call_next) -> Message:
+    """Seconds inside the ClientApp per SecAgg+ stage (mask work, our chunk, serialization of the reply), appended
+    to the site's work folder as JSON lines: the benchmark splits a secure round into site work and transport."""
+    configs = msg.content.config_records.get("secaggplus_configs")  # secaggplus_mod pops the stage
+    stage = str(configs["stage"]) if configs is not None and "stage" in configs else "plain"
+    t0 = time.perf_counter()
+    reply = call_next(msg, context)
+    with open(Path(str(context.node_config["work"])) / "timings.jsonl", "a") as f:
+        f.write(json.dumps({"stage": stage, "s": time.perf_counter() - t0}) + "\n")
+    return reply
+
+
+clientapp = ClientApp(mods=[timed_mod, masked_vectors_as_arrays, secaggplus_mod])
 PLAIN = "train.plain"
 
 

@@ -21,6 +21,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import channel
+from transport.masked_arrays import masked_vectors_as_arrays
 from transport.processes import process_age
 from transport.protocol import (ARRAYS, CLIENTAPP_AGE, CLIENTAPP_STARTED, CONFIG, METRICS, PACKED_ORDER_KEY,
                                 RELAY_ANSWERED, RELAY_TIME, REPORT_JSON, REPORT_RECORD, SERVICE_SOCKET, SIM_SITES, SITE,
@@ -39,8 +40,9 @@ def clip_for_central_dp(msg: Message, context: Context, call_next) -> Message:
     return fixedclipping_mod(msg, context, lambda m, c: reply)
 
 
-# secaggplus_mod runs the SecAgg+ stages of plain "train" messages (server/secure.py) and passes the others on
-app = ClientApp(mods=[clip_for_central_dp, secaggplus_mod])
+# secaggplus_mod runs the SecAgg+ stages of plain "train" messages (server/secure.py) and passes the others on;
+# its masked vectors then travel as Arrays (transport/masked_arrays.py)
+app = ClientApp(mods=[masked_vectors_as_arrays, clip_for_central_dp, secaggplus_mod])
 
 
 def site_dir_for(node_config: dict, run_config: dict) -> Path:

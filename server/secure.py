@@ -38,6 +38,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from server.delivery import arrivals
+from transport.masked_arrays import masked_vectors_as_bytes
 from transport.protocol import CHUNK_KEY, CHUNK_VALUES_KEY, PACKED_ORDER_KEY, TRAINED_MARK_KEY
 from transport.secure_chunks import chunk_plan, fold_chunk
 
@@ -104,8 +105,9 @@ class SecureRound(LegacyStrategy):
 class PromptGrid:
     """The grid SecAgg+'s workflow drives: Flower's Grid.send_and_receive sleeps 3 s between looks for replies and
     the workflow calls it once per stage, four times per instance (a chunk), so every stage took 3 s or more. This
-    one pushes the same messages and looks every POLL_S (server/delivery.py's arrivals); everything else is the
-    grid's own. (Through the deployment engine a stage now costs about 1.2 s: benchmarks/secagg.py.)"""
+    one pushes the same messages and looks every POLL_S (server/delivery.py's arrivals), and hands the workflow each
+    masked vector back as secaggplus_mod wrote it (they travel as Arrays: transport/masked_arrays.py); everything
+    else is the grid's own. (Through the deployment engine a stage now costs about 1.2 s: benchmarks/secagg.py.)"""
 
     def __init__(self, grid):
         self.grid = grid
@@ -115,7 +117,8 @@ class PromptGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         pending = {message_id: 0 for message_id in self.grid.push_messages(list(messages))}
-        return [reply for _, reply in arrivals(self.grid, pending, float("inf") if timeout is None else timeout)]
+        return [masked_vectors_as_bytes(reply)
+                for _, reply in arrivals(self.grid, pending, float("inf") if timeout is None else timeout)]
 
 
 def run_secagg(grid, secagg: SecAggConfig, node_ids: list[int], weights: list[np.ndarray], config: dict,

@@ -60,6 +60,6 @@ class InProcessGrid:
         finally:
             TaskIdentity.node_id = 0
         reply.metadata.__dict__["_src_node_id"] = node
-        if self.keep:
-            self.received.append(reply)
+        if self.keep:  # a copy: the server's side may edit the reply (server/secure.py restores masked vectors)
+            self.received.append(copy.deepcopy(reply))
         return reply

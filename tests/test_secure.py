@@ -13,7 +13,8 @@ from client.app import app as client_app
 from client.federated import open_site, secure_update
 from m3fm.weights.packing import pack_state
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, clip_inputs_inplace
-from transport.protocol import CHUNK_VALUES_KEY, CLIPPING_NORM_KEY, PACKED_ORDER_KEY, TRAINED_MARK_KEY
+from transport.protocol import (CHUNK_VALUES_KEY, CLIPPING_NORM_KEY, MASKED_ARRAYS_KEY, PACKED_ORDER_KEY,
+                                TRAINED_MARK_KEY)
 from transport.secure_chunks import MAX_CHUNK_VALUES, ChunkedUpdate, chunk_plan
 from server.config import ServerConfigError, load_server_config
 from server.rounds import phase_config, run_federation
@@ -75,10 +76,15 @@ def expected_round(packed, updates, sites_of_chunk):
 
 
 def masked_vectors(grid) -> list[np.ndarray]:
-    """Every int64 vector the server received from a site in SecAgg+'s collect stage (no weights otherwise)."""
+    """Every integer vector the server received from a site in SecAgg+'s collect stage (no weights otherwise): as
+    uint32 Arrays on the wire (transport/masked_arrays.py), or int64 bytes where the workflow reads them."""
     masked = []
     for reply in grid.received:
-        assert all(len(r) == 0 for r in reply.content.array_records.values())
+        assert all(len(r) == 0 for k, r in reply.content.array_records.items() if k != MASKED_ARRAYS_KEY)
+        if MASKED_ARRAYS_KEY in reply.content.array_records:
+            rec = reply.content.array_records[MASKED_ARRAYS_KEY]
+            masked.append(np.concatenate([a.numpy().ravel() for a in rec.values()]))
+            assert masked[-1].dtype == np.uint32
         for rec in reply.content.config_records.values():
             for value in rec.values():
                 if isinstance(value, list) and value and isinstance(value[0], bytes):
@@ -209,3 +215,34 @@ def test_secagg_config_refuses_what_it_cannot_do(tmp_path):
         secure_toml(tmp_path, strategy="fedadam")
     with pytest.raises(ServerConfigError, match='clipping = "client"'):
         secure_toml(tmp_path, name="b", extra='[privacy.central_dp]\nclipping = "server"\n')
+
+
+def test_masked_vector_survives_flowers_transport_where_equal_records_inflate_as_one_object():
+    """The deployment engine sends a reply as content-addressed objects; the emptied secaggplus ConfigRecord and
+    the empty fitres.metrics are one object after inflation, so restoring the vector into it in place broke the
+    collect stage (recorddict_to_fitres saw a list in the metrics). In-process grids never deflate, so only this
+    round trip shows it."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common import Code, FitRes, Parameters, Status, ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from transport.masked_arrays import masked_vectors_as_arrays, masked_vectors_as_bytes
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    vector = np.arange(1000, dtype=np.int64) * 4_000_000  # values up to ~2**32, as SecAgg+ leaves them
+    content = compat.fitres_to_recorddict(FitRes(Status(Code.OK, ""), Parameters([], ""), 0, {}), keep_input=True)
+    content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({Key.MASKED_PARAMETERS: [ndarray_to_bytes(vector)]})
+    instruction = Message(RecordDict(), dst_node_id=1, message_type="train")
+    reply = masked_vectors_as_arrays(instruction, None, lambda m, c: Message(content, reply_to=instruction))
+    assert reply.content.array_records[MASKED_ARRAYS_KEY]["0"].dtype == "uint32"  # 4 bytes a value on the wire
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(reply).items()}
+    arrived = inflate_object_from_contents(reply.object_id, contents)
+    restored = masked_vectors_as_bytes(arrived)
+    assert compat.recorddict_to_fitres(restored.content, keep_input=True).metrics == {}
+    (data,) = restored.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+    np.testing.assert_array_equal(bytes_to_ndarray(data), vector)
+    assert bytes_to_ndarray(data).dtype == np.int64

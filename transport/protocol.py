@@ -55,6 +55,8 @@ CHUNK_KEY = "secagg-chunk"  # which chunk of the packed update this SecAgg+ inst
 # the run's tokenizer (m3fm/model/text.py fingerprint) in every request's config: a site whose own differs refuses
 TOKENIZER_KEY = "tokenizer"
 CHUNK_VALUES_KEY = "secagg-chunk-values"  # values per chunk (the last may be shorter)
+# the ArrayRecord a site's collect-stage reply carries its masked vector in (transport/masked_arrays.py)
+MASKED_ARRAYS_KEY = "secagg-masked"
 
 
 def split_list(value) -> tuple[str, ...]:
