@@ -61,9 +61,23 @@ class SecAggConfig:
         shares = int(self.num_shares) if self.num_shares > 1 else self.num_shares
         threshold = int(self.reconstruction_threshold) if self.reconstruction_threshold > 1 \
             else self.reconstruction_threshold
-        return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold, max_weight=1.0,
+        return KeysSharedWorkflow(num_shares=shares, reconstruction_threshold=threshold, max_weight=1.0,
                                   clipping_range=self.clipping_range, quantization_range=self.quantization_range,
                                   modulus_range=self.modulus_range, timeout=self.timeout)
+
+
+class KeysSharedWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, whose unmask stage takes every sampled node that did not send a masked vector as
+    dead and asks the others for its key shares. A node lost before it shared its keys (down when the round began,
+    or lost in stage 1) left no shares with anyone, and nobody's vector carries a pairwise mask with it (a site masks
+    only against the nodes whose shares it received), so every site failed the round with a KeyError
+    (secaggplus_mod._unmask) and the server would have found no shares to combine for it. After stage 1 the round's
+    sampled set is the nodes that shared keys: exactly those whose masks the sum can hold."""
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        state.sampled_node_ids = set(state.active_node_ids)
+        return ok
 
 
 class SecureRound(LegacyStrategy):

@@ -166,6 +166,36 @@ def test_a_site_lost_part_way_leaves_its_earlier_chunks_and_the_round_completes(
         np.testing.assert_allclose(out[key], expected[key], atol=4 * 2 * 0.5 / 2**22 * len(sites) + 1e-7)
 
 
+def test_a_site_lost_before_sharing_keys_does_not_halt_the_round(ingested, tiny_model, tmp_path):
+    """A site dead when the round starts (its setup message fails) never shared its keys, so nobody holds shares
+    of it and no vector carries a mask with it. Flower's workflow still listed it as dead at unmasking and every
+    site failed asking for its shares (KeyError in secaggplus_mod._unmask): through the real processes a hospital
+    that went down between rounds cost the whole round. The round now completes over the others."""
+    _, sites, _ = ingested
+    cfg = secure_toml(tmp_path, multitask=1, extra=f"chunk_values = {CHUNK}\n")
+    nodes = {i + 1: {"site-dir": str(s.site_dir)} for i, s in enumerate(sites)}
+    asked = {n: 0 for n in nodes}
+
+    def down(msg, ctx):
+        asked[ctx.node_id] += 1
+        if ctx.node_id == 2:
+            raise ConnectionError("site 2 is down")
+        return client_app(msg, ctx)
+
+    grid = InProcessGrid(down, nodes)
+    packed = pack_state(tiny_model.state_dict())
+    config = dict(phase_config(cfg, 2))
+    out, contributors, done = secure_train_round(grid, cfg.secagg, ArrayRecord({k: Array(v) for k, v in packed.items()}),
+                                                 config, 2, list(nodes))
+    assert out is not None and len(done.failures) == 1 and "site 2 is down" in str(done.failures[0])
+    assert asked[2] == 1 and asked[1] == asked[3] == 4 * 4  # 4 stages of 4 chunks; node 2 only at chunk 0's setup
+    plain = replay(sites, cfg, packed, config)
+    expected, trained = expected_round(packed, [u for u, _ in plain], lambda c: {0, 2})
+    assert contributors == trained
+    for key in packed:
+        np.testing.assert_allclose(out[key], expected[key], atol=4 * 2 * 0.5 / 2**22 * len(sites) + 1e-7)
+
+
 def test_chunk_plan_splits_keys_across_chunks_and_a_saved_update_answers_only_its_round(tmp_path):
     plan = chunk_plan([("a", 5), ("b", 0), ("c", 7)], 4)
     assert [[(s.key, s.start, s.stop, s.at) for s in chunk] for chunk in plan] == [
