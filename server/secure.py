@@ -53,8 +53,9 @@ class SecAggConfig:
     quantization_range: int = 2**22
     modulus_range: int = 2**32
     timeout: float = 600.0
-    # values a SecAgg+ instance sums at a time (transport/secure_chunks.py): 2**25 is 256 MiB of masked int64 per
-    # site and message, well under Flower's 2 GiB object cap, and bounds every process's extra memory to that
+    # values a SecAgg+ instance sums at a time (transport/secure_chunks.py): 2**25 is 256 MiB of masked int64 as
+    # Flower's mod and workflow hold it (128 MiB of uint32 on the wire), well under Flower's 2 GiB object cap, and
+    # bounds every process's extra memory to a few such vectors
     chunk_values: int = 2**25
 
     def workflow(self) -> SecAggPlusWorkflow:
