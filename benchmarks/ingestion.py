@@ -8,7 +8,8 @@ decode, HU, lung/heart localization, every crop of the model configuration), the
 incremental no-op); --cohort DIR reuses a cohort written before with the same preset and exams (its site-01 is
 copied, never changed). Then, in this process, each series stage by stage (the same functions ingestion calls), and
 the decode-only floor (pydicom reading every file with its pixels, nothing else). Peak RSS per worker: the
-largest of the workers (2+ workers); with 1 worker ingestion runs in this process. A measurement, never
+largest of the workers (2+ workers), each row measured in a forked child whose only children are its workers;
+with 1 worker ingestion runs in that child. A measurement, never
 pass/fail: the machine is shared and timings are noisy.
 
 Besides the whole run's rate: the rate after start-up (once each worker has finished its first series; counted in
@@ -42,8 +43,6 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from client.ingest import ingest_site
-    from client.site import load_site
     from m3fm.data.crops import TORCH_CAST_MIN_SERIES
     from sim.cohort.generate import generate_cohort
     from sim.cohort.presets import build_sites
@@ -70,33 +69,7 @@ def main() -> None:
         files = [p for p in (site_dir / "dicom").rglob("*") if p.is_file()]
         megabytes = sum(p.stat().st_size for p in files) / 2**20
         for workers in args.workers:
-            d = tomllib.loads((site_dir / "site.toml").read_text())
-            d["storage"]["work_dir"] = f"../work-{workers}"
-            d["ingest"]["model_config"] = args.config
-            (site_dir / "site.toml").write_text(tomli_w.dumps(d))
-            site = load_site(site_dir)
-            done = []  # when each series finished, from the start
-            t0 = time.perf_counter()
-            s = ingest_site(site, workers=workers,
-                            progress=lambda stage, i, n: done.append(time.perf_counter() - t0) if stage == "series" else None)
-            cold = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            again = ingest_site(site, workers=workers)
-            warm = time.perf_counter() - t0
-            assert again["files_read"] == 0 and again["series_processed"] == 0
-            series = s["series_accepted"] + s["series_rejected"]
-            rows.append({"preset": args.preset, "config": args.config, "workers": workers, "series": series,
-                         "slices": len(files), "megabytes": round(megabytes, 1), "seconds": round(cold, 2),
-                         "series_per_second": round(series / cold, 3), "slices_per_second": round(len(files) / cold, 1),
-                         "megabytes_per_second": round(megabytes / cold, 1), "unchanged_rerun_seconds": round(warm, 2)})
-            if len(done) > workers:  # once every worker has finished its first series: the rate a large site sees
-                # series run longest first, so count what came after start-up in slices, at the mean series' size
-                sizes = series_sizes(site)
-                rate = sum(sizes[workers:]) / (done[-1] - done[workers - 1]) / (sum(sizes) / len(sizes))
-                rows[-1]["series_per_second_after_startup"] = round(rate, 3)
-                rows[-1]["startup_seconds"] = round(done[workers - 1], 2)
-            if workers > 1:
-                rows[-1]["peak_rss_mb_per_worker"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+            rows.append(in_fresh_child(measure, site_dir, workers, args.preset, args.config, len(files), megabytes))
         stages = stage_breakdown(site_dir, args.config)
     finally:
         shutil.rmtree(tmp)
@@ -130,6 +103,66 @@ def main() -> None:
         "python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
         "peak_rss_mb_main_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}}, indent=1))
     print(f"wrote {args.out}")
+
+
+def measure(site_dir: Path, workers: int, preset: str, config: str, slices: int, megabytes: float) -> dict:
+    """One row: the site ingested from scratch with this many workers, then once more unchanged."""
+    from client.ingest import ingest_site
+    from client.site import load_site
+
+    d = tomllib.loads((site_dir / "site.toml").read_text())
+    d["storage"]["work_dir"] = f"../work-{workers}"
+    d["ingest"]["model_config"] = config
+    (site_dir / "site.toml").write_text(tomli_w.dumps(d))
+    site = load_site(site_dir)
+    done = []  # when each series finished, from the start
+    t0 = time.perf_counter()
+    s = ingest_site(site, workers=workers,
+                    progress=lambda stage, i, n: done.append(time.perf_counter() - t0) if stage == "series" else None)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    again = ingest_site(site, workers=workers)
+    warm = time.perf_counter() - t0
+    assert again["files_read"] == 0 and again["series_processed"] == 0
+    series = s["series_accepted"] + s["series_rejected"]
+    row = {"preset": preset, "config": config, "workers": workers, "series": series, "slices": slices,
+           "megabytes": round(megabytes, 1), "seconds": round(cold, 2), "series_per_second": round(series / cold, 3),
+           "slices_per_second": round(slices / cold, 1), "megabytes_per_second": round(megabytes / cold, 1),
+           "unchanged_rerun_seconds": round(warm, 2)}
+    if len(done) > workers:  # once every worker has finished its first series: the rate a large site sees
+        # series run longest first, so count what came after start-up in slices, at the mean series' size
+        sizes = series_sizes(site)
+        rate = sum(sizes[workers:]) / (done[-1] - done[workers - 1]) / (sum(sizes) / len(sizes))
+        row["series_per_second_after_startup"] = round(rate, 3)
+        row["startup_seconds"] = round(done[workers - 1], 2)
+    if workers > 1:  # this process's children are the ingestion workers only (see in_fresh_child)
+        row["peak_rss_mb_per_worker"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    return row
+
+
+def in_fresh_child(fn, *args):
+    """fn(*args) in a forked child -> its JSON-able result. The child's RUSAGE_CHILDREN counts only the processes
+    it starts: in this process it also counted the cohort generator's workers, whose 2.2 GB a worker was reported
+    as the ingestion workers' peak (2026-12-04). A forked process starts with its own high-water mark."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 0
+        try:
+            out = {"result": fn(*args)}
+        except BaseException as e:  # noqa: BLE001 - reported by the parent
+            out, code = {"error": f"{type(e).__name__}: {e}"}, 1
+        with os.fdopen(w, "w") as f:
+            f.write(json.dumps(out))
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = json.loads(f.read() or '{"error": "the child died without a result"}')
+    os.waitpid(pid, 0)
+    if "error" in out:
+        raise RuntimeError(f"measuring in a child process: {out['error']}")
+    return out["result"]
 
 
 def series_sizes(site) -> list[int]:
