@@ -33,7 +33,9 @@ def timed_mod(msg: Message, context: Context, call_next) -> Message:
     stage = str(configs["stage"]) if configs is not None and "stage" in configs else "plain"
     t0 = time.perf_counter()
     reply = call_next(msg, context)
-    with open(Path(str(context.node_config["work"])) / "timings.jsonl", "a") as f:
+    work = Path(str(context.node_config["work"]))
+    work.mkdir(parents=True, exist_ok=True)  # in-process (benchmarks/secagg.py) nothing has made it before setup
+    with open(work / "timings.jsonl", "a") as f:
         f.write(json.dumps({"stage": stage, "s": time.perf_counter() - t0}) + "\n")
     return reply
 
