@@ -101,6 +101,14 @@ def one(size: int, sites: int, secure: bool, chunk_values: int) -> dict:
             "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
+def seconds_per_stage(timings) -> dict[str, float]:
+    """{"stage", "s"} records -> seconds summed per stage."""
+    out: dict[str, float] = {}
+    for t in timings:
+        out[t["stage"]] = out.get(t["stage"], 0.0) + t["s"]
+    return out
+
+
 def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit_s: float,
                    superlink_db: str = "memory") -> dict:
     """One round through the real processes: a SuperLink, `sites` SuperNodes (transport/supernode.py, warm
@@ -163,17 +171,13 @@ def deployment_one(size: int, sites: int, secure: bool, chunk_values: int, limit
         if not out.get("ok"):
             raise RuntimeError(f"run {status}: {out.get('error', '')[-1500:] or 'no result'}")
         # where the round went: each stage's wall time at the ServerApp, and the busiest site's time in its ClientApps
-        stage_s: dict[str, float] = {}
-        for st in out.get("stages", []):
-            stage_s[st["stage"]] = stage_s.get(st["stage"], 0.0) + st["s"]
+        stage_s = seconds_per_stage(out.get("stages", []))
         site_s: dict[str, float] = {}
         for i in range(sites):
-            mine: dict[str, float] = {}
             timings = work / f"site-{i}" / "timings.jsonl"
-            for line in (timings.read_text().splitlines() if timings.exists() else []):
-                t = json.loads(line)
-                mine[t["stage"]] = mine.get(t["stage"], 0.0) + t["s"]
-            site_s = {k: max(v, site_s.get(k, 0.0)) for k, v in mine.items()}
+            lines = timings.read_text().splitlines() if timings.exists() else []
+            for k, v in seconds_per_stage(json.loads(line) for line in lines).items():
+                site_s[k] = max(v, site_s.get(k, 0.0))
         extra = {k: (peak[k] - idle[k]) / 2**20 for k in peak}
         extra["coordinator"] -= out["serverapp_idle_peak_mb"]
         model_mb = 4 * size / 2**20

@@ -8,7 +8,6 @@ tested against. Loops go chunk by chunk so temporaries stay in cache and never r
 
 from __future__ import annotations
 
-import io
 import math
 import mmap
 from collections import defaultdict
@@ -19,7 +18,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
 from m3fm.weights.packing import group_of_packed, split_joined
-from transport.wire import npy_array
+from transport.wire import npy_array, npy_view
 
 CHUNK = 1 << 16  # values per step of the loops over a group: temporaries stay in cache, never a group's size
 
@@ -29,20 +28,8 @@ def array_view(a: Array) -> np.ndarray:
     trunk (about 80% of the model) would hold most of a reply twice."""
     if a.stype != SType.NUMPY:
         raise TypeError(f"unsupported serialization {a.stype!r}")
-    data = memoryview(a.data)
-    major = data[6] if len(data) > 9 else 0
-    start = {1: 10, 2: 12}.get(major)
-    if start is None:  # not a version 1 or 2 .npy
-        return a.numpy()
-    header_len = int.from_bytes(data[8:start], "little")
-    head = io.BytesIO(data[:start + header_len].tobytes())
-    version = np.lib.format.read_magic(head)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read(head)
-    if fortran_order or dtype.hasobject:
-        return a.numpy()
-    count = math.prod(shape)
-    return np.frombuffer(a.data, dtype=dtype, count=count, offset=start + header_len).reshape(shape)
+    view = npy_view(a.data)
+    return a.numpy() if view is None else view
 
 
 def record_values(record: ArrayRecord, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -136,6 +136,22 @@ def test_secagg_round_in_chunks_equals_the_plain_task_aware_mean_and_the_server_
     assert np.linalg.norm(clipped.flat) == pytest.approx(1e-3, rel=1e-4)
 
 
+def round_equals_the_plain_mean_of_those_left(grid, sites, cfg, tiny_model, sites_of_chunk):
+    """A secure round 2 over every node of grid; asserts it completed and equals, chunk by chunk, the plain
+    task-aware mean over sites_of_chunk(c) (indices into sites) within the quantization step -> its strategy."""
+    packed = pack_state(tiny_model.state_dict())
+    config = dict(phase_config(cfg, 2))
+    out, contributors, done = secure_train_round(grid, cfg.secagg, ArrayRecord({k: Array(v) for k, v in packed.items()}),
+                                                 config, 2, grid.get_node_ids())
+    assert out is not None
+    plain = replay(sites, cfg, packed, config)
+    expected, trained = expected_round(packed, [u for u, _ in plain], sites_of_chunk)
+    assert contributors == trained
+    for key in packed:
+        np.testing.assert_allclose(out[key], expected[key], atol=4 * 2 * 0.5 / 2**22 * len(sites) + 1e-7)
+    return done
+
+
 def test_a_site_lost_part_way_leaves_its_earlier_chunks_and_the_round_completes(ingested, tiny_model, tmp_path):
     """SecAgg+'s dropout handling, chunk by chunk: node 2 vanishes when chunk 2's masked vectors are collected
     (after the keys were shared, so the others' shares must remove its masks). Chunks 0-1 are the mean over 3 sites, chunks 2-3 over the 2 others,
@@ -152,18 +168,10 @@ def test_a_site_lost_part_way_leaves_its_earlier_chunks_and_the_round_completes(
                 raise ConnectionError("site 2 went away")
         return client_app(msg, ctx)
 
-    grid = InProcessGrid(flaky, nodes)
-    packed = pack_state(tiny_model.state_dict())
-    config = dict(phase_config(cfg, 2))
-    out, contributors, done = secure_train_round(grid, cfg.secagg, ArrayRecord({k: Array(v) for k, v in packed.items()}),
-                                                 config, 2, list(nodes))
-    assert out is not None and len(done.failures) == 1 and "site 2 went away" in str(done.failures[0])
+    done = round_equals_the_plain_mean_of_those_left(InProcessGrid(flaky, nodes), sites, cfg, tiny_model,
+                                                     lambda c: {0, 1, 2} if c < 2 else {0, 2})
+    assert len(done.failures) == 1 and "site 2 went away" in str(done.failures[0])
     assert collects == {1: 4, 2: 3, 3: 4}  # node 2 was not asked again after chunk 2
-    plain = replay(sites, cfg, packed, config)
-    expected, trained = expected_round(packed, [u for u, _ in plain], lambda c: {0, 1, 2} if c < 2 else {0, 2})
-    assert contributors == trained
-    for key in packed:
-        np.testing.assert_allclose(out[key], expected[key], atol=4 * 2 * 0.5 / 2**22 * len(sites) + 1e-7)
 
 
 def test_a_site_lost_before_sharing_keys_does_not_halt_the_round(ingested, tiny_model, tmp_path):
@@ -182,18 +190,10 @@ def test_a_site_lost_before_sharing_keys_does_not_halt_the_round(ingested, tiny_
             raise ConnectionError("site 2 is down")
         return client_app(msg, ctx)
 
-    grid = InProcessGrid(down, nodes)
-    packed = pack_state(tiny_model.state_dict())
-    config = dict(phase_config(cfg, 2))
-    out, contributors, done = secure_train_round(grid, cfg.secagg, ArrayRecord({k: Array(v) for k, v in packed.items()}),
-                                                 config, 2, list(nodes))
-    assert out is not None and len(done.failures) == 1 and "site 2 is down" in str(done.failures[0])
+    done = round_equals_the_plain_mean_of_those_left(InProcessGrid(down, nodes), sites, cfg, tiny_model,
+                                                     lambda c: {0, 2})
+    assert len(done.failures) == 1 and "site 2 is down" in str(done.failures[0])
     assert asked[2] == 1 and asked[1] == asked[3] == 4 * 4  # 4 stages of 4 chunks; node 2 only at chunk 0's setup
-    plain = replay(sites, cfg, packed, config)
-    expected, trained = expected_round(packed, [u for u, _ in plain], lambda c: {0, 2})
-    assert contributors == trained
-    for key in packed:
-        np.testing.assert_allclose(out[key], expected[key], atol=4 * 2 * 0.5 / 2**22 * len(sites) + 1e-7)
 
 
 def test_chunk_plan_splits_keys_across_chunks_and_a_saved_update_answers_only_its_round(tmp_path):

@@ -15,26 +15,20 @@ and the coordinator's grid (server/secure.py, PromptGrid) puts it back where the
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from transport.protocol import MASKED_ARRAYS_KEY
-from transport.wire import npy_array
+from transport.wire import npy_array, npy_view
 
 
-def _npy_view(data: bytes) -> np.ndarray:
-    """The array inside .npy bytes (as ndarray_to_bytes and Array write them), without a copy."""
-    f = io.BytesIO(memoryview(data)[:4096])  # magic, version and a header dict of a few dozen bytes
-    version = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(f)
-    if fortran or dtype.hasobject:
-        raise ValueError("a masked vector must be a C-ordered array of integers")
-    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=f.tell()).reshape(shape)
+def _vector(data: bytes) -> np.ndarray:
+    view = npy_view(data)
+    if view is None:
+        raise ValueError("a masked vector must be .npy bytes of a C-ordered array of integers")
+    return view
 
 
 def masked_vectors_as_arrays(msg: Message, context: Context, call_next) -> Message:
@@ -47,7 +41,7 @@ def masked_vectors_as_arrays(msg: Message, context: Context, call_next) -> Messa
         return reply
     arrays = {}
     for i, data in enumerate(configs.pop(Key.MASKED_PARAMETERS)):
-        x = _npy_view(data)
+        x = _vector(data)
         fits = x.size == 0 or (x.min() >= 0 and x.max() < 2**32)
         arrays[str(i)] = npy_array(x.astype(np.uint32) if fits else x)
         del x, data
@@ -63,7 +57,7 @@ def masked_vectors_as_bytes(reply: Message) -> Message:
     vectors = []
     for i in range(len(record)):
         array = record.pop(str(i))
-        vectors.append(ndarray_to_bytes(_npy_view(array.data).astype(np.int64)))
+        vectors.append(ndarray_to_bytes(_vector(array.data).astype(np.int64)))
         del array
     # A fresh record, not the one that came: Flower's transport inflates objects of equal content once
     # (supercore/inflatable/inflatable_utils.py keeps them by content hash), so the emptied ConfigRecord

@@ -21,6 +21,24 @@ from flwr.common.constant import SType
 from transport.protocol import ARRAYS
 
 
+def npy_view(data: bytes) -> np.ndarray | None:
+    """The array inside .npy bytes (as Array and ndarray_to_bytes write them) as a read-only view, without the copy
+    np.load or Array.numpy() makes; None unless a version 1 or 2 header of a C-ordered plain dtype."""
+    view = memoryview(data)
+    major = view[6] if len(view) > 9 else 0
+    start = {1: 10, 2: 12}.get(major)
+    if start is None:
+        return None
+    header_len = int.from_bytes(view[8:start], "little")
+    head = io.BytesIO(view[:start + header_len].tobytes())
+    version = np.lib.format.read_magic(head)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(head)
+    if fortran_order or dtype.hasobject:
+        return None
+    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=start + header_len).reshape(shape)
+
+
 def npy_array(x: np.ndarray) -> Array:
     """An Array holding x's .npy bytes, made with one copy (Array(x) writes through a BytesIO and copies again)."""
     x = np.ascontiguousarray(x)
