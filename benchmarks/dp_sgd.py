@@ -6,11 +6,13 @@ same round without DP, per model configuration and phase, at equal patients per 
 
 Both rounds run the code sites run (m3fm/local.py with one task or scale per step, privacy/dp_local.py) from the
 same initial weights on a tiny synthetic site ingested for each configuration's crops. A plain step trains `batch`
-items of one key; a private step Poisson-samples `batch` patients on average and trains one item of each. Every
+items of one key; a private step trains one item of each of `batch` patients drawn at random (the same number of
+items, so the ratio is the cost of privacy alone), or with --poisson one item of each Poisson-sampled patient, as a
+site does (`batch` patients on average: fewer or more items than the plain step, so the ratio moves with the draw). Every
 (configuration, phase, mode) runs in a fresh process, so its peak memory (VmHWM on CPU, max allocated on a GPU) is
 its own; step time is (a round of 2 + steps steps - a round of 2 steps) / steps, after a warm-up round, so round
-setup is left out. A private step's batch is Poisson (its mean is `batch`), so over a few steps it trains more or fewer
-items than the plain round: "dp / plain per item" divides each round's time by the items it trained. --base adds M3FM-Base at batch 2. A measurement, never pass/fail.
+setup is left out. With --poisson a private round trains more or fewer items than the plain round: "dp / plain per
+item" divides each round's time by the items it trained. --base adds M3FM-Base at batch 2. A measurement, never pass/fail.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def site_for(config: str, work: Path) -> Path:
 
 
 def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch: int, device: str,
-            clipping: str) -> dict:
+            clipping: str, fixed_batch: bool = True) -> dict:
     """In a fresh process: seconds per step and peak memory of `mode` (plain or dp) rounds."""
     import torch
 
@@ -65,11 +67,13 @@ def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch
     from privacy.dp_sgd import PatientSampler
 
     torch.set_num_threads(1)
-    items = [0]  # items trained: a private step takes one item of each Poisson-sampled patient, so its batch varies
+    items = [0]  # items trained a round
     sample = PatientSampler.sample
 
     def counted(self, key):
         got = sample(self, key)
+        if fixed_batch:  # the timing's sample: `batch` patients (the plain step's items), one item of each
+            got = [self.choice.choice(u) for u in self.choice.sample(self.units[key], min(batch, len(self.units[key])))]
         items[0] += len(got)
         return got
 
@@ -117,6 +121,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--clipping", nargs="+", default=["hooks", "fast"], help="Opacus per-sample clipping modes")
+    ap.add_argument("--poisson", action="store_true", help="private steps sample patients as a site does (Poisson), "
+                    "not exactly `batch` of them")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "m3fm-bench")
     args = ap.parse_args()
@@ -130,15 +136,17 @@ def main() -> None:
                 plain = pool.apply(measure, (site, config, phase, "plain", steps, batch, args.device, "hooks"))
             for clipping in args.clipping:
                 with ctx.Pool(1, maxtasksperchild=1) as pool:
-                    dp = pool.apply(measure, (site, config, phase, "dp", steps, batch, args.device, clipping))
+                    dp = pool.apply(measure, (site, config, phase, "dp", steps, batch, args.device, clipping,
+                                              not args.poisson))
                 rows.append({"config": config, "phase": phase, "batch": batch, "steps": steps, "clipping": clipping,
                              "plain step s": plain["step_s"], "dp step s": dp["step_s"],
                              "dp / plain": dp["step_s"] / plain["step_s"], "dp items a step": dp["items_per_step"],
                              "dp / plain per item": dp["item_s"] / plain["item_s"], "plain peak MiB": plain["peak_mib"],
                              "dp peak MiB": dp["peak_mib"], "dp / plain memory": dp["peak_mib"] / plain["peak_mib"]})
                 print(rows[-1], flush=True)
-    common.report("dp_sgd", f"patient-level DP-SGD step over plain step ({args.device}, equal patients per step)",
-                  rows, {"device": args.device})
+    common.report("dp_sgd", f"patient-level DP-SGD step over plain step ({args.device}, "
+                  f"{'Poisson-sampled' if args.poisson else 'equal'} patients per step)",
+                  rows, {"device": args.device, "sampling": "poisson" if args.poisson else "fixed"})
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from m3fm.distributed import Ranks, sum_across
 from privacy.budget import DPSGDConfig, PrivacyConfigError, SiteBudget
+from privacy.input_grad_linear import input_grad_only, restore
 
 
 @functools.lru_cache(maxsize=4096)
@@ -256,6 +257,8 @@ class Clipping:
         else:
             self.module = GradSampleModule(model)
             self.optimizer = PatientDPOptimizer(optimizer, **common)
+        # the batch weight gradients hooks mode overwrites are not computed (privacy/input_grad_linear.py)
+        self.linears = [] if self.two_pass else input_grad_only(model)
         self.optimizer.ranks = ranks
 
     def backward(self, losses: torch.Tensor) -> None:
@@ -284,6 +287,7 @@ class Clipping:
         # the site's service keeps this model for the next round: Opacus's own cleanup removes its hooks and the
         # per-sample attributes it added to the parameters
         self.module._close()
+        restore(self.linears)
 
 
 def private_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, planned: PrivateRound,
