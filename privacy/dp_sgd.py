@@ -52,6 +52,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from m3fm.distributed import Ranks, sum_across
+from privacy import grad_samplers  # noqa: F401  (registers the model's own modules' per-sample gradients)
 from privacy.budget import DPSGDConfig, PrivacyConfigError, SiteBudget
 from privacy.input_grad_linear import input_grad_only, restore
 
@@ -221,14 +222,65 @@ class RankSum:
 
 
 class PatientDPOptimizer(RankSum, DPOptimizer):
-    """Opacus's DPOptimizer, whose scale_grad reads `accumulated_iterations` (itself a loop over every parameter)
-    once per parameter: quadratic in the number of parameter tensors, 38 ms a step for tiny's. Read once here."""
+    """Opacus's DPOptimizer with a step's per-parameter loops done once, over one flat buffer.
 
-    def scale_grad(self):
-        if self.loss_reduction == "mean":
-            n = self.expected_batch_size * self.accumulated_iterations
-            for p in self.params:
-                p.grad /= n
+    Opacus clips, sums, noises and scales one parameter tensor at a time: a dozen small operations per tensor,
+    a few hundred a step, most of a tiny model's DP overhead. Here Opacus's hooks write every per-sample gradient
+    of a micro-batch into one (B, P) buffer (`bind`, before the backward pass: Opacus adds into a parameter's
+    `_current_grad_sample` where one exists), so the per-item norms are one norm over rows, the clipped sum one
+    vector-matrix product, the noise one draw of P values, the scaling one division, and each p.grad a view of the
+    result. The mechanism is Opacus's: every item's gradient clipped to C over all the step's parameters, summed,
+    N(0, sigma^2 C^2) added to every coordinate once per step, divided by the expected batch. A parameter the
+    micro-batch did not reach keeps zero rows (a zero gradient for every item, clipped and noised alike)."""
+
+    rows: torch.Tensor | None = None  # (B, P) per-item gradients of the micro-batch
+    summed: torch.Tensor | None = None  # (P,) clipped sum over the step's micro-batches so far
+
+    def bind(self, items: int) -> None:
+        """Zeroed per-item rows for every parameter of the step, for the coming backward pass to fill."""
+        params = self.params
+        self.sizes = [p.numel() for p in params]
+        self.rows = params[0].new_zeros(items, sum(self.sizes))
+        for p, view in zip(params, torch.split(self.rows, self.sizes, dim=1)):
+            p._current_grad_sample = view.view(items, *p.shape)
+            p.grad_sample = None
+
+    def pre_step(self, closure=None) -> bool:
+        if not self.params:
+            return True
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        self._is_last_step_skipped = False
+        return True
+
+    def clip_and_accumulate(self) -> None:
+        factor = (self.max_grad_norm / (self.rows.norm(2, dim=1) + 1e-6)).clamp(max=1.0)  # (B,)
+        clipped = factor @ self.rows  # (P,)
+        self.summed = clipped if self.summed is None else self.summed + clipped
+        self.rows = None
+
+    def add_noise(self) -> None:
+        # with several ranks the noise is drawn once, on rank 0 (RankSum)
+        if self.ranks is None or self.ranks.rank == 0:
+            self.summed += torch.normal(0.0, self.noise_multiplier * self.max_grad_norm, size=self.summed.shape,
+                                        generator=self.generator, device=self.summed.device)
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":  # one micro-batch's backward per bind, so never more than one iteration
+            self.summed /= self.expected_batch_size
+        for p, g in zip(self.params, torch.split(self.summed, self.sizes)):
+            p.grad = g.view_as(p)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        for p in self.params:
+            p.grad_sample = None
+        if not self._is_last_step_skipped:
+            self.summed = None
+        self.original_optimizer.zero_grad(set_to_none)
 
 
 class FastPatientDPOptimizer(RankSum, DPOptimizerFastGradientClipping):
@@ -272,13 +324,13 @@ class Clipping:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             return
+        self.optimizer.bind(len(losses))
         losses.mean().backward()
-        fill_missing_grad_samples(self.optimizer, len(losses))
 
     def nothing_sampled(self) -> None:
         """An empty Poisson sample: a zero sum, so the step is the noise alone."""
         if not self.two_pass:
-            fill_missing_grad_samples(self.optimizer, 0)
+            self.optimizer.bind(0)
             return
         for p in self.optimizer.params:
             p.grad = torch.zeros_like(p)
@@ -309,11 +361,3 @@ def private_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
         return done
 
     return clipping, finish
-
-
-def fill_missing_grad_samples(dp_optimizer, rows: int) -> None:
-    """Parameters this micro-batch did not reach get zero per-sample gradients, so Opacus can clip and noise every
-    parameter of the step alike."""
-    for p in dp_optimizer.params:
-        if getattr(p, "grad_sample", None) is None:
-            p.grad_sample = torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device)

@@ -6,6 +6,7 @@ from opacus.validators import ModuleValidator
 from m3fm.data.collate import collate_qa
 from m3fm.model.configs import CONFIGS, SIZES, get_config
 from m3fm.model.m3fm import M3FM, count_parameters
+import privacy.grad_samplers  # noqa: F401  (registers the closed-form per-sample gradients, as privacy/dp_sgd.py does)
 from sim.toy_batches import toy_qa_samples
 
 # millions, from the issue (public-code counting: CTViT + tokenizers + RoBERTa-base + task encoder + heads)
@@ -42,6 +43,9 @@ def test_opacus_per_sample_gradients_match_batch_gradient(tiny_cfg, tokenizer):
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     gsm = GradSampleModule(model, loss_reduction="sum")
+    # the position tables, CLS tokens, registers and task embeddings take privacy/grad_samplers.py's closed forms,
+    # not Opacus's torch.func fallback, and those are checked below with the rest
+    assert not any(hasattr(m, "ft_compute_sample_grad") for m in model.modules())
     out, _ = gsm(batch)
     torch.nn.functional.cross_entropy(out, batch.target, reduction="sum").backward()
     checked = 0
@@ -92,7 +96,11 @@ def test_the_private_step_equals_a_per_patient_reference_loop(tiny_cfg, tokenize
     assert min(norms) < C < max(norms)
     total = {n: sum(g[n] * min(1.0, C / (norm + 1e-6)) for g, norm in zip(per_patient, norms)) for n in names}
     torch.manual_seed(11)
-    noise = {n: torch.normal(0.0, sigma * C, size=start[n].shape) for n in names}
+    if clipping == "hooks":  # one draw over the step's parameters, flattened in the optimizer's order
+        flat = torch.normal(0.0, sigma * C, size=(sum(start[n].numel() for n in names),))
+        noise = dict(zip(names, (v.view_as(start[n]) for n, v in zip(names, flat.split([start[n].numel() for n in names])))))
+    else:  # Opacus's own optimizer: a draw per parameter
+        noise = {n: torch.normal(0.0, sigma * C, size=start[n].shape) for n in names}
     reference = {n: start[n] - (total[n] + noise[n]) / expected for n in names}  # SGD with lr 1
 
     model.zero_grad(set_to_none=True)
