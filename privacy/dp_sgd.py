@@ -248,7 +248,8 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
         """Zeroed per-item rows for every parameter of the step, for the coming backward pass to fill."""
         params = self.params
         self.sizes = [p.numel() for p in params]
-        self.rows = self._buffer("_rows", items * sum(self.sizes)).view(items, -1).zero_()
+        total = sum(self.sizes)
+        self.rows = self._buffer("_rows", items * total).view(items, total).zero_()
         for p, view in zip(params, torch.split(self.rows, self.sizes, dim=1)):
             p._current_grad_sample = view.view(items, *p.shape)
             p.grad_sample = None
