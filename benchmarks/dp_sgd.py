@@ -1,18 +1,19 @@
 """DP-SGD cost at a site: seconds per optimizer step and peak memory of a patient-level private local round over the
 same round without DP, per model configuration and phase, at equal patients per step.
 
-  python benchmarks/dp_sgd.py [--configs tiny small] [--base] [--steps 8] [--batch 4] [--clipping hooks fast]
-                              [--work /tmp/m3fm-bench] [--device cpu]
+  python benchmarks/dp_sgd.py [--configs tiny small] [--base] [--steps 8] [--batch 4] [--clipping hooks fast] [--repeats 3]
+                              [--poisson] [--work /tmp/m3fm-bench] [--device cpu]
 
 Both rounds run the code sites run (m3fm/local.py with one task or scale per step, privacy/dp_local.py) from the
 same initial weights on a tiny synthetic site ingested for each configuration's crops. A plain step trains `batch`
 items of one key; a private step trains one item of each of `batch` patients drawn at random (the same number of
 items, so the ratio is the cost of privacy alone), or with --poisson one item of each Poisson-sampled patient, as a
-site does (`batch` patients on average: fewer or more items than the plain step, so the ratio moves with the draw). Every
-(configuration, phase, mode) runs in a fresh process, so its peak memory (VmHWM on CPU, max allocated on a GPU) is
-its own; step time is (a round of 2 + steps steps - a round of 2 steps) / steps, after a warm-up round, so round
-setup is left out, each round the fastest of --repeats timings (the machine is shared). With --poisson a private round trains more or fewer items than the plain round: "dp / plain per
-item" divides each round's time by the items it trained. --base adds M3FM-Base at batch 2. A measurement, never pass/fail.
+site does (`batch` patients on average: fewer or more items than the plain step, so the ratio moves with the draw).
+Every (configuration, phase, mode) runs in a fresh process, so its peak memory (VmHWM on CPU, max allocated on a
+GPU) is its own; step time is (a round of 2 + steps steps - a round of 2 steps) / steps, after a warm-up round, so
+round setup is left out, each round the fastest of --repeats timings (the machine is shared). "dp / plain per item"
+divides each round's time by the items it trained. --base adds M3FM-Base at batch 2 (`--configs --base` alone
+writes results/dp_sgd-base.json). A measurement, never pass/fail.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--configs", nargs="*", default=["tiny", "small"], help="none with --base: the base rows alone")
     ap.add_argument("--base", action="store_true", help="also M3FM-Base at batch 2")
     ap.add_argument("--base-steps", type=int, default=3, help="timed steps of the base rows")
     ap.add_argument("--base-phases", nargs="+", default=["pretrain", "multitask"],
@@ -147,7 +148,7 @@ def main() -> None:
                              "dp / plain per item": dp["item_s"] / plain["item_s"], "plain peak MiB": plain["peak_mib"],
                              "dp peak MiB": dp["peak_mib"], "dp / plain memory": dp["peak_mib"] / plain["peak_mib"]})
                 print(rows[-1], flush=True)
-    common.report("dp_sgd", f"patient-level DP-SGD step over plain step ({args.device}, "
+    common.report("dp_sgd" if args.configs else "dp_sgd-base", f"patient-level DP-SGD step over plain step ({args.device}, "
                   f"{'Poisson-sampled' if args.poisson else 'equal'} patients per step)",
                   rows, {"device": args.device, "sampling": "poisson" if args.poisson else "fixed"})
 

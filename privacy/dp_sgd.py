@@ -277,7 +277,7 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
     def add_noise(self) -> None:
         # with several ranks the noise is drawn once, on rank 0 (RankSum)
         if self.ranks is None or self.ranks.rank == 0:
-            noise = self._buffer("_noise", self.summed.numel())
+            noise = self._buffer("_rows", self.summed.numel())  # the per-item rows are spent: their memory holds it
             self.summed += noise.normal_(0.0, self.noise_multiplier * self.max_grad_norm, generator=self.generator)
 
     def scale_grad(self) -> None:
