@@ -263,6 +263,8 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
             return False
         self.add_noise()
         self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
         self._is_last_step_skipped = False
         return True
 

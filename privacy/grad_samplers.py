@@ -1,7 +1,7 @@
 """Per-sample gradients, in closed form, for the model's three modules that hold bare parameters.
 
 Opacus has no grad sampler for a module it does not know, so it falls back to torch.func: a vmap of the module's
-forward and backward per call, 3 of a tiny DP step's 39 ms for the 29 such modules (position tables, CLS tokens
+forward and backward per call, about 3 of a tiny DP step's 39 ms for the 29 such modules (position tables, CLS tokens
 and registers, task embeddings). Each adds or prepends its parameter, so its per-sample gradient is the output
 gradient summed over the positions the parameter was broadcast to. Registered when privacy/dp_sgd.py is imported;
 tests/test_sizes_and_dp.py holds every per-sample gradient's sum to the batch gradient.

@@ -7,7 +7,7 @@ product as large as the layer's forward one, only to have it overwritten: a thir
 a DP step spent on nothing. While a private round trains, each Linear layer of the model runs through
 `InputGradLinear`, whose backward returns the input's gradient and no weight or bias gradient. Opacus's hooks see
 the same input and output gradient as before, so the per-sample gradients, and hence the clipped sum, the noise
-and the step, are the same (tests/test_privacy.py holds the update to a per-patient reference loop).
+and the step, are the same (tests/test_sizes_and_dp.py holds the update to a per-patient reference loop).
 
 Only for the hooks mode: fast gradient clipping's second backward pass needs the plain batch gradients.
 """
