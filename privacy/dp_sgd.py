@@ -271,7 +271,8 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
     def clip_and_accumulate(self) -> None:
         factor = (self.max_grad_norm / (self.rows.norm(2, dim=1) + 1e-6)).clamp(max=1.0)  # (B,)
         if self.summed is None:
-            self.summed = torch.matmul(factor, self.rows, out=self._buffer("_summed", self.rows.shape[1]))  # (P,)
+            self.summed = self._buffer("_summed", self.rows.shape[1])  # (P,)
+            torch.matmul(factor[None], self.rows, out=self.summed.view(1, -1))  # (1, B) @ (B, P), into the buffer
         else:
             self.summed.addmv_(self.rows.t(), factor)
         self.rows = None
