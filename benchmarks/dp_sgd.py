@@ -1,8 +1,8 @@
 """DP-SGD cost at a site: seconds per optimizer step and peak memory of a patient-level private local round over the
 same round without DP, per model configuration and phase, at equal patients per step.
 
-  python benchmarks/dp_sgd.py [--configs tiny small] [--base] [--steps 8] [--batch 4] [--clipping hooks fast] [--repeats 3]
-                              [--poisson] [--work /tmp/m3fm-bench] [--device cpu]
+  python benchmarks/dp_sgd.py [--configs tiny small] [--base] [--steps 8] [--batch 4] [--clipping hooks fast]
+                              [--repeats 3] [--poisson] [--work /tmp/m3fm-bench] [--device cpu]
 
 Both rounds run the code sites run (m3fm/local.py with one task or scale per step, privacy/dp_local.py) from the
 same initial weights on a tiny synthetic site ingested for each configuration's crops. A plain step trains `batch`
@@ -72,7 +72,7 @@ def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch
     sample = PatientSampler.sample
 
     def counted(self, key):
-        got = sample(self, key)
+        got = sample(self, key)  # drawn either way: it counts the key's step for the ledger the round writes
         if fixed_batch:  # the timing's sample: `batch` patients (the plain step's items), one item of each
             got = [self.choice.choice(u) for u in self.choice.sample(self.units[key], min(batch, len(self.units[key])))]
         items[0] += len(got)

@@ -246,11 +246,11 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
 
     def bind(self, items: int) -> None:
         """Zeroed per-item rows for every parameter of the step, for the coming backward pass to fill."""
-        params = self.params
-        self.sizes = [p.numel() for p in params]
+        self.bound = self.params  # the step's parameters, in the buffer's order (scale_grad hands out their views)
+        self.sizes = [p.numel() for p in self.bound]
         total = sum(self.sizes)
         self.rows = self._buffer("_rows", items * total).view(items, total).zero_()
-        for p, view in zip(params, torch.split(self.rows, self.sizes, dim=1)):
+        for p, view in zip(self.bound, torch.split(self.rows, self.sizes, dim=1)):
             p._current_grad_sample = view.view(items, *p.shape)
             p.grad_sample = None
 
@@ -286,7 +286,7 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":  # one micro-batch's backward per bind, so never more than one iteration
             self.summed /= self.expected_batch_size
-        for p, g in zip(self.params, torch.split(self.summed, self.sizes)):
+        for p, g in zip(self.bound, torch.split(self.summed, self.sizes)):
             p.grad = g.view_as(p)
 
     def zero_grad(self, set_to_none: bool = False) -> None:

@@ -97,8 +97,9 @@ def test_the_private_step_equals_a_per_patient_reference_loop(tiny_cfg, tokenize
     total = {n: sum(g[n] * min(1.0, C / (norm + 1e-6)) for g, norm in zip(per_patient, norms)) for n in names}
     torch.manual_seed(11)
     if clipping == "hooks":  # one draw over the step's parameters, flattened in the optimizer's order
-        flat = torch.normal(0.0, sigma * C, size=(sum(start[n].numel() for n in names),))
-        noise = dict(zip(names, (v.view_as(start[n]) for n, v in zip(names, flat.split([start[n].numel() for n in names])))))
+        sizes = [start[n].numel() for n in names]
+        flat = torch.normal(0.0, sigma * C, size=(sum(sizes),))
+        noise = {n: v.view_as(start[n]) for n, v in zip(names, flat.split(sizes))}
     else:  # Opacus's own optimizer: a draw per parameter
         noise = {n: torch.normal(0.0, sigma * C, size=start[n].shape) for n in names}
     reference = {n: start[n] - (total[n] + noise[n]) / expected for n in names}  # SGD with lr 1
