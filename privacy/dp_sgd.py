@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -54,7 +53,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from m3fm.distributed import Ranks, sum_across
 from privacy import grad_samplers  # noqa: F401  (registers the model's own modules' per-sample gradients)
 from privacy.budget import DPSGDConfig, PrivacyConfigError, SiteBudget
-from privacy.input_grad_linear import input_grad_only, restore
+from privacy.per_sample_layers import OpacusHooksBeside, per_sample_layers, restore
 
 
 @functools.lru_cache(maxsize=4096)
@@ -303,7 +302,8 @@ class FastPatientDPOptimizer(RankSum, DPOptimizerFastGradientClipping):
 
 class Clipping:
     """One micro-batch's per-item losses into clipped, summed gradients, in one of Opacus's two ways:
-      hooks  per-sample gradients from Opacus's hooks (GradSampleModule), clipped and summed by the optimizer;
+      hooks  per-sample gradients from Opacus's hooks (GradSampleModule; Linear and LayerNorm layers write
+             their own, privacy/per_sample_layers.py), clipped and summed by the optimizer;
       fast   Opacus's fast gradient clipping (GradSampleModuleFastGradientClipping): each module's per-sample
              gradients are reduced to norms as the backward pass goes, then a second backward pass of the losses
              scaled by each item's clipping factor (DPTensorFastGradientClipping) sums the clipped gradients:
@@ -321,10 +321,11 @@ class Clipping:
                                                                use_ghost_clipping=False)
             self.optimizer = FastPatientDPOptimizer(optimizer, **common)
         else:
-            self.module = GradSampleModule(model)
+            # Linear and LayerNorm layers write their own per-sample rows, without Opacus's hooks
+            # (privacy/per_sample_layers.py)
+            self.module = OpacusHooksBeside(model)
             self.optimizer = PatientDPOptimizer(optimizer, **common)
-        # the batch weight gradients hooks mode overwrites are not computed (privacy/input_grad_linear.py)
-        self.linears = [] if self.two_pass else input_grad_only(model)
+        self.own_layers = [] if self.two_pass else per_sample_layers(model)
         self.optimizer.ranks = ranks
 
     def backward(self, losses: torch.Tensor) -> None:
@@ -353,7 +354,7 @@ class Clipping:
         # the site's service keeps this model for the next round: Opacus's own cleanup removes its hooks and the
         # per-sample attributes it added to the parameters
         self.module._close()
-        restore(self.linears)
+        restore(self.own_layers)
 
 
 def private_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, planned: PrivateRound,

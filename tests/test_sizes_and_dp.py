@@ -119,8 +119,12 @@ def test_the_private_step_equals_a_per_patient_reference_loop(tiny_cfg, tokenize
             torch.manual_seed(11)  # the same noise draws, in the optimizer's parameter order
         private.optimizer.step()
         private.optimizer.zero_grad(set_to_none=True)
+    if clipping == "hooks":  # Linear and LayerNorm write their own rows (privacy/per_sample_layers.py), unhooked
+        hooked = {type(m) for m in private.module.iterate_submodules(model)}
+        assert torch.nn.Linear not in hooked and torch.nn.LayerNorm not in hooked and hooked
     private.close()
-    assert not any("forward" in vars(m) for m in model.modules())  # plain nn.Linear again for the next round
+    assert not any("forward" in vars(m) for m in model.modules())  # plain Linear and LayerNorm for the next round
+    assert not any(hasattr(p, "grad_sample") or hasattr(p, "_current_grad_sample") for p in model.parameters())
     assert [n for n, p in model.named_parameters() if p.requires_grad] == names  # the optimizer's order
     for n in names:
         assert torch.allclose(model.get_parameter(n).detach(), reference[n], atol=2e-6, rtol=1e-4), n
