@@ -2,7 +2,7 @@
 same round without DP, per model configuration and phase, at equal patients per step.
 
   python benchmarks/dp_sgd.py [--configs tiny small] [--base] [--steps 8] [--batch 4] [--clipping hooks fast]
-                              [--repeats 3] [--poisson] [--work /tmp/m3fm-bench] [--device cpu]
+                              [--repeats 3] [--interleave] [--poisson] [--work /tmp/m3fm-bench] [--device cpu]
 
 Both rounds run the code sites run (m3fm/local.py with one task or scale per step, privacy/dp_local.py) from the
 same initial weights on a tiny synthetic site ingested for each configuration's crops. A plain step trains `batch`
@@ -11,8 +11,11 @@ items, so the ratio is the cost of privacy alone), or with --poisson one item of
 site does (`batch` patients on average: fewer or more items than the plain step, so the ratio moves with the draw).
 Every (configuration, phase, mode) runs in a fresh process, so its peak memory (VmHWM on CPU, max allocated on a
 GPU) is its own; step time is (a round of 2 + steps steps - a round of 2 steps) / steps, after a warm-up round, so
-round setup is left out, each round the fastest of --repeats timings (the machine is shared). "dp / plain per item"
-divides each round's time by the items it trained. --base adds M3FM-Base at batch 2 (`--configs --base` alone
+round setup is left out, each round the fastest of --repeats timings (the machine is shared). With --interleave,
+plain and private rounds alternate in one process, --repeats pairs, and the ratio is the median over the pairs
+(with its range): the run-to-run noise of separate processes (up to +-0.3 here) falls on both modes alike, and each
+mode's peak memory comes from a short run of its own. "dp / plain per item" divides each round's time by the items
+it trained. --base adds M3FM-Base at batch 2 (`--configs --base` alone
 writes results/dp_sgd-base.json). A measurement, never pass/fail.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import shutil
+import statistics
 import tempfile
 import time
 import tomllib
@@ -50,9 +54,13 @@ def site_for(config: str, work: Path) -> Path:
     return folder
 
 
-def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch: int, device: str,
+def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], steps: int, batch: int, device: str,
             clipping: str, fixed_batch: bool = True, repeats: int = 3) -> dict:
-    """In a fresh process: seconds per step and peak memory of `mode` (plain or dp) rounds."""
+    """In a fresh process: seconds per step of each of `modes` (plain, dp) and the process's peak memory. With both
+    modes, their rounds alternate on the same model (plain, dp, plain, dp, ...), so a slow moment of the machine
+    falls on both alike, and the ratio is the median over the pairs."""
+    import statistics
+
     import torch
 
     from client.site import load_site
@@ -63,9 +71,7 @@ def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch
     from m3fm.model.text import load_tokenizer
     from privacy.budget import DPSGDConfig, SiteBudget
     from privacy.dp_local import private_multitask, private_pretrain
-    from privacy.dp_sgd import PrivacyLedger
-
-    from privacy.dp_sgd import PatientSampler
+    from privacy.dp_sgd import PatientSampler, PrivacyLedger
 
     torch.set_num_threads(1)
     items = [0]  # items trained a round
@@ -87,7 +93,7 @@ def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch
     dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, physical_batch=batch, clipping=clipping)
     ledger_dir = tempfile.mkdtemp()
 
-    def one_round(n: int) -> tuple[float, int]:
+    def one_round(mode: str, n: int) -> tuple[float, int]:
         pc = PhaseConfig(phase, rounds=1, local_steps=n, batch_size=batch, tasks_per_step=1)
         items[0] = 0 if mode == "dp" else n * batch
         t0 = time.perf_counter()
@@ -102,15 +108,30 @@ def measure(site_dir: str, config: str, phase: str, mode: str, steps: int, batch
             torch.cuda.synchronize()
         return time.perf_counter() - t0, items[0]
 
-    one_round(1)  # warm-up: allocator, first-call costs
+    def timed_step(mode: str) -> tuple[float, float]:
+        """(seconds a step, items a step): a round of 2 + steps steps less a round of 2 (round setup left out)."""
+        (short, short_items), (long, long_items) = one_round(mode, 2), one_round(mode, 2 + steps)
+        return (long - short) / steps, (long_items - short_items) / steps
+
+    for mode in modes:
+        one_round(mode, 1)  # warm-up: allocator, first-call costs
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    # the fastest of `repeats` timings of each round: this machine is shared, and a slow moment inflates a round
-    (short, short_items), (long, long_items) = (min(one_round(n) for _ in range(repeats)) for n in (2, 2 + steps))
+    timings = {m: [] for m in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            timings[mode].append(timed_step(mode))
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else common.rss_bytes_peak()
     shutil.rmtree(ledger_dir, ignore_errors=True)
-    return {"step_s": (long - short) / steps, "items_per_step": (long_items - short_items) / steps,
-            "item_s": (long - short) / max(long_items - short_items, 1), "peak_mib": peak / 2**20}
+    out = {"peak_mib": peak / 2**20}
+    for mode, ts in timings.items():
+        # alone, the fastest of the repeats counts (a slow moment only inflates a round); paired, the median
+        step_s = min(t for t, _ in ts) if len(modes) == 1 else statistics.median(t for t, _ in ts)
+        items_a_step = statistics.median(i for _, i in ts)
+        out[mode] = {"step_s": step_s, "items_per_step": items_a_step, "item_s": step_s / max(items_a_step, 1e-9)}
+    if len(modes) == 2:
+        out["ratios"] = [d / p for (p, _), (d, _) in zip(timings["plain"], timings["dp"])]
+    return out
 
 
 def main() -> None:
@@ -125,32 +146,55 @@ def main() -> None:
     ap.add_argument("--clipping", nargs="+", default=["hooks", "fast"], help="Opacus per-sample clipping modes")
     ap.add_argument("--poisson", action="store_true", help="private steps sample patients as a site does (Poisson), "
                     "not exactly `batch` of them")
-    ap.add_argument("--repeats", type=int, default=3, help="timings of each round; the fastest counts")
+    ap.add_argument("--repeats", type=int, default=3, help="timings of each round; the fastest counts (with "
+                    "--interleave: plain/private pairs, the median ratio counts)")
+    ap.add_argument("--interleave", action="store_true", help="time plain and private rounds alternately in one "
+                    "process (the ratio over pairs); each mode's peak memory from a short run of its own")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "m3fm-bench")
     args = ap.parse_args()
     runs = [(c, args.batch, args.steps) for c in args.configs] + ([("base", 2, args.base_steps)] if args.base else [])
     ctx = mp.get_context("spawn")
     rows = []
+    def in_fresh_process(*args):
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            return pool.apply(measure, args)
+
     for config, batch, steps in runs:
         site = str(site_for(config, args.work))
         for phase in (args.base_phases if config == "base" else ("pretrain", "multitask")):
-            with ctx.Pool(1, maxtasksperchild=1) as pool:
-                plain = pool.apply(measure, (site, config, phase, "plain", steps, batch, args.device, "hooks", True,
-                                             args.repeats))
+            plain = None if args.interleave else in_fresh_process(site, config, phase, ("plain",), steps, batch,
+                                                                  args.device, "hooks", True, args.repeats)
             for clipping in args.clipping:
-                with ctx.Pool(1, maxtasksperchild=1) as pool:
-                    dp = pool.apply(measure, (site, config, phase, "dp", steps, batch, args.device, clipping,
-                                              not args.poisson, args.repeats))
+                sampled = not args.poisson
+                if args.interleave:  # timing alternates in one process; each mode's memory alone, 2 steps
+                    both = in_fresh_process(site, config, phase, ("plain", "dp"), steps, batch, args.device, clipping,
+                                            sampled, args.repeats)
+                    if plain is None:
+                        plain = in_fresh_process(site, config, phase, ("plain",), 2, batch, args.device, "hooks",
+                                                 True, 1)
+                    dp_peak = in_fresh_process(site, config, phase, ("dp",), 2, batch, args.device, clipping,
+                                               sampled, 1)["peak_mib"]
+                    p, d = both["plain"], both["dp"]
+                    ratio = statistics.median(both["ratios"])
+                    spread = f"{min(both['ratios']):.2f}-{max(both['ratios']):.2f}"
+                else:
+                    dp = in_fresh_process(site, config, phase, ("dp",), steps, batch, args.device, clipping, sampled,
+                                          args.repeats)
+                    p, d, dp_peak = plain["plain"], dp["dp"], dp["peak_mib"]
+                    ratio, spread = d["step_s"] / p["step_s"], ""
                 rows.append({"config": config, "phase": phase, "batch": batch, "steps": steps, "clipping": clipping,
-                             "plain step s": plain["step_s"], "dp step s": dp["step_s"],
-                             "dp / plain": dp["step_s"] / plain["step_s"], "dp items a step": dp["items_per_step"],
-                             "dp / plain per item": dp["item_s"] / plain["item_s"], "plain peak MiB": plain["peak_mib"],
-                             "dp peak MiB": dp["peak_mib"], "dp / plain memory": dp["peak_mib"] / plain["peak_mib"]})
+                             "plain step s": p["step_s"], "dp step s": d["step_s"], "dp / plain": ratio,
+                             **({"dp / plain range": spread} if args.interleave else {}),
+                             "dp items a step": d["items_per_step"],
+                             "dp / plain per item": d["item_s"] / p["item_s"], "plain peak MiB": plain["peak_mib"],
+                             "dp peak MiB": dp_peak, "dp / plain memory": dp_peak / plain["peak_mib"]})
                 print(rows[-1], flush=True)
-    common.report("dp_sgd" if args.configs else "dp_sgd-base", f"patient-level DP-SGD step over plain step ({args.device}, "
+    name = ("dp_sgd" if args.configs else "dp_sgd-base") + ("-interleaved" if args.interleave else "")
+    common.report(name, f"patient-level DP-SGD step over plain step ({args.device}, "
                   f"{'Poisson-sampled' if args.poisson else 'equal'} patients per step)",
-                  rows, {"device": args.device, "sampling": "poisson" if args.poisson else "fixed"})
+                  rows, {"device": args.device, "sampling": "poisson" if args.poisson else "fixed",
+                   "interleaved": args.interleave, "repeats": args.repeats})
 
 
 if __name__ == "__main__":

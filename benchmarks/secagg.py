@@ -249,7 +249,12 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         if rows and rows[-1]["parameters"] == size and "secagg" in rows[-1]["mode"] and len(rows) >= 2:
-            rows[-1]["secure_over_plain"] = round(rows[-1]["round_s"] / rows[-2]["round_s"], 2)
+            secure_row, plain_row = rows[-1], rows[-2]
+            secure_row["secure_over_plain"] = round(secure_row["round_s"] / plain_row["round_s"], 2)
+            for side in ("coordinator", "site"):  # what secure aggregation adds to the plaintext round's peak
+                if f"{side}_extra_mb" in secure_row:
+                    added = secure_row[f"{side}_extra_mb"] - plain_row[f"{side}_extra_mb"]
+                    secure_row[f"{side}_secagg_added_x_model"] = round(added / secure_row["model_mb"], 2)
     from rich.console import Console
     from rich.table import Table
 

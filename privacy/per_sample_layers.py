@@ -36,7 +36,7 @@ def _add_rows(p: torch.Tensor, rows: torch.Tensor) -> None:
     bound = getattr(p, "_current_grad_sample", None)
     if bound is None:
         raise RuntimeError("a private backward pass ran with no per-item rows bound (PatientDPOptimizer.bind)")
-    bound[: rows.shape[0]].add_(rows.to(bound.dtype), alpha=bound.shape[0])  # alpha: B, the mean loss's scale
+    bound[: rows.shape[0]].add_(rows, alpha=bound.shape[0])  # alpha: B, the mean loss's scale; bf16 rows add in fp32
     p.grad_sample = bound
 
 
@@ -56,7 +56,9 @@ class PerSampleLinear(torch.autograd.Function):
         n = x.shape[0]
         g = grad_y.reshape(n, -1, grad_y.shape[-1])  # (n, T, out)
         if ctx.needs_input_grad[1]:
-            _add_rows(weight, torch.bmm(g.transpose(1, 2), x.reshape(n, -1, x.shape[-1]).to(g.dtype)))  # (n, out, in)
+            x3 = x.reshape(n, -1, x.shape[-1])  # (n, T, in)
+            x3 = x3 if x3.dtype == g.dtype else x3.to(g.dtype)  # autocast: x may be fp32, g bf16
+            _add_rows(weight, torch.bmm(g.transpose(1, 2), x3))  # (n, out, in)
         if bias is not None and ctx.needs_input_grad[2]:
             _add_rows(bias, g.sum(1))  # (n, out)
         grad_x = grad_y.matmul(weight.to(grad_y.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
