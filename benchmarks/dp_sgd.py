@@ -7,8 +7,9 @@ same round without DP, per model configuration and phase, at equal patients per 
 Both rounds run the code sites run (m3fm/local.py with one task or scale per step, privacy/dp_local.py) from the
 same initial weights on a tiny synthetic site ingested for each configuration's crops. A plain step trains `batch`
 items of one key; a private step trains one item of each of `batch` patients drawn at random (the same number of
-items, so the ratio is the cost of privacy alone), or with --poisson one item of each Poisson-sampled patient, as a
-site does (`batch` patients on average: fewer or more items than the plain step, so the ratio moves with the draw).
+items, so the ratio is the cost of privacy alone; a key with fewer than `batch` patients draws some of them twice),
+or with --poisson one item of each Poisson-sampled patient, as a site does (`batch` patients on average: fewer or
+more items than the plain step, so the ratio moves with the draw).
 Every (configuration, phase, mode) runs in a fresh process, so its peak memory (VmHWM on CPU, max allocated on a
 GPU) is its own; step time is (a round of 2 + steps steps - a round of 2 steps) / steps, after a warm-up round, so
 round setup is left out, each round the fastest of --repeats timings (the machine is shared). With --interleave,
@@ -79,8 +80,13 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
 
     def counted(self, key):
         got = sample(self, key)  # drawn either way: it counts the key's step for the ledger the round writes
-        if fixed_batch:  # the timing's sample: `batch` patients (the plain step's items), one item of each
-            got = [self.choice.choice(u) for u in self.choice.sample(self.units[key], min(batch, len(self.units[key])))]
+        if fixed_batch:  # the timing's sample: `batch` patients (the plain step's items), one item of each; a key
+            # with fewer patients (this small site has one) takes every patient, then draws some again, up to
+            # `batch` items: the step's cost at the plain step's items, not a cheaper step
+            units = self.units[key]
+            patients = self.choice.sample(units, min(batch, len(units)))
+            patients += [self.choice.choice(units) for _ in range(batch - len(patients))]
+            got = [self.choice.choice(u) for u in patients]
         items[0] += len(got)
         return got
 
