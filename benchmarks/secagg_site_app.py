@@ -19,6 +19,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+from transport.lean_masking import lean_collect_stage
 from transport.masked_arrays import masked_vectors_as_arrays
 from transport.protocol import ARRAYS, CHUNK_KEY, CHUNK_VALUES_KEY, CONFIG, TRAINED_MARK_KEY
 from transport.secure_chunks import ChunkedUpdate, answer_chunk
@@ -40,6 +41,7 @@ def timed_mod(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
+lean_collect_stage()  # as client/app.py: secaggplus_mod's masking in blocks and in place
 clientapp = ClientApp(mods=[timed_mod, masked_vectors_as_arrays, secaggplus_mod])
 PLAIN = "train.plain"
 

@@ -21,6 +21,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import channel
+from transport.lean_masking import lean_collect_stage
 from transport.masked_arrays import masked_vectors_as_arrays
 from transport.processes import process_age
 from transport.protocol import (ARRAYS, CLIENTAPP_AGE, CLIENTAPP_STARTED, CONFIG, METRICS, PACKED_ORDER_KEY,
@@ -42,6 +43,7 @@ def clip_for_central_dp(msg: Message, context: Context, call_next) -> Message:
 
 # secaggplus_mod runs the SecAgg+ stages of plain "train" messages (server/secure.py) and passes the others on;
 # its masked vectors then travel as Arrays (transport/masked_arrays.py)
+lean_collect_stage()  # secaggplus_mod's masking in blocks and in place, the same integers
 app = ClientApp(mods=[masked_vectors_as_arrays, clip_for_central_dp, secaggplus_mod])
 
 

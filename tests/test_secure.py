@@ -276,3 +276,47 @@ def test_masked_vector_survives_flowers_transport_where_equal_records_inflate_as
     (data,) = restored.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
     np.testing.assert_array_equal(bytes_to_ndarray(data), vector)
     assert bytes_to_ndarray(data).dtype == np.int64
+
+
+def test_lean_collect_stage_masks_exactly_as_flower_in_blocks(monkeypatch):
+    """transport/lean_masking.py: secaggplus_mod's quantize-and-mask steps, in blocks and in place, give the very
+    integers Flower's give (the coordinator regenerates the masks with Flower's pseudo_rand_gen to unmask), for
+    blocks that split arrays unevenly, a 0-d array and a 2-d one."""
+    from flwr.common.secure_aggregation import ndarrays_arithmetic as flower_arith
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    from transport import lean_masking
+    from transport.lean_masking import LEAN, MaskDraw
+
+    monkeypatch.setattr(lean_masking, "QUANTIZE_BLOCK", 7)
+    monkeypatch.setattr(lean_masking, "MASK_BLOCK", 5)
+    dims = [(1,), (), (23,), (4, 6)]
+    for seed in (b"abcd" * 8, bytes(range(32))):
+        assert all(np.array_equal(a, b) for a, b in zip(MaskDraw(seed, 2**32, dims).drawn(),
+                                                       pseudo_rand_gen(seed, 2**32, dims)))
+
+    def collect(quantize_, rand_gen, add, subtract, mod):  # secaggplus_mod._collect_masked_vectors' arithmetic
+        np.random.seed(3)  # its stochastic rounding draws from NumPy's global generator
+        update = [np.float32(0.2), np.linspace(-1.5, 1.5, 23, dtype=np.float32),
+                  np.random.default_rng(1).normal(0, 0.3, (4, 6)).astype(np.float32)]
+        q = flower_arith.factor_combine(12, quantize_(update, 1.0, 2**22))
+        shapes = [a.shape for a in q]
+        q = add(q, rand_gen(b"\x01" * 32, 2**32, shapes))
+        for k, seed in enumerate((b"\x02" * 32, b"\x03" * 32)):
+            pairwise = rand_gen(seed, 2**32, shapes)
+            q = add(q, pairwise) if k else subtract(q, pairwise)
+        return mod(q, 2**32)
+
+    flower = collect(quantize, pseudo_rand_gen, flower_arith.parameters_addition,
+                     flower_arith.parameters_subtraction, flower_arith.parameters_mod)
+    lean = collect(LEAN["quantize"], LEAN["pseudo_rand_gen"], LEAN["parameters_addition"],
+                   LEAN["parameters_subtraction"], LEAN["parameters_mod"])
+    assert [a.dtype for a in lean] == [a.dtype for a in flower] and [a.shape for a in lean] == [a.shape for a in flower]
+    assert all(np.array_equal(a, b) for a, b in zip(lean, flower))
+    assert any(np.any(a != 0) for a in lean[2:])
+
+
+def test_client_app_uses_the_lean_collect_stage():
+    from transport.lean_masking import LEAN, secaggplus_module
+
+    assert client_app is not None and all(getattr(secaggplus_module(), n) is fn for n, fn in LEAN.items())
