@@ -38,6 +38,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from server.delivery import arrivals
+from transport.lean_masking import lean_unmasking
 from transport.masked_arrays import masked_vectors_as_bytes
 from transport.protocol import CHUNK_KEY, CHUNK_VALUES_KEY, PACKED_ORDER_KEY, TRAINED_MARK_KEY
 from transport.secure_chunks import chunk_plan, fold_chunk
@@ -154,6 +155,7 @@ def secure_train_round(grid, secagg: SecAggConfig, arrays: ArrayRecord, config: 
     """One secure round, a SecAgg+ instance per chunk of the packed update (transport/secure_chunks.py) -> (new
     packed weights or None if any chunk's protocol failed, per key how many sites trained it, the first chunk's
     strategy with each site's clear metrics and every chunk's failures)."""
+    lean_unmasking()  # the workflow's sum and unmasking in place, masks drawn in blocks (transport/lean_masking.py)
     weights = {k: a.numpy() for k, a in arrays.items()}  # fresh arrays: the chunks fold into them
     keys = list(weights)
     plan = chunk_plan([(k, weights[k].size) for k in keys], secagg.chunk_values)

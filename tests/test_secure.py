@@ -316,7 +316,12 @@ def test_lean_collect_stage_masks_exactly_as_flower_in_blocks(monkeypatch):
     assert any(np.any(a != 0) for a in lean[2:])
 
 
-def test_client_app_uses_the_lean_collect_stage():
-    from transport.lean_masking import LEAN, secaggplus_module
+def test_site_and_coordinator_use_the_lean_masking():
+    import importlib
+
+    from transport.lean_masking import LEAN, WORKFLOW_NAMES, lean_unmasking, secaggplus_module
 
     assert client_app is not None and all(getattr(secaggplus_module(), n) is fn for n, fn in LEAN.items())
+    lean_unmasking()  # as secure_train_round does; the round tests above run through it
+    workflow = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+    assert all(getattr(workflow, n) is LEAN[n] for n in WORKFLOW_NAMES)

@@ -20,7 +20,8 @@ set a secure round adds at a site (docs/privacy.md).
   parameters_mod          in place (a power-of-two divisor as a bitwise and, as Flower's).
 The masks are the ones Flower's coordinator regenerates from the shared seeds to unmask (tests/test_secure.py:
 drawn in blocks they equal `pseudo_rand_gen`'s; the secure aggregate equals the plaintext mean within the
-quantization step). Refuses to start if the mod no longer has these names.
+quantization step). `lean_unmasking` does the same for the coordinator's SecAggPlusWorkflow (its sum of the masked vectors and the
+masks it regenerates). Each refuses to start if Flower's module no longer has these names.
 """
 
 from __future__ import annotations
@@ -107,17 +108,30 @@ LEAN = {"quantize": quantize_in_blocks, "pseudo_rand_gen": MaskDraw, "parameters
         "parameters_subtraction": _in_place(np.subtract), "parameters_mod": parameters_mod_in_place}
 
 
+WORKFLOW_NAMES = ("pseudo_rand_gen", "parameters_addition", "parameters_subtraction", "parameters_mod")
+
+
 def secaggplus_module():
     """The module secaggplus_mod lives in (its package exports the function under the module's name)."""
     return importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
 
-def lean_collect_stage() -> None:
-    """Rebind the mod's arithmetic (see the module's docstring); idempotent."""
-    mod = secaggplus_module()
-    missing = [name for name in LEAN if not callable(getattr(mod, name, None))]
+def _rebind(module, names) -> None:
+    missing = [name for name in names if not callable(getattr(module, name, None))]
     if missing:
-        raise RuntimeError(f"flwr's secaggplus_mod no longer uses {missing}: revisit transport/lean_masking.py for "
-                           "this Flower version")
-    for name, fn in LEAN.items():
-        setattr(mod, name, fn)
+        raise RuntimeError(f"flwr's {module.__name__} no longer uses {missing}: revisit transport/lean_masking.py "
+                           "for this Flower version")
+    for name in names:
+        setattr(module, name, LEAN[name])
+
+
+def lean_collect_stage() -> None:
+    """At a site: rebind secaggplus_mod's arithmetic (see the module's docstring); idempotent."""
+    _rebind(secaggplus_module(), LEAN)
+
+
+def lean_unmasking() -> None:
+    """At the coordinator: the same for SecAggPlusWorkflow, which sums the sites' masked vectors (in place into
+    the first) and regenerates the masks of every site to remove them (drawn block by block into the sum, where
+    Flower draws each whole, the previous still bound); idempotent."""
+    _rebind(importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"), WORKFLOW_NAMES)
