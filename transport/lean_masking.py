@@ -1,4 +1,5 @@
-"""SecAgg+'s collect stage at a site with less memory: Flower's own steps, in blocks and in place.
+"""SecAgg+'s masking at a site and unmasking at the coordinator with less memory: Flower's own steps, in blocks
+and in place.
 
 `secaggplus_mod._collect_masked_vectors` quantizes the site's update and masks it with whole-vector NumPy
 expressions, each a new array: `quantize` holds a float64 uniform draw and a float64 difference beside the chunk,
@@ -18,10 +19,10 @@ set a secure round adds at a site (docs/privacy.md).
                           anything else as Flower does it, in place when the left operand's dtype holds the result
                           (the mod rebinds its name to the result and never reads the operand again);
   parameters_mod          in place (a power-of-two divisor as a bitwise and, as Flower's).
-The masks are the ones Flower's coordinator regenerates from the shared seeds to unmask (tests/test_secure.py:
-drawn in blocks they equal `pseudo_rand_gen`'s; the secure aggregate equals the plaintext mean within the
-quantization step). `lean_unmasking` does the same for the coordinator's SecAggPlusWorkflow (its sum of the masked vectors and the
-masks it regenerates). Each refuses to start if Flower's module no longer has these names.
+The masks are the ones the coordinator regenerates from the shared seeds to unmask (tests/test_secure.py: drawn
+in blocks they equal `pseudo_rand_gen`'s; the secure aggregate equals the plaintext mean within the quantization
+step). `lean_unmasking` does the same for the coordinator's SecAggPlusWorkflow: its sum of the masked vectors
+(into the first) and the masks it regenerates. Each refuses to start if Flower's module lacks these names.
 """
 
 from __future__ import annotations
