@@ -16,8 +16,8 @@ round setup is left out, each round the fastest of --repeats timings (the machin
 plain and private rounds alternate in one process, --repeats pairs, and the ratio is the median over the pairs
 (with its range): the run-to-run noise of separate processes (up to +-0.3 here) falls on both modes alike, and each
 mode's peak memory comes from a short run of its own. "dp / plain per item" divides each round's time by the items
-it trained. --base adds M3FM-Base at batch 2 (`--configs --base` alone
-writes results/dp_sgd-base.json). A measurement, never pass/fail.
+it trained. --base adds M3FM-Base at batch 2 (`--configs --base` alone writes results/dp_sgd-base.json). A
+measurement, never pass/fail.
 """
 
 from __future__ import annotations
@@ -60,8 +60,6 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
     """In a fresh process: seconds per step of each of `modes` (plain, dp) and the process's peak memory. With both
     modes, their rounds alternate on the same model (plain, dp, plain, dp, ...), so a slow moment of the machine
     falls on both alike, and the ratio is the median over the pairs."""
-    import statistics
-
     import torch
 
     from client.site import load_site
@@ -162,6 +160,7 @@ def main() -> None:
     runs = [(c, args.batch, args.steps) for c in args.configs] + ([("base", 2, args.base_steps)] if args.base else [])
     ctx = mp.get_context("spawn")
     rows = []
+
     def in_fresh_process(*args):
         with ctx.Pool(1, maxtasksperchild=1) as pool:
             return pool.apply(measure, args)
@@ -200,7 +199,7 @@ def main() -> None:
     common.report(name, f"patient-level DP-SGD step over plain step ({args.device}, "
                   f"{'Poisson-sampled' if args.poisson else 'equal'} patients per step)",
                   rows, {"device": args.device, "sampling": "poisson" if args.poisson else "fixed",
-                   "interleaved": args.interleave, "repeats": args.repeats})
+                         "interleaved": args.interleave, "repeats": args.repeats})
 
 
 if __name__ == "__main__":

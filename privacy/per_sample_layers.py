@@ -99,7 +99,9 @@ OWN_PER_SAMPLE = {nn.Linear: _linear, nn.LayerNorm: _layer_norm}  # module type 
 
 def _writes_own(m: nn.Module) -> bool:
     # a LayerNorm over more than the last dimension, or without weights, stays with Opacus
-    return type(m) is nn.Linear or (type(m) is nn.LayerNorm and m.weight is not None and len(m.normalized_shape) == 1)
+    if type(m) is nn.LayerNorm:
+        return m.weight is not None and len(m.normalized_shape) == 1
+    return type(m) in OWN_PER_SAMPLE
 
 
 class OpacusHooksBeside(GradSampleModule):

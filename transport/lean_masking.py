@@ -74,13 +74,6 @@ class MaskDraw:
             for start in range(0, n, MASK_BLOCK):
                 yield k, start, gen.randint(0, self.num_range - 1, min(MASK_BLOCK, n - start), dtype=np.int64)
 
-    def drawn(self) -> list[np.ndarray]:
-        """All of it, as pseudo_rand_gen returns it."""
-        out = [np.empty(d, dtype=np.int64) for d in self.dimensions_list]
-        for k, start, values in self.blocks():
-            out[k].reshape(-1)[start:start + values.size] = values
-        return out
-
 
 def _in_place(op):
     def apply(left: list[np.ndarray], right) -> list[np.ndarray]:
