@@ -53,7 +53,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from m3fm.distributed import Ranks, sum_across
 from privacy import grad_samplers  # noqa: F401  (registers the model's own modules' per-sample gradients)
 from privacy.budget import DPSGDConfig, PrivacyConfigError, SiteBudget
-from privacy.per_sample_layers import OpacusHooksBeside, per_sample_layers, restore
+from privacy.per_sample_layers import Leaves, OpacusHooksBeside, per_sample_layers, restore
 
 
 @functools.lru_cache(maxsize=4096)
@@ -224,9 +224,10 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
     """Opacus's DPOptimizer with a step's per-parameter loops done once, over one flat buffer.
 
     Opacus clips, sums, noises and scales one parameter tensor at a time: a dozen small operations per tensor,
-    a few hundred a step, most of a tiny model's DP overhead. Here Opacus's hooks write every per-sample gradient
-    of a micro-batch into one (B, P) buffer (`bind`, before the backward pass: Opacus adds into a parameter's
-    `_current_grad_sample` where one exists), so the per-item norms are one norm over rows, the clipped sum one
+    a few hundred a step, most of a tiny model's DP overhead. Here every per-sample gradient of a micro-batch lands
+    in one (B, P) buffer (`bind`, before the backward pass, makes each parameter's rows its `_current_grad_sample`:
+    autograd accumulates the per-item leaves' gradients there, privacy/per_sample_layers.py, and Opacus's hooks add
+    into it for any other module), so the per-item norms are one norm over rows, the clipped sum one
     vector-matrix product, the noise one draw of P values, the scaling one division, and each p.grad a view of the
     result. The mechanism is Opacus's: every item's gradient clipped to C over all the step's parameters, summed,
     N(0, sigma^2 C^2) added to every coordinate once per step, divided by the expected batch. A parameter the
@@ -302,8 +303,9 @@ class FastPatientDPOptimizer(RankSum, DPOptimizerFastGradientClipping):
 
 class Clipping:
     """One micro-batch's per-item losses into clipped, summed gradients, in one of Opacus's two ways:
-      hooks  per-sample gradients from Opacus's hooks (GradSampleModule; Linear and LayerNorm layers write
-             their own, privacy/per_sample_layers.py), clipped and summed by the optimizer;
+      hooks  per-sample gradients written by autograd into the optimizer's rows (the model's modules take
+             per-item leaves, privacy/per_sample_layers.py; Opacus's hooks for any other), clipped and summed by
+             the optimizer;
       fast   Opacus's fast gradient clipping (GradSampleModuleFastGradientClipping): each module's per-sample
              gradients are reduced to norms as the backward pass goes, then a second backward pass of the losses
              scaled by each item's clipping factor (DPTensorFastGradientClipping) sums the clipped gradients:
@@ -321,11 +323,12 @@ class Clipping:
                                                                use_ghost_clipping=False)
             self.optimizer = FastPatientDPOptimizer(optimizer, **common)
         else:
-            # Linear and LayerNorm layers write their own per-sample rows, without Opacus's hooks
-            # (privacy/per_sample_layers.py)
-            self.module = OpacusHooksBeside(model)
+            # the model's modules take per-item leaves, whose gradients autograd writes into the optimizer's rows
+            # (privacy/per_sample_layers.py); Opacus hooks any other, at the leaves' scale (losses summed)
+            self.module = OpacusHooksBeside(model, loss_reduction="sum")
             self.optimizer = PatientDPOptimizer(optimizer, **common)
-        self.own_layers = [] if self.two_pass else per_sample_layers(model)
+        self.leaves = Leaves()
+        self.own_layers = [] if self.two_pass else per_sample_layers(model, self.leaves)
         self.optimizer.ranks = ranks
 
     def backward(self, losses: torch.Tensor) -> None:
@@ -340,7 +343,9 @@ class Clipping:
                     p.grad = torch.zeros_like(p)
             return
         self.optimizer.bind(len(losses))
-        losses.mean().backward()
+        self.leaves.bind()
+        losses.sum().backward()  # each item's own gradient in its rows (the optimizer divides by the expected batch)
+        self.leaves.collect()
 
     def nothing_sampled(self) -> None:
         """An empty Poisson sample: a zero sum, so the step is the noise alone."""

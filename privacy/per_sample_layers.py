@@ -1,111 +1,168 @@
-"""Linear and LayerNorm layers that write their own per-sample gradients, for DP-SGD in `clipping = "hooks"` mode.
+"""Per-sample gradients by autograd itself, for DP-SGD in `clipping = "hooks"` mode.
 
-Opacus computes a Linear weight's per-sample gradients in Python hooks (`opacus/grad_sample/linear.py`): a forward
-hook keeps the layer's input, a full backward hook (two more autograd nodes around the module) hands the output
-gradient to an einsum, and the result is added into the parameter's `_current_grad_sample`. At tiny and small most
-trainable modules are Linear, and those hooks cost more than the per-sample einsums themselves (cProfile of a tiny
-private step: 17 ms of 55 in the hook machinery). And the plain backward pass still computed each weight's batch
-gradient, only to have the DP optimizer overwrite it.
+Opacus computes per-sample gradients in Python hooks: a forward hook keeps each module's input, a full backward
+hook (two more autograd nodes around the module) hands the output gradient to a grad sampler, and the result is
+added into the parameter's `_current_grad_sample`. At tiny most of a private step's extra cost was that Python, per
+module and call (cProfile: 17 of 55 ms), and the plain backward pass still computed each weight's batch gradient
+only to have the DP optimizer overwrite it. Python autograd Functions doing the same per layer (stop 43) still ran
+a Python backward per layer call.
 
-While a private round trains, each nn.Linear runs through `PerSampleLinear` instead, and Opacus leaves Linear
-modules unhooked (`OpacusHooksBeside`). Its backward pass returns the input's gradient only (no batch weight
-gradient) and adds the per-sample gradients, exactly what Opacus's grad sampler computes, into the rows
-`PatientDPOptimizer.bind` set as `_current_grad_sample` (privacy/dp_sgd.py): per item i of the micro-batch of B,
-  weight: B * sum_t g_it x_it^T,   bias: B * sum_t g_it
-where g is the gradient of the micro-batch's mean loss with respect to the layer's output (B * g is item i's own
-loss gradient, as Opacus's `loss_reduction="mean"` scales it) and t runs over every other dimension (tokens). A
-layer called twice in a forward pass (the text encoder: question, then clinical text) adds twice, as Opacus's
-accumulation does. LayerNorm (the other module type a step runs a dozen times) is split the same way: the
-normalisation by autograd, its affine part by `PerSampleAffine` (weight: B * sum_t g_it * xhat_it, bias as
-Linear's). The rest (embeddings, patch embedding, position tables, tokens) keep Opacus's hooks.
-tests/test_sizes_and_dp.py holds the step to a per-patient reference loop.
+Here no Python runs in the backward pass. While a private round trains, each of the model's parametrised module
+types (Linear, LayerNorm, Embedding, and the model's AddVector, PrependTokens and FactorizedPosEmbed) runs a forward
+that uses, instead of each trainable parameter p of shape S, a leaf tensor `p.detach().expand(n, *S)`: one copy of
+p per item of the micro-batch of n, all views of p's memory (stride 0). Linear becomes a batched matmul over the
+items, LayerNorm's affine part and the added vectors broadcast per item, Embedding indexes per item. Autograd
+then computes the gradient of the leaf, (n, *S): item i's row is exactly the gradient of the loss with respect to
+item i's copy of p, that is item i's per-sample gradient (the leaf is not expanded from anything autograd sees, so
+nothing sums the rows). Before the backward pass `Leaves.bind` sets each leaf's `.grad` to the parameter's rows in
+the DP optimizer's (B, P) buffer (`PatientDPOptimizer.bind`, privacy/dp_sgd.py), and autograd's AccumulateGrad adds
+into an existing `.grad` in place: the per-sample gradients land in the buffer directly, from C++. A module called
+twice in a forward pass (the text encoder: question, then clinical text) takes two leaves bound to the same rows,
+so its rows hold the sum, as Opacus's accumulation does. Losses are backpropagated as their sum (not their mean),
+so the rows are each item's own gradient with no rescaling; Opacus's GradSampleModule wraps the model with
+`loss_reduction="sum"` for any module it still hooks.
 
-Only for the hooks mode: fast gradient clipping keeps Opacus's own hooks and needs the plain batch gradients.
+Under autocast a Linear layer's leaves are taken in the autocast dtype (a cast of the stride-0 leaf would copy the
+weight n times); their bf16 gradients cannot be bound to fp32 rows, so `Leaves.collect` adds them in after the
+backward pass. Frozen parameters (another task's predictor) take no leaf: the plain module forward runs.
+
+tests/test_sizes_and_dp.py holds the step to a per-patient reference loop. Only for the hooks mode: fast gradient
+clipping keeps Opacus's own hooks and needs the plain batch gradients.
 """
 
 from __future__ import annotations
+
+import warnings
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from torch import nn
 
+from m3fm.model.ctvit import FactorizedPosEmbed, PrependTokens
+from m3fm.model.fusion import AddVector
 
-def _add_rows(p: torch.Tensor, rows: torch.Tensor) -> None:
-    """rows: (n, *p.shape) added into the first n per-item rows bound for p."""
+# a leaf's .grad bound to rows of the buffer has the rows' strides, not the stride-0 leaf's: accumulation is in
+# place either way (AccumulateGrad only warns)
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
+class Leaves:
+    """The per-item leaves a private forward pass took, bound to the DP optimizer's rows for the backward pass."""
+
+    def __init__(self):
+        self.taken: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    def take(self, p: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """p: (*S) -> (n, *S), n copies of p sharing its memory; a leaf whose gradient is per item if p trains."""
+        t = p.detach().to(dtype or p.dtype).unsqueeze(0).expand(n, *p.shape)
+        if p.requires_grad:
+            self.taken.append((p, t.requires_grad_(True)))
+        return t
+
+    def bind(self) -> None:
+        """After the forward pass, before the backward pass: each leaf accumulates into its parameter's rows."""
+        for p, t in self.taken:
+            rows = _rows(p)[: t.shape[0]]
+            if t.dtype == rows.dtype:
+                t.grad = rows
+
+    def collect(self) -> None:
+        """After the backward pass: rows autograd could not write directly (another dtype) added in; leaves freed."""
+        for p, t in self.taken:
+            rows = _rows(p)[: t.shape[0]]
+            if t.grad is not None and t.dtype != rows.dtype:
+                rows.add_(t.grad)
+            p.grad_sample = _rows(p)
+        self.taken.clear()
+
+
+def _rows(p: torch.Tensor) -> torch.Tensor:
     bound = getattr(p, "_current_grad_sample", None)
     if bound is None:
         raise RuntimeError("a private backward pass ran with no per-item rows bound (PatientDPOptimizer.bind)")
-    bound[: rows.shape[0]].add_(rows, alpha=bound.shape[0])  # alpha: B, the mean loss's scale; bf16 rows add in fp32
-    p.grad_sample = bound
+    return bound
 
 
-class PerSampleLinear(torch.autograd.Function):
-    """y = x W^T + b; backward: dL/dx, and per-item gradients of W and b into their bound rows (none to autograd)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = F.linear(x, weight, bias)  # under autocast: in the autocast dtype, as nn.Linear would be
-        ctx.save_for_backward(x, weight, bias)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        # x: (n, ..., in), grad_y: (n, ..., out), weight: (out, in)
-        x, weight, bias = ctx.saved_tensors
-        n = x.shape[0]
-        g = grad_y.reshape(n, -1, grad_y.shape[-1])  # (n, T, out)
-        if ctx.needs_input_grad[1]:
-            x3 = x.reshape(n, -1, x.shape[-1])  # (n, T, in)
-            x3 = x3 if x3.dtype == g.dtype else x3.to(g.dtype)  # autocast: x may be fp32, g bf16
-            _add_rows(weight, torch.bmm(g.transpose(1, 2), x3))  # (n, out, in)
-        if bias is not None and ctx.needs_input_grad[2]:
-            _add_rows(bias, g.sum(1))  # (n, out)
-        grad_x = grad_y.matmul(weight.to(grad_y.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+def _trains(m: nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in m.parameters(recurse=False))
 
 
-class PerSampleAffine(torch.autograd.Function):
-    """y = xhat * w + b over the last dimension (LayerNorm's affine part); backward: dL/dxhat, and per-item gradients
-    of w and b into their bound rows."""
-
-    @staticmethod
-    def forward(ctx, xhat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(xhat, weight, bias)
-        return xhat * weight if bias is None else torch.addcmul(bias, xhat, weight)
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        # xhat, grad_y: (n, ..., D); weight, bias: (D,)
-        xhat, weight, bias = ctx.saved_tensors
-        n, d = xhat.shape[0], xhat.shape[-1]
-        if ctx.needs_input_grad[1]:
-            _add_rows(weight, (grad_y * xhat).reshape(n, -1, d).sum(1))  # (n, D)
-        if bias is not None and ctx.needs_input_grad[2]:
-            _add_rows(bias, grad_y.reshape(n, -1, d).sum(1))  # (n, D)
-        return (grad_y * weight if ctx.needs_input_grad[0] else None), None, None
+def _per_item(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """v: (n, D) -> (n, 1, ..., 1, D), broadcasting over every dimension of `like` but the first and last."""
+    return v.view(v.shape[0], *[1] * (like.dim() - 2), v.shape[-1])
 
 
-def _linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return PerSampleLinear.apply(x, self.weight, self.bias)
+def _linear(m: nn.Linear, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
+    if not _trains(m):
+        return F.linear(x, m.weight, m.bias)
+    n = x.shape[0]
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    x3 = x.reshape(n, -1, x.shape[-1])  # (n, T, in)
+    w = leaves.take(m.weight, n, dtype).transpose(1, 2)  # (n, in, out)
+    y = torch.bmm(x3, w) if m.bias is None else torch.baddbmm(leaves.take(m.bias, n, dtype)[:, None], x3, w)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return PerSampleAffine.apply(F.layer_norm(x, self.normalized_shape, None, None, self.eps), self.weight, self.bias)
+def _layer_norm(m: nn.LayerNorm, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
+    xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+    if not _trains(m):
+        return xhat * m.weight if m.bias is None else torch.addcmul(m.bias, xhat, m.weight)
+    n = x.shape[0]
+    w = _per_item(leaves.take(m.weight, n), x)
+    return xhat * w if m.bias is None else torch.addcmul(_per_item(leaves.take(m.bias, n), x), xhat, w)
 
 
-OWN_PER_SAMPLE = {nn.Linear: _linear, nn.LayerNorm: _layer_norm}  # module type -> forward writing its own rows
+def _embedding(m: nn.Embedding, leaves: Leaves, ids: torch.Tensor) -> torch.Tensor:
+    # ids: (n, ...) -> (n, ..., D), item i's rows of item i's copy of the table
+    if not _trains(m):
+        return F.embedding(ids, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+    n = ids.shape[0]
+    item = torch.arange(n, device=ids.device).view(n, *[1] * (ids.dim() - 1))
+    out = leaves.take(m.weight, n)[item, ids]
+    if m.padding_idx is None:
+        return out
+    return torch.where((ids == m.padding_idx).unsqueeze(-1), out.detach(), out)  # the padding row never trains
+
+
+def _add_vector(m: AddVector, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
+    if not _trains(m):
+        return x + m.vector
+    return x + _per_item(leaves.take(m.vector, x.shape[0]), x)
+
+
+def _prepend_tokens(m: PrependTokens, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
+    # x: (n, L, D); tokens: (1, num, D) -> (n, num + L, D)
+    if not _trains(m):
+        return torch.cat([m.tokens.expand(x.shape[0], -1, -1), x], dim=1)
+    return torch.cat([leaves.take(m.tokens, x.shape[0])[:, 0], x], dim=1)
+
+
+def _factorized_pos_embed(m: FactorizedPosEmbed, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
+    # x: (n, S'*H'*W', D); in-plane (1, H'W', D) tiled over slices, through-plane (1, S', D) over positions
+    if not _trains(m):
+        return type(m).forward(m, x)
+    n, s, hw = x.shape[0], m.through_plane.shape[1], m.in_plane.shape[1]
+    in_plane, through_plane = leaves.take(m.in_plane, n)[:, 0], leaves.take(m.through_plane, n)[:, 0]
+    return x + in_plane.repeat(1, s, 1) + through_plane.repeat_interleave(hw, dim=1)
+
+
+# module type -> forward taking per-item leaves; the model's trainable module types all have one
+OWN_PER_SAMPLE = {nn.Linear: _linear, nn.LayerNorm: _layer_norm, nn.Embedding: _embedding, AddVector: _add_vector,
+                  PrependTokens: _prepend_tokens, FactorizedPosEmbed: _factorized_pos_embed}
 
 
 def _writes_own(m: nn.Module) -> bool:
-    # a LayerNorm over more than the last dimension, or without weights, stays with Opacus
-    if type(m) is nn.LayerNorm:
+    if type(m) is nn.LayerNorm:  # over more than the last dimension, or without weights: Opacus's hooks
         return m.weight is not None and len(m.normalized_shape) == 1
+    if type(m) is nn.Embedding:  # these change the table or scale its gradient: Opacus refuses or handles them
+        return m.max_norm is None and not m.scale_grad_by_freq and not m.sparse
     return type(m) in OWN_PER_SAMPLE
 
 
 class OpacusHooksBeside(GradSampleModule):
-    """Opacus's GradSampleModule hooking every trainable module but those writing their own per-sample rows
+    """Opacus's GradSampleModule hooking every trainable module but those taking per-item leaves
     (`per_sample_layers` must route them there)."""
 
     def iterate_submodules(self, module: nn.Module):
@@ -114,11 +171,11 @@ class OpacusHooksBeside(GradSampleModule):
                 yield m
 
 
-def per_sample_layers(model: nn.Module) -> list[nn.Module]:
-    """Route the model's Linear and LayerNorm layers through the Functions above; returns them for `restore`."""
+def per_sample_layers(model: nn.Module, leaves: Leaves) -> list[nn.Module]:
+    """Route the model's modules of the types above through per-item leaves; returns them for `restore`."""
     layers = [m for m in model.modules() if _writes_own(m) and "forward" not in vars(m)]
     for m in layers:
-        m.forward = OWN_PER_SAMPLE[type(m)].__get__(m)
+        m.forward = partial(OWN_PER_SAMPLE[type(m)], m, leaves)
     return layers
 
 

@@ -119,9 +119,8 @@ def test_the_private_step_equals_a_per_patient_reference_loop(tiny_cfg, tokenize
             torch.manual_seed(11)  # the same noise draws, in the optimizer's parameter order
         private.optimizer.step()
         private.optimizer.zero_grad(set_to_none=True)
-    if clipping == "hooks":  # Linear and LayerNorm write their own rows (privacy/per_sample_layers.py), unhooked
-        hooked = {type(m) for m in private.module.iterate_submodules(model)}
-        assert torch.nn.Linear not in hooked and torch.nn.LayerNorm not in hooked and hooked
+    if clipping == "hooks":  # every module takes per-item leaves (privacy/per_sample_layers.py): no Opacus hook
+        assert not list(private.module.iterate_submodules(model))
     private.close()
     assert not any("forward" in vars(m) for m in model.modules())  # plain Linear and LayerNorm for the next round
     assert not any(hasattr(p, "grad_sample") or hasattr(p, "_current_grad_sample") for p in model.parameters())
@@ -129,3 +128,39 @@ def test_the_private_step_equals_a_per_patient_reference_loop(tiny_cfg, tokenize
     for n in names:
         assert torch.allclose(model.get_parameter(n).detach(), reference[n], atol=2e-6, rtol=1e-4), n
     assert not torch.equal(model.get_parameter("heads.yes_no.fc1.weight"), start["heads.yes_no.fc1.weight"])
+
+
+def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks():
+    """The rows a private backward pass leaves in the optimizer's buffer are each item's own gradient: per-item leaves
+    (Linear twice, LayerNorm, Embedding with a padding row) and a module left to Opacus's hooks (Conv1d) at the same
+    scale, against one backward pass per item."""
+    import torch.nn.functional as F
+    from privacy.budget import DPSGDConfig
+    from privacy.dp_sgd import Clipping
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv = torch.nn.Embedding(9, 4, padding_idx=0), torch.nn.Conv1d(4, 4, 3, padding=1)
+            self.norm, self.fc, self.out = torch.nn.LayerNorm(4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, ids):  # ids: (n, L) -> (n, 3)
+            x = self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2)  # (n, L, 4)
+            return self.out(self.fc(self.fc(self.norm(x))).mean(1))  # fc called twice: its rows hold the sum
+
+    torch.manual_seed(0)
+    model, ids, target = Net(), torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
+    ids[:, -2:] = 0  # padding
+    reference = []
+    for i in range(5):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(ids[i:i + 1]), target[i:i + 1]).backward()
+        reference.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert not reference[0][:4 * 9].view(9, 4)[0].any()  # the padding row has no gradient
+    model.zero_grad(set_to_none=True)
+    dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+    private = Clipping(model, torch.optim.SGD(model.parameters(), lr=1.0), 1.0, dp)
+    assert [type(m) for m in private.module.iterate_submodules(model)] == [torch.nn.Conv1d]
+    private.backward(F.cross_entropy(model(ids), target, reduction="none"))
+    assert torch.allclose(private.optimizer.rows, torch.stack(reference), atol=1e-6)
+    private.close()
