@@ -53,40 +53,40 @@ class Leaves:
 
     def __init__(self):
         self.taken: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.unbound: list[tuple[torch.Tensor, torch.Tensor]] = []  # (leaf, rows) of another dtype than the rows
 
     def take(self, p: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """p: (*S) -> (n, *S), n copies of p sharing its memory; a leaf whose gradient is per item if p trains."""
-        t = p.detach().to(dtype or p.dtype).unsqueeze(0).expand(n, *p.shape)
+        t = (p.detach() if dtype is None else p.detach().to(dtype)).expand(n, *p.shape)
         if p.requires_grad:
             self.taken.append((p, t.requires_grad_(True)))
         return t
 
     def bind(self) -> None:
-        """After the forward pass, before the backward pass: each leaf accumulates into its parameter's rows."""
+        """After the forward pass, before the backward pass: each leaf accumulates into its parameter's rows (the
+        first n rows, n the items of the call: as Opacus, a module sees the micro-batch's items in order)."""
         for p, t in self.taken:
-            rows = _rows(p)[: t.shape[0]]
+            rows = getattr(p, "_current_grad_sample", None)
+            if rows is None:
+                raise RuntimeError("a private forward pass ran with no per-item rows bound (PatientDPOptimizer.bind)")
+            p.grad_sample = rows  # where Opacus's hooks would leave them
+            rows = rows if rows.shape[0] == t.shape[0] else rows[: t.shape[0]]
             if t.dtype == rows.dtype:
                 t.grad = rows
-
-    def collect(self) -> None:
-        """After the backward pass: rows autograd could not write directly (another dtype) added in; leaves freed."""
-        for p, t in self.taken:
-            rows = _rows(p)[: t.shape[0]]
-            if t.grad is not None and t.dtype != rows.dtype:
-                rows.add_(t.grad)
-            p.grad_sample = _rows(p)
+            else:
+                self.unbound.append((t, rows))
         self.taken.clear()
 
+    def collect(self) -> None:
+        """After the backward pass: rows autograd could not write directly (another dtype) added in."""
+        for t, rows in self.unbound:
+            if t.grad is not None:
+                rows.add_(t.grad)
+        self.unbound.clear()
 
-def _rows(p: torch.Tensor) -> torch.Tensor:
-    bound = getattr(p, "_current_grad_sample", None)
-    if bound is None:
-        raise RuntimeError("a private backward pass ran with no per-item rows bound (PatientDPOptimizer.bind)")
-    return bound
 
-
-def _trains(m: nn.Module) -> bool:
-    return torch.is_grad_enabled() and any(p.requires_grad for p in m.parameters(recurse=False))
+def _trains(params: tuple[nn.Parameter, ...]) -> bool:
+    return torch.is_grad_enabled() and any([p.requires_grad for p in params])
 
 
 def _per_item(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -94,8 +94,8 @@ def _per_item(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(v.shape[0], *[1] * (like.dim() - 2), v.shape[-1])
 
 
-def _linear(m: nn.Linear, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
-    if not _trains(m):
+def _linear(m: nn.Linear, leaves: Leaves, params, x: torch.Tensor) -> torch.Tensor:
+    if not _trains(params):
         return F.linear(x, m.weight, m.bias)
     n = x.shape[0]
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
@@ -105,18 +105,18 @@ def _linear(m: nn.Linear, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _layer_norm(m: nn.LayerNorm, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
+def _layer_norm(m: nn.LayerNorm, leaves: Leaves, params, x: torch.Tensor) -> torch.Tensor:
     xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-    if not _trains(m):
+    if not _trains(params):
         return xhat * m.weight if m.bias is None else torch.addcmul(m.bias, xhat, m.weight)
     n = x.shape[0]
     w = _per_item(leaves.take(m.weight, n), x)
     return xhat * w if m.bias is None else torch.addcmul(_per_item(leaves.take(m.bias, n), x), xhat, w)
 
 
-def _embedding(m: nn.Embedding, leaves: Leaves, ids: torch.Tensor) -> torch.Tensor:
+def _embedding(m: nn.Embedding, leaves: Leaves, params, ids: torch.Tensor) -> torch.Tensor:
     # ids: (n, ...) -> (n, ..., D), item i's rows of item i's copy of the table
-    if not _trains(m):
+    if not _trains(params):
         return F.embedding(ids, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
     n = ids.shape[0]
     item = torch.arange(n, device=ids.device).view(n, *[1] * (ids.dim() - 1))
@@ -126,22 +126,22 @@ def _embedding(m: nn.Embedding, leaves: Leaves, ids: torch.Tensor) -> torch.Tens
     return torch.where((ids == m.padding_idx).unsqueeze(-1), out.detach(), out)  # the padding row never trains
 
 
-def _add_vector(m: AddVector, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
-    if not _trains(m):
+def _add_vector(m: AddVector, leaves: Leaves, params, x: torch.Tensor) -> torch.Tensor:
+    if not _trains(params):
         return x + m.vector
     return x + _per_item(leaves.take(m.vector, x.shape[0]), x)
 
 
-def _prepend_tokens(m: PrependTokens, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
+def _prepend_tokens(m: PrependTokens, leaves: Leaves, params, x: torch.Tensor) -> torch.Tensor:
     # x: (n, L, D); tokens: (1, num, D) -> (n, num + L, D)
-    if not _trains(m):
+    if not _trains(params):
         return torch.cat([m.tokens.expand(x.shape[0], -1, -1), x], dim=1)
     return torch.cat([leaves.take(m.tokens, x.shape[0])[:, 0], x], dim=1)
 
 
-def _factorized_pos_embed(m: FactorizedPosEmbed, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
+def _factorized_pos_embed(m: FactorizedPosEmbed, leaves: Leaves, params, x: torch.Tensor) -> torch.Tensor:
     # x: (n, S'*H'*W', D); in-plane (1, H'W', D) tiled over slices, through-plane (1, S', D) over positions
-    if not _trains(m):
+    if not _trains(params):
         return type(m).forward(m, x)
     n, s, hw = x.shape[0], m.through_plane.shape[1], m.in_plane.shape[1]
     in_plane, through_plane = leaves.take(m.in_plane, n)[:, 0], leaves.take(m.through_plane, n)[:, 0]
@@ -175,7 +175,7 @@ def per_sample_layers(model: nn.Module, leaves: Leaves) -> list[nn.Module]:
     """Route the model's modules of the types above through per-item leaves; returns them for `restore`."""
     layers = [m for m in model.modules() if _writes_own(m) and "forward" not in vars(m)]
     for m in layers:
-        m.forward = partial(OWN_PER_SAMPLE[type(m)], m, leaves)
+        m.forward = partial(OWN_PER_SAMPLE[type(m)], m, leaves, tuple(m.parameters(recurse=False)))
     return layers
 
 
