@@ -57,6 +57,25 @@ def test_a_supernode_whose_main_thread_dies_exits_instead_of_hanging(tmp_path):
     assert proc.returncode == 1 and "ssl.SSLError: no start line" in out, out[-2000:]
 
 
+def test_the_supernode_heartbeat_interval_is_the_one_it_reports_and_flowers_range_is_kept():
+    """transport/supernode.py sends heartbeats every 10 s (not Flower's 30) and reports that interval to the SuperLink,
+    which takes a node for dead after two: the round a dead site was in goes on after about 20 s, not a minute."""
+    import pytest
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    from transport.supernode import HEARTBEAT_DEFAULT, quick_heartbeat
+
+    before = heartbeat.HEARTBEAT_DEFAULT_INTERVAL, fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL
+    try:
+        quick_heartbeat(HEARTBEAT_DEFAULT)
+        assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10.0
+        with pytest.raises(ValueError, match="M3FM_SUPERNODE_HEARTBEAT_S=5: the SuperLink accepts 10-1800 s"):
+            quick_heartbeat(5)
+    finally:
+        heartbeat.HEARTBEAT_DEFAULT_INTERVAL, fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = before
+
+
 def test_log_reading_tells_connected_offline_and_why():
     watch = SuperNodeLog(path=None)  # fed line by line
     watch.feed("INFO :      SuperNode ID: 123", 0.0)

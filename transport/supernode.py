@@ -12,6 +12,11 @@ round's fixed cost. Here those sleeps are capped at POLL_ENV seconds (default 0.
 hundred bytes each, against a SuperLink that answers them from memory). The patch replaces that one module's
 `time` name; `pinned_sleeps` checks the module still looks as it did when this was written.
 
+Flower 1.41's SuperNode tells the SuperLink it sends a heartbeat every 30 s (`HEARTBEAT_DEFAULT_INTERVAL`, fixed),
+and the SuperLink takes a node for dead after two intervals: a site whose machine died held up the round it was in
+for about a minute before the others could finish it. Here the interval is HEARTBEAT_ENV seconds (default 10, the
+shortest the SuperLink accepts): a dead site is noticed in about 20 s, for one small request every 4 s.
+
 Unless the caller picks an isolation mode or TLS for the Runtime API, the SuperNode runs with `--isolation process`
 and this starts transport/superexec.py beside it (what Flower's subprocess mode does with `flower-superexec`): each
 message's ClientApp is then a fork of a process that has imported Flower already, not a new interpreter.
@@ -30,6 +35,7 @@ from transport.object_pulls import quick_object_pulls
 from transport.processes import die_with_parent
 
 POLL_ENV, POLL_DEFAULT = "M3FM_SUPERNODE_POLL_S", 0.25
+HEARTBEAT_ENV, HEARTBEAT_DEFAULT = "M3FM_SUPERNODE_HEARTBEAT_S", 10.0
 
 
 class _CappedSleep:
@@ -55,6 +61,22 @@ def pinned_sleeps(cap: float) -> None:
     start_client_internal.time = _CappedSleep(cap)
 
 
+def quick_heartbeat(interval: float) -> None:
+    """Heartbeats every `interval` s, and the SuperLink told so (flwr 1.41 reads the constant in both modules)."""
+    from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    if not HEARTBEAT_MIN_INTERVAL <= interval <= HEARTBEAT_MAX_INTERVAL:
+        raise ValueError(f"{HEARTBEAT_ENV}={interval:g}: the SuperLink accepts {HEARTBEAT_MIN_INTERVAL}-"
+                         f"{HEARTBEAT_MAX_INTERVAL} s")
+    for module in (heartbeat, fleet_http_connection):
+        if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)):
+            raise RuntimeError(f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL: revisit "
+                               "transport/supernode.py for this Flower version")
+        module.HEARTBEAT_DEFAULT_INTERVAL = interval
+
+
 def warm_clientapps(argv: list[str]) -> list[str]:
     """argv for Flower with `--isolation process`, and transport/superexec.py started for this SuperNode; argv as
     given when it names an isolation mode or Runtime API TLS (Flower's own `flower-superexec` then)."""
@@ -74,6 +96,7 @@ def main() -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     pinned_sleeps(float(os.environ.get(POLL_ENV, POLL_DEFAULT)))
+    quick_heartbeat(float(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_DEFAULT)))
     quick_object_pulls()
     sys.argv = ["flower-supernode", *warm_clientapps(sys.argv[1:])]
     code = 0
