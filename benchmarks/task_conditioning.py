@@ -24,7 +24,8 @@ from m3fm.data.collate import collate_qa
 from m3fm.data.crops import read_memmap
 from m3fm.data.datasets import QADataset, SiteData
 from m3fm.evaluation import collect_predictions
-from m3fm.local import PhaseConfig, local_multitask
+from m3fm.phase import PhaseConfig
+from m3fm.local import local_multitask
 from m3fm.model.configs import get_config
 from m3fm.model.heads import task_probabilities
 from m3fm.model.m3fm import M3FM

@@ -27,7 +27,8 @@ from client.site import load_site
 import m3fm.data.collate
 from m3fm.data.datasets import QADataset, SiteData
 from m3fm.evaluation import collect_predictions
-from m3fm.local import PhaseConfig, multitask_steps
+from m3fm.phase import PhaseConfig
+from m3fm.local import multitask_steps
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer

@@ -32,24 +32,8 @@ from m3fm.weights.groups import multitask_group_counts, pretrain_group_counts
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer, mask_for_mlm
 from m3fm.tasks import YES_NO, get_task
+from m3fm.phase import PhaseConfig
 from m3fm.train import TrainConfig, build_optimizer, multitask_step, pretrain_step
-
-
-@dataclass
-class PhaseConfig:
-    name: str  # "pretrain" or "multitask"
-    rounds: int = 1
-    local_steps: int = 2
-    lr: float = 2e-4
-    batch_size: int = 4
-    warmup_steps: int = 0
-    scales: tuple[str, ...] = ()  # pretraining: empty means every scale of the model configuration
-    tasks: tuple[str, ...] = ()  # multitask: empty means every task the site has labels for
-    tasks_per_step: int = 0  # micro-batches (one task each) per optimizer step; 0: every task
-    micro_batches: int = 1  # pretraining: micro-batches (batch_size crops of one scale each, scales in turn) per step
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.lr, warmup_steps=self.warmup_steps, total_steps=self.rounds * self.local_steps)
 
 
 def _cycle(batches: list[list[int]], rng: random.Random):

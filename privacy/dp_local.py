@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from m3fm.data.collate import collate_pretrain, collate_qa
 from m3fm.distributed import Ranks
-from m3fm.local import PhaseConfig, multitask_population, pretrain_population, text_items, too_few
+from m3fm.phase import PhaseConfig
+from m3fm.local import multitask_population, pretrain_population, text_items, too_few
 from m3fm.weights.groups import multitask_group_counts, parameter_group, pretrain_group_counts
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from m3fm.local import PhaseConfig
+from m3fm.phase import PhaseConfig
 from m3fm.model.configs import CONFIGS, get_config
 from m3fm.tasks import TASK_BY_NAME
 from m3fm.tokenizer_folder import tokenizer_folder

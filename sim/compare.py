@@ -31,7 +31,8 @@ from client.site import SiteConfig, load_site
 from m3fm.checkpoint import load_checkpoint
 from m3fm.data.datasets import PretrainDataset, QADataset, SiteData
 from m3fm.evaluation import evaluate_tasks
-from m3fm.local import PhaseConfig, multitask_population, multitask_steps, pretrain_steps
+from m3fm.phase import PhaseConfig
+from m3fm.local import multitask_population, multitask_steps, pretrain_steps
 from m3fm.metrics import SUPPRESSED
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM

@@ -238,10 +238,11 @@ clipping_norm = 1.0
 """
 
 
+@pytest.mark.slow
 def test_ray_engine_runs_secure_aggregation_with_central_dp_in_a_loopback_only_namespace(cohort, ingested, tmp_path):
     """The tiny run on Flower's simulation engine, every training round through SecAgg+ in chunks (sites clip,
     mask; the server unmasks only the sums and adds the central noise), all traffic on a loopback-only network
-    namespace."""
+    namespace. Slow: tests/test_ray_cluster.py runs the same on a two-node Ray cluster."""
     out_dir, _ = cohort
     toml = tmp_path / "server.toml"
     toml.write_text(SECURE_TOML)

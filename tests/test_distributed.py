@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 from m3fm.data.collate import collate_pretrain, collate_qa
 from m3fm.distributed import Ranks, all_reduce_grads
-from m3fm.local import PhaseConfig, multitask_steps
+from m3fm.phase import PhaseConfig
+from m3fm.local import multitask_steps
 from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer
@@ -117,8 +118,10 @@ def round_setup(tasks_per_step, dropout=0.0):
     return model, load_tokenizer(get_config("tiny")), pc
 
 
-# every task each step (2 on rank 0, 1 on rank 1); one (a rank idles); every task, with dropout and drop path
-@pytest.mark.parametrize("tasks_per_step,dropout", [(0, 0.0), (1, 0.0), (0, 0.1)])
+# every task each step (2 on rank 0, 1 on rank 1); one (a rank idles); every task, with dropout and drop path (the
+# last two slow: the same rank processes and comparison as the first)
+@pytest.mark.parametrize("tasks_per_step,dropout", [(0, 0.0), pytest.param(1, 0.0, marks=pytest.mark.slow),
+                                                    pytest.param(0, 0.1, marks=pytest.mark.slow)])
 def test_a_local_round_on_two_ranks_ends_with_the_weights_and_totals_of_one_process(tmp_path, tasks_per_step, dropout):
     mp.spawn(rank_round, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "round"), tasks_per_step, dropout),
              nprocs=2, join=True)

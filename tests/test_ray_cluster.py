@@ -1,12 +1,19 @@
 """`m3fm-sim run --engine ray --ray-address` on a real 2-node Ray cluster: a head and a worker node started with
 `ray start`, inside a loopback-only network namespace (Ray binds the machine's own address) that is also a PID
-namespace, so everything Ray starts ends with the test and `ray stop` sees only this cluster's processes."""
+namespace, so everything Ray starts ends with the test and `ray stop` sees only this cluster's processes. The run
+is tests/test_deployment.py's secure one: every training round through SecAgg+ in chunks with central DP, and each
+site's report at the end."""
 
 import re
 import shutil
 import subprocess
 import tempfile
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.store import PrivacyLedger, Round, SiteReport, open_server_store
+from test_deployment import SECURE_TOML
 from transport.flower import flower_bin, flower_env
 
 SCRIPT = """set -u
@@ -17,7 +24,8 @@ ip link set lo up
     > {tmp}/worker.log 2>&1 || {{ cat {tmp}/worker.log; exit 4; }}
 ( for i in $(seq 1 900); do ps -eo pid,ppid,args >> {tmp}/ps.log; echo ---- >> {tmp}/ps.log; sleep 0.5; done ) &
 watch=$!
-{sim} run --cohort {cohort} --preset tiny --engine ray --ray-address 127.0.0.1:6390 --out {tmp}/out
+{sim} run --cohort {cohort} --preset tiny --engine ray --ray-address 127.0.0.1:6390 --out {tmp}/out \\
+    --server-config {tmp}/server.toml
 rc=$?
 kill $watch
 {ray} stop --force > /dev/null 2>&1
@@ -28,6 +36,7 @@ exit $rc
 def test_ray_engine_joins_an_existing_two_node_cluster_and_runs_sites_on_both(cohort, ingested, tmp_path):
     out_dir, _ = cohort
     script = tmp_path / "cluster.sh"
+    (tmp_path / "server.toml").write_text(SECURE_TOML)
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     script.write_text(SCRIPT.format(ray=flower_bin("ray"), sim=flower_bin("m3fm-sim"), tmp=tmp_path, cohort=out_dir,
                                     ray_tmp=ray_tmp))
@@ -38,9 +47,20 @@ def test_ray_engine_joins_an_existing_two_node_cluster_and_runs_sites_on_both(co
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "joining the Ray cluster at 127.0.0.1:6390" in done.stdout
-    assert re.search(r"round \d+/\d+ multitask \d+: 3/3 sites", done.stdout), done.stdout[-3000:]
+    assert "round 2/2 multitask 1: 3/3 sites" in done.stdout, done.stdout[-3000:]
+    assert "rounds done: each site is evaluating" in done.stdout and "site report 3 in: site-0" in done.stdout
     for site in ("site-01", "site-02", "site-03"):
         assert (tmp_path / "out" / "metrics" / f"{site}.json").is_file()
+        # after the run each site wrote its report and m3fm-sim copied it beside the run report
+        assert (tmp_path / "out" / "reports" / "run-0001" / site / "report.html").is_file()
+    assert (tmp_path / "out" / "reports" / "run-0001" / "run" / "report.html").is_file()
+    engine = open_server_store(f"sqlite:///{tmp_path / 'runs' / 'server.db'}")
+    with Session(engine) as s:
+        assert [(r.round, r.sites_accepted) for r in s.scalars(select(Round).order_by(Round.round))] == [(1, 3), (2, 3)]
+        assert [(r.round, r.mechanism) for r in s.scalars(select(PrivacyLedger).order_by(PrivacyLedger.round))] == \
+            [(1, "central-dp per site"), (2, "central-dp per site")]
+        assert sorted(r.site_id for r in s.scalars(select(SiteReport))) == ["site-01", "site-02", "site-03"]
+    engine.dispose()
     # which node's raylet each virtual-site actor ran under, from the process table sampled during the run
     rows = [line.split(None, 2) for line in (tmp_path / "ps.log").read_text().splitlines() if line[:1] != "-"]
     raylets = {pid for pid, _, args in (r for r in rows if len(r) == 3) if args.split()[0].endswith("raylet/raylet")}

@@ -54,7 +54,9 @@ def alive(pid: int) -> bool:
     return not open(f"/proc/{pid}/stat").read().split(") ")[1].startswith("Z")
 
 
-# pretraining over ranks (micro-batches shared): the real round below, whose round 1 pretrains on 2 ranks
+# pretraining over ranks (micro-batches shared): the real round below, whose round 1 pretrains on 2 ranks. Slow: the
+# real round below compares each two-rank reply with the one-device reply too
+@pytest.mark.slow
 @pytest.mark.parametrize("phase,extra", [("multitask", {})])
 def test_a_site_on_two_ranks_replies_as_it_does_on_one_device(ingested, tmp_path, phase, extra):
     out, sites, _ = ingested
