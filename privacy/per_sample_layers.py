@@ -4,8 +4,8 @@ Opacus computes per-sample gradients in Python hooks: a forward hook keeps each 
 hook (two more autograd nodes around the module) hands the output gradient to a grad sampler, and the result is
 added into the parameter's `_current_grad_sample`. At tiny most of a private step's extra cost was that Python, per
 module and call (cProfile: 17 of 55 ms), and the plain backward pass still computed each weight's batch gradient
-only to have the DP optimizer overwrite it. Python autograd Functions doing the same per layer (stop 43) still ran
-a Python backward per layer call.
+only to have the DP optimizer overwrite it. Python autograd Functions writing the rows per layer (this file's
+previous version) still ran a Python backward per layer call.
 
 Here no Python runs in the backward pass. While a private round trains, each of the model's parametrised module
 types (Linear, LayerNorm, Embedding, and the model's AddVector, PrependTokens and FactorizedPosEmbed) runs a forward

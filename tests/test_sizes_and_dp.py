@@ -130,10 +130,12 @@ def test_the_private_step_equals_a_per_patient_reference_loop(tiny_cfg, tokenize
     assert not torch.equal(model.get_parameter("heads.yes_no.fc1.weight"), start["heads.yes_no.fc1.weight"])
 
 
-def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks(autocast):
     """The rows a private backward pass leaves in the optimizer's buffer are each item's own gradient: per-item leaves
     (Linear twice, LayerNorm, Embedding with a padding row) and a module left to Opacus's hooks (Conv1d) at the same
-    scale, against one backward pass per item."""
+    scale, against one backward pass per item. Under bf16 autocast (a GPU site's training) Linear's leaves are bf16
+    and their rows are added after the backward pass."""
     import torch.nn.functional as F
     from privacy.budget import DPSGDConfig
     from privacy.dp_sgd import Clipping
@@ -161,6 +163,13 @@ def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks(
     dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
     private = Clipping(model, torch.optim.SGD(model.parameters(), lr=1.0), 1.0, dp)
     assert [type(m) for m in private.module.iterate_submodules(model)] == [torch.nn.Conv1d]
-    private.backward(F.cross_entropy(model(ids), target, reduction="none"))
-    assert torch.allclose(private.optimizer.rows, torch.stack(reference), atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        losses = F.cross_entropy(model(ids).float(), target, reduction="none")
+    private.backward(losses)
+    reference = torch.stack(reference)
+    if autocast:  # bf16 products: within bf16's precision of the fp32 gradients
+        assert not private.leaves.unbound
+        assert torch.allclose(private.optimizer.rows, reference, rtol=0.05, atol=0.02 * reference.abs().max())
+    else:
+        assert torch.allclose(private.optimizer.rows, reference, atol=1e-6)
     private.close()
