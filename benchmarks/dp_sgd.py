@@ -65,7 +65,7 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
     from client.site import load_site
     from m3fm.data.datasets import SiteData
     from m3fm.phase import PhaseConfig
-from m3fm.local import local_multitask, local_pretrain
+    from m3fm.local import local_multitask, local_pretrain
     from m3fm.model.configs import get_config
     from m3fm.model.m3fm import M3FM
     from m3fm.model.text import load_tokenizer
