@@ -238,6 +238,26 @@ clipping_norm = 1.0
 """
 
 
+def assert_secure_run_with_reports(stdout: str, tmp_path) -> None:
+    """SECURE_TOML's run under `m3fm-sim run --out tmp_path/out` finished: both rounds with the three sites, each
+    round in the ledger as central DP, and every site's report beside the run report."""
+    assert "round 2/2 multitask 1: 3/3 sites" in stdout, stdout[-3000:]
+    # the wait for the reports shows too, one line per site as its report lands
+    assert "rounds done: each site is evaluating" in stdout and "site report 3 in: site-0" in stdout
+    for site in ("site-01", "site-02", "site-03"):
+        assert (tmp_path / "out" / "metrics" / f"{site}.json").is_file()
+        # after the run each site wrote its report and m3fm-sim copied it beside the run report
+        assert (tmp_path / "out" / "reports" / "run-0001" / site / "report.html").is_file()
+    assert (tmp_path / "out" / "reports" / "run-0001" / "run" / "report.html").is_file()
+    engine = open_server_store(f"sqlite:///{tmp_path / 'runs' / 'server.db'}")
+    with Session(engine) as s:
+        assert [(r.round, r.sites_accepted) for r in s.scalars(select(Round).order_by(Round.round))] == [(1, 3), (2, 3)]
+        assert [(r.round, r.mechanism) for r in s.scalars(select(PrivacyLedger).order_by(PrivacyLedger.round))] == \
+            [(1, "central-dp per site"), (2, "central-dp per site")]
+        assert sorted(r.site_id for r in s.scalars(select(SiteReport))) == ["site-01", "site-02", "site-03"]
+    engine.dispose()
+
+
 @pytest.mark.slow
 def test_ray_engine_runs_secure_aggregation_with_central_dp_in_a_loopback_only_namespace(cohort, ingested, tmp_path):
     """The tiny run on Flower's simulation engine, every training round through SecAgg+ in chunks (sites clip,
@@ -251,18 +271,4 @@ def test_ray_engine_runs_secure_aggregation_with_central_dp_in_a_loopback_only_n
     done = subprocess.run(["unshare", "-n", "sh", "-c", cmd], capture_output=True, text=True, env=flower_env(),
                           timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert "round 2/2 multitask 1: 3/3 sites" in done.stdout
-    # the wait for the reports shows too, one line per site as its report lands
-    assert "rounds done: each site is evaluating" in done.stdout and "site report 3 in: site-0" in done.stdout
-    for site in ("site-01", "site-02", "site-03"):
-        assert (tmp_path / "out" / "metrics" / f"{site}.json").is_file()
-        # after the run each site wrote its report and m3fm-sim copied it beside the run report
-        assert (tmp_path / "out" / "reports" / "run-0001" / site / "report.html").is_file()
-    assert (tmp_path / "out" / "reports" / "run-0001" / "run" / "report.html").is_file()
-    engine = open_server_store(f"sqlite:///{tmp_path / 'runs' / 'server.db'}")
-    with Session(engine) as s:
-        assert [(r.round, r.sites_accepted) for r in s.scalars(select(Round).order_by(Round.round))] == [(1, 3), (2, 3)]
-        assert [(r.round, r.mechanism) for r in s.scalars(select(PrivacyLedger).order_by(PrivacyLedger.round))] == \
-            [(1, "central-dp per site"), (2, "central-dp per site")]
-        assert sorted(r.site_id for r in s.scalars(select(SiteReport))) == ["site-01", "site-02", "site-03"]
-    engine.dispose()
+    assert_secure_run_with_reports(done.stdout, tmp_path)

@@ -4,16 +4,11 @@ namespace, so everything Ray starts ends with the test and `ray stop` sees only 
 is tests/test_deployment.py's secure one: every training round through SecAgg+ in chunks with central DP, and each
 site's report at the end."""
 
-import re
 import shutil
 import subprocess
 import tempfile
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from server.store import PrivacyLedger, Round, SiteReport, open_server_store
-from test_deployment import SECURE_TOML
+from test_deployment import SECURE_TOML, assert_secure_run_with_reports
 from transport.flower import flower_bin, flower_env
 
 SCRIPT = """set -u
@@ -47,20 +42,7 @@ def test_ray_engine_joins_an_existing_two_node_cluster_and_runs_sites_on_both(co
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "joining the Ray cluster at 127.0.0.1:6390" in done.stdout
-    assert "round 2/2 multitask 1: 3/3 sites" in done.stdout, done.stdout[-3000:]
-    assert "rounds done: each site is evaluating" in done.stdout and "site report 3 in: site-0" in done.stdout
-    for site in ("site-01", "site-02", "site-03"):
-        assert (tmp_path / "out" / "metrics" / f"{site}.json").is_file()
-        # after the run each site wrote its report and m3fm-sim copied it beside the run report
-        assert (tmp_path / "out" / "reports" / "run-0001" / site / "report.html").is_file()
-    assert (tmp_path / "out" / "reports" / "run-0001" / "run" / "report.html").is_file()
-    engine = open_server_store(f"sqlite:///{tmp_path / 'runs' / 'server.db'}")
-    with Session(engine) as s:
-        assert [(r.round, r.sites_accepted) for r in s.scalars(select(Round).order_by(Round.round))] == [(1, 3), (2, 3)]
-        assert [(r.round, r.mechanism) for r in s.scalars(select(PrivacyLedger).order_by(PrivacyLedger.round))] == \
-            [(1, "central-dp per site"), (2, "central-dp per site")]
-        assert sorted(r.site_id for r in s.scalars(select(SiteReport))) == ["site-01", "site-02", "site-03"]
-    engine.dispose()
+    assert_secure_run_with_reports(done.stdout, tmp_path)
     # which node's raylet each virtual-site actor ran under, from the process table sampled during the run
     rows = [line.split(None, 2) for line in (tmp_path / "ps.log").read_text().splitlines() if line[:1] != "-"]
     raylets = {pid for pid, _, args in (r for r in rows if len(r) == 3) if args.split()[0].endswith("raylet/raylet")}
