@@ -130,12 +130,14 @@ def test_seven_rounds_through_real_processes_keep_one_service_per_site_and_a_kil
         rounds = s.scalars(select(Round)).all()
     engine.dispose()
     assert len(rounds) == 7
-    assert all((r, "site-02") in trained for r in range(1, 8))
+    # round 1 starts once min_sites (1) are connected: a site whose SuperNode connected a moment later joins at round 2
+    joined = min(r for r, site in trained if site == "site-02")
+    assert joined <= 2 and all((r, "site-02") in trained for r in range(joined, 8))
     assert (4, "site-01") not in trained and "site service" in rejected.get((4, "site-01"), ""), rejected
     assert {(r, "site-01") for r in range(5, 8)} <= trained  # the next round waited for the restarted service
 
     done = [line for line in service_lines(second) if re.search(r"request \d+: train .* in [\d.]+s", line)]
-    assert len(done) == 7
+    assert len(done) == 8 - joined
     pids = {re.search(r"service pid (\d+)", line).group(1) for line in done}
     assert len(pids) == 1  # one service process served every round of site 2
     assert all(line.endswith("models built 1)") for line in done)  # and built its model once
@@ -146,5 +148,5 @@ def test_seven_rounds_through_real_processes_keep_one_service_per_site_and_a_kil
     # each message's ClientApp was a fork of the site's warm SuperExec (transport/superexec.py), not a new
     # `flwr-clientapp` interpreter
     node_log = (second / "supernode.log").read_text()
-    assert len(re.findall(r"m3fm superexec: ClientApp for task \d+ forked as pid \d+", node_log)) >= 7
+    assert len(re.findall(r"m3fm superexec: ClientApp for task \d+ forked as pid \d+", node_log)) >= 8 - joined
     assert "Start `flwr-clientapp` process" not in node_log
