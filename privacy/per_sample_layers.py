@@ -85,8 +85,12 @@ class Leaves:
         self.unbound.clear()
 
 
-def _trains(params: tuple[nn.Parameter, ...]) -> bool:
-    return torch.is_grad_enabled() and any([p.requires_grad for p in params])
+def _routed(per_item, m: nn.Module, leaves: Leaves, params: tuple[nn.Parameter, ...], x: torch.Tensor):
+    """The module's per-item forward while any of its parameters trains, its own forward otherwise (frozen, or no
+    gradient wanted)."""
+    if torch.is_grad_enabled() and any([p.requires_grad for p in params]):
+        return per_item(m, leaves, x)
+    return type(m).forward(m, x)
 
 
 def _per_item(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -94,9 +98,7 @@ def _per_item(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(v.shape[0], *[1] * (like.dim() - 2), v.shape[-1])
 
 
-def _linear(m: nn.Linear, leaves: Leaves, params, x: torch.Tensor) -> torch.Tensor:
-    if not _trains(params):
-        return F.linear(x, m.weight, m.bias)
+def _linear(m: nn.Linear, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
     x3 = x.reshape(n, -1, x.shape[-1])  # (n, T, in)
@@ -105,19 +107,15 @@ def _linear(m: nn.Linear, leaves: Leaves, params, x: torch.Tensor) -> torch.Tens
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _layer_norm(m: nn.LayerNorm, leaves: Leaves, params, x: torch.Tensor) -> torch.Tensor:
+def _layer_norm(m: nn.LayerNorm, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
     xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-    if not _trains(params):
-        return xhat * m.weight if m.bias is None else torch.addcmul(m.bias, xhat, m.weight)
     n = x.shape[0]
     w = _per_item(leaves.take(m.weight, n), x)
     return xhat * w if m.bias is None else torch.addcmul(_per_item(leaves.take(m.bias, n), x), xhat, w)
 
 
-def _embedding(m: nn.Embedding, leaves: Leaves, params, ids: torch.Tensor) -> torch.Tensor:
+def _embedding(m: nn.Embedding, leaves: Leaves, ids: torch.Tensor) -> torch.Tensor:
     # ids: (n, ...) -> (n, ..., D), item i's rows of item i's copy of the table
-    if not _trains(params):
-        return F.embedding(ids, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
     n = ids.shape[0]
     item = torch.arange(n, device=ids.device).view(n, *[1] * (ids.dim() - 1))
     out = leaves.take(m.weight, n)[item, ids]
@@ -126,23 +124,17 @@ def _embedding(m: nn.Embedding, leaves: Leaves, params, ids: torch.Tensor) -> to
     return torch.where((ids == m.padding_idx).unsqueeze(-1), out.detach(), out)  # the padding row never trains
 
 
-def _add_vector(m: AddVector, leaves: Leaves, params, x: torch.Tensor) -> torch.Tensor:
-    if not _trains(params):
-        return x + m.vector
+def _add_vector(m: AddVector, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
     return x + _per_item(leaves.take(m.vector, x.shape[0]), x)
 
 
-def _prepend_tokens(m: PrependTokens, leaves: Leaves, params, x: torch.Tensor) -> torch.Tensor:
+def _prepend_tokens(m: PrependTokens, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
     # x: (n, L, D); tokens: (1, num, D) -> (n, num + L, D)
-    if not _trains(params):
-        return torch.cat([m.tokens.expand(x.shape[0], -1, -1), x], dim=1)
     return torch.cat([leaves.take(m.tokens, x.shape[0])[:, 0], x], dim=1)
 
 
-def _factorized_pos_embed(m: FactorizedPosEmbed, leaves: Leaves, params, x: torch.Tensor) -> torch.Tensor:
+def _factorized_pos_embed(m: FactorizedPosEmbed, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
     # x: (n, S'*H'*W', D); in-plane (1, H'W', D) tiled over slices, through-plane (1, S', D) over positions
-    if not _trains(params):
-        return type(m).forward(m, x)
     n, s, hw = x.shape[0], m.through_plane.shape[1], m.in_plane.shape[1]
     in_plane, through_plane = leaves.take(m.in_plane, n)[:, 0], leaves.take(m.through_plane, n)[:, 0]
     return x + in_plane.repeat(1, s, 1) + through_plane.repeat_interleave(hw, dim=1)
@@ -175,7 +167,7 @@ def per_sample_layers(model: nn.Module, leaves: Leaves) -> list[nn.Module]:
     """Route the model's modules of the types above through per-item leaves; returns them for `restore`."""
     layers = [m for m in model.modules() if _writes_own(m) and "forward" not in vars(m)]
     for m in layers:
-        m.forward = partial(OWN_PER_SAMPLE[type(m)], m, leaves, tuple(m.parameters(recurse=False)))
+        m.forward = partial(_routed, OWN_PER_SAMPLE[type(m)], m, leaves, tuple(m.parameters(recurse=False)))
     return layers
 
 
