@@ -27,8 +27,8 @@ PHASE_FIELDS = {"rounds", "local_steps", "lr", "batch_size", "warmup_steps", "sc
 # table -> the fields it may hold; anything else is refused with the file, the table and the known names
 FIELDS = {
     "": {"run", "strategy", "privacy", *PHASES},
-    "run": {"name", "model", "min_sites", "round_timeout", "round_retries", "evaluate_every", "site_reports", "seed",
-            "init", "tokenizer", "out_dir", "database"},
+    "run": {"name", "model", "min_sites", "expected_sites", "join_wait", "round_timeout", "round_retries",
+            "evaluate_every", "site_reports", "seed", "init", "tokenizer", "out_dir", "database"},
     "strategy": {"name", "proximal_mu", "eta", "beta_1", "beta_2", "tau", "max_update_norm"},
     "pretrain": PHASE_FIELDS,
     "multitask": PHASE_FIELDS,
@@ -69,6 +69,8 @@ class ServerConfig:
     name: str = "m3fm"
     model: str = "tiny"
     min_sites: int = 2
+    expected_sites: int = 0  # operational: who joins round 1 does not change what the run trains
+    join_wait: float = 60.0
     round_timeout: float = 600.0
     round_retries: int = 2  # operational, like out_dir: not in training_dict, so a resume may change it
     evaluate_every: int = 1
@@ -258,6 +260,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
         name=_take(run, "name", str, path.stem, where, lambda v: v.strip() != "", "must not be empty"),
         model=model,
         min_sites=_take(run, "min_sites", int, 2, where, lambda v: v >= 1, "must be at least 1"),
+        expected_sites=_take(run, "expected_sites", int, 0, where, lambda v: v >= 0, "must be 0 or more"),
+        join_wait=_take(run, "join_wait", float, 60.0, where, lambda v: v >= 0, "must be 0 or more"),
         round_timeout=_take(run, "round_timeout", float, 600.0, where, lambda v: v > 0, "must be positive"),
         round_retries=_take(run, "round_retries", int, 2, where, lambda v: 0 <= v <= 20, "must be 0 to 20"),
         evaluate_every=_take(run, "evaluate_every", int, 1, where, lambda v: v >= 0, "must be 0 or more"),

@@ -111,13 +111,22 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def wait_for_sites(grid, n: int, timeout: float) -> list[int]:
-    """Bounded wait until n SuperNodes are connected (Flower's own sampler would wait forever)."""
+def wait_for_sites(grid, n: int, timeout: float, expected: int = 0, join_wait: float = 0.0, log=None) -> list[int]:
+    """Bounded wait until n SuperNodes are connected (Flower's own sampler would wait forever); then up to join_wait
+    seconds more until `expected` are. Sites started together connect seconds apart: a round started on the first
+    n would leave the others out until the next round, so a coordinator's first round waits for them."""
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < n:
         if time.monotonic() > deadline:
             raise RunError(f"only {len(nodes)} site(s) connected after {timeout:.0f}s; the run needs {n} (run.min_sites)")
         time.sleep(1.0)
+    settled = time.monotonic() + join_wait
+    while len(nodes) < expected and time.monotonic() < settled:
+        time.sleep(0.25)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < expected and log is not None:
+        log(f"{len(nodes)} of run.expected_sites = {expected} connected after run.join_wait = {join_wait:.0f}s; "
+            "the round goes on with them, the others join the round after they connect")
     return nodes
 
 
@@ -207,7 +216,8 @@ def _run_federation(grid, cfg: ServerConfig, resume: bool, flwr_run_id: int | No
     log(f"run {run_id} ({cfg.name}): rounds {first}..{cfg.total_rounds}, strategy {sc.name}, model {cfg.model}")
     try:
         for rnd in range(first, cfg.total_rounds + 1):
-            arrays = run_round(grid, cfg, strategy, engine, run_id, rnd, arrays, shapes, flwr_run_id, log)
+            arrays = run_round(grid, cfg, strategy, engine, run_id, rnd, arrays, shapes, flwr_run_id, log,
+                               first=rnd == first)
     except Exception as e:
         with Session(engine) as s:
             run = s.get(Run, run_id)
@@ -320,10 +330,13 @@ class RoundClock:
 
 
 def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id: int, rnd: int,
-              arrays: ArrayRecord, shapes: dict[str, torch.Tensor], flwr_run_id: int | None, log) -> ArrayRecord:
+              arrays: ArrayRecord, shapes: dict[str, torch.Tensor], flwr_run_id: int | None, log,
+              first: bool = False) -> ArrayRecord:
+    """One round; `first`: the first this coordinator process runs, which waits for run.expected_sites."""
     clock = RoundClock()
     phase, phase_round = cfg.phase_of(rnd)
-    nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
+    nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout, *((cfg.expected_sites, cfg.join_wait, log)
+                                                                     if first else ()))
     clock.mark("sites")
     attempts = RoundAttempts(engine, run_id, rnd, flwr_run_id)
     inner: TaskAwareFedAvg = getattr(strategy, "strategy", strategy)

@@ -1,5 +1,7 @@
 """The ClientApp handlers and the server's round loop, in-process (the real processes: test_deployment.py)."""
 
+import time
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
@@ -11,7 +13,7 @@ from client.app import app as client_app
 from m3fm.weights.groups import parameter_group
 from m3fm.weights.packing import pack_state
 from server.config import ServerConfigError, load_server_config
-from server.rounds import RunError, phase_config, run_federation
+from server.rounds import RunError, phase_config, run_federation, wait_for_sites
 from server.store import Checkpoint, RejectedReply, Round, RoundAttempt, Run, SiteMetric, open_server_store
 from server.strategy import reply_problem
 from sim.inprocess_grid import InProcessGrid
@@ -209,6 +211,30 @@ def test_a_reply_lost_in_transport_is_retried_and_named_by_its_site(ingested, tm
         assert rounds == [(1, 3), (2, 3)] and rejected == []
         assert sum(m.metadata.dst_node_id == 2 and m.metadata.message_type == "train.multitask"
                    for m in grid.sent) == 2
+
+
+class JoiningGrid:
+    """Node i connects `after[i]` seconds from now, as SuperNodes started together do."""
+
+    def __init__(self, *after: float):
+        self.t0, self.after = time.monotonic(), after
+
+    def get_node_ids(self):
+        return [i + 1 for i, a in enumerate(self.after) if time.monotonic() - self.t0 >= a]
+
+
+def test_a_coordinators_first_round_waits_for_the_expected_sites_and_no_longer_than_join_wait():
+    said = []
+    # without expected_sites a round starts as soon as min_sites are in: site 2, a second later, misses it
+    assert wait_for_sites(JoiningGrid(0, 1.0), 1, 30) == [1]
+    t0 = time.monotonic()
+    assert wait_for_sites(JoiningGrid(0, 1.0, 1.5), 1, 30, expected=3, join_wait=20, log=said.append) == [1, 2, 3]
+    assert time.monotonic() - t0 < 5 and said == []  # it stops waiting once all are in, not at join_wait
+    t0 = time.monotonic()
+    assert wait_for_sites(JoiningGrid(0, 0.3, 60), 1, 30, expected=3, join_wait=1.0, log=said.append) == [1, 2]
+    assert 1.0 <= time.monotonic() - t0 < 5 and "2 of run.expected_sites = 3" in said[0]  # bounded, and said
+    with pytest.raises(RunError, match="only 1 site"):  # min_sites is still a hard floor
+        wait_for_sites(JoiningGrid(0, 60), 2, 1.0, expected=2, join_wait=10)
 
 
 def test_server_toml_errors_name_the_file_and_field(tmp_path):
