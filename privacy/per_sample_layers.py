@@ -32,7 +32,6 @@ clipping keeps Opacus's own hooks and needs the plain batch gradients.
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import torch
@@ -43,46 +42,42 @@ from torch import nn
 from m3fm.model.ctvit import FactorizedPosEmbed, PrependTokens
 from m3fm.model.fusion import AddVector
 
-# a leaf's .grad bound to rows of the buffer has the rows' strides, not the stride-0 leaf's: accumulation is in
-# place either way (AccumulateGrad only warns)
-warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
 class Leaves:
-    """The per-item leaves a private forward pass took, bound to the DP optimizer's rows for the backward pass."""
+    """The per-item leaves a private forward pass took; after the backward pass, their gradients as the parameters'
+    per-item gradients."""
 
     def __init__(self):
-        self.taken: list[tuple[nn.Parameter, torch.Tensor]] = []
-        self.unbound: list[tuple[torch.Tensor, torch.Tensor]] = []  # (leaf, rows) of another dtype than the rows
+        self.taken: dict[tuple, tuple[nn.Parameter, torch.Tensor, bool]] = {}
 
-    def take(self, p: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """p: (*S) -> (n, *S), n copies of p sharing its memory; a leaf whose gradient is per item if p trains."""
-        t = (p.detach() if dtype is None else p.detach().to(dtype)).expand(n, *p.shape)
+    def take(self, p: torch.Tensor, n: int, dtype: torch.dtype | None = None, flip: bool = False) -> torch.Tensor:
+        """p: (*S) -> (n, *S), n copies of p sharing its memory (with flip, of p.T: (n, in, out) of a Linear weight);
+        a leaf whose gradient is per item if p trains. A module called again in the same pass (the text encoder:
+        question, then clinical text) takes the same leaf, so autograd sums both calls' gradients in it."""
+        key = (id(p), n, dtype, flip)
+        if key in self.taken:
+            return self.taken[key][1]
+        q = p.detach() if dtype is None else p.detach().to(dtype)
+        t = (q.t() if flip else q).expand(n, *(p.shape[::-1] if flip else p.shape))
         if p.requires_grad:
-            self.taken.append((p, t.requires_grad_(True)))
+            self.taken[key] = (p, t.requires_grad_(True), flip)
         return t
 
-    def bind(self) -> None:
-        """After the forward pass, before the backward pass: each leaf accumulates into its parameter's rows (the
-        first n rows, n the items of the call: as Opacus, a module sees the micro-batch's items in order)."""
-        for p, t in self.taken:
-            rows = getattr(p, "_current_grad_sample", None)
-            if rows is None:
-                raise RuntimeError("a private forward pass ran with no per-item rows bound (PatientDPOptimizer.bind)")
-            p.grad_sample = rows  # where Opacus's hooks would leave them
-            rows = rows if rows.shape[0] == t.shape[0] else rows[: t.shape[0]]
-            if t.dtype == rows.dtype:
-                t.grad = rows
-            else:
-                self.unbound.append((t, rows))
+    def collect(self, items: int) -> None:
+        """After the backward pass: each parameter's per-item gradients (items, *p.shape) as `p.grad_sample`, where
+        Opacus's hooks would leave them. Autograd made each leaf's gradient contiguous in the leaf's layout, so a
+        flipped leaf's is a transposed view, summed in its own layout by the DP optimizer. A call on fewer items
+        (the first n of the micro-batch, in order, as Opacus counts them) fills the first n rows."""
+        for p, t, flip in self.taken.values():
+            g = t.grad
+            if g is None:
+                continue
+            g = g.transpose(1, 2) if flip else g
+            if g.shape[0] < items:
+                g = torch.cat([g, g.new_zeros(items - g.shape[0], *g.shape[1:])])
+            p.grad_sample = g if p.grad_sample is None else p.grad_sample + g
         self.taken.clear()
-
-    def collect(self) -> None:
-        """After the backward pass: rows autograd could not write directly (another dtype) added in."""
-        for t, rows in self.unbound:
-            if t.grad is not None:
-                rows.add_(t.grad)
-        self.unbound.clear()
 
 
 def _routed(per_item, m: nn.Module, leaves: Leaves, params: tuple[nn.Parameter, ...], x: torch.Tensor):
@@ -102,7 +97,7 @@ def _linear(m: nn.Linear, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
     x3 = x.reshape(n, -1, x.shape[-1])  # (n, T, in)
-    w = leaves.take(m.weight, n, dtype).transpose(1, 2)  # (n, in, out)
+    w = leaves.take(m.weight, n, dtype, flip=True)  # (n, in, out): its gradient comes out contiguous, no copy
     y = torch.bmm(x3, w) if m.bias is None else torch.baddbmm(leaves.take(m.bias, n, dtype)[:, None], x3, w)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 

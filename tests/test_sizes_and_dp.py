@@ -132,10 +132,10 @@ def test_the_private_step_equals_a_per_patient_reference_loop(tiny_cfg, tokenize
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks(autocast):
-    """The rows a private backward pass leaves in the optimizer's buffer are each item's own gradient: per-item leaves
-    (Linear twice, LayerNorm, Embedding with a padding row) and a module left to Opacus's hooks (Conv1d) at the same
-    scale, against one backward pass per item. Under bf16 autocast (a GPU site's training) Linear's leaves are bf16
-    and their rows are added after the backward pass."""
+    """The per-item gradients a private backward pass leaves for the DP optimizer are each item's own gradient:
+    per-item leaves (Linear twice, LayerNorm, Embedding with a padding row) and a module left to Opacus's hooks
+    (Conv1d) at the same scale, against one backward pass per item. Under bf16 autocast (a GPU site's training)
+    Linear's leaves, and so their gradients, are bf16."""
     import torch.nn.functional as F
     from privacy.budget import DPSGDConfig
     from privacy.dp_sgd import Clipping
@@ -167,9 +167,10 @@ def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks(
         losses = F.cross_entropy(model(ids).float(), target, reduction="none")
     private.backward(losses)
     reference = torch.stack(reference)
+    rows = torch.cat([private.optimizer.per_item(p).float().reshape(5, -1) for p in model.parameters()], dim=1)
     if autocast:  # bf16 products: within bf16's precision of the fp32 gradients
-        assert not private.leaves.unbound
-        assert torch.allclose(private.optimizer.rows, reference, rtol=0.05, atol=0.02 * reference.abs().max())
+        assert model.fc.weight.grad_sample.dtype == torch.bfloat16
+        assert torch.allclose(rows, reference, rtol=0.05, atol=0.02 * reference.abs().max())
     else:
-        assert torch.allclose(private.optimizer.rows, reference, atol=1e-6)
+        assert torch.allclose(rows, reference, atol=1e-6)
     private.close()
