@@ -335,9 +335,8 @@ class FastPatientDPOptimizer(RankSum, DPOptimizerFastGradientClipping):
 
 class Clipping:
     """One micro-batch's per-item losses into clipped, summed gradients, in one of Opacus's two ways:
-      hooks  per-sample gradients written by autograd into the optimizer's rows (the model's modules take
-             per-item leaves, privacy/per_sample_layers.py; Opacus's hooks for any other), clipped and summed by
-             the optimizer;
+      hooks  per-sample gradients made by autograd itself (the model's modules take per-item leaves,
+             privacy/per_sample_layers.py; Opacus's hooks for any other), clipped and summed by the optimizer;
       fast   Opacus's fast gradient clipping (GradSampleModuleFastGradientClipping): each module's per-sample
              gradients are reduced to norms as the backward pass goes, then a second backward pass of the losses
              scaled by each item's clipping factor (DPTensorFastGradientClipping) sums the clipped gradients:
@@ -355,7 +354,7 @@ class Clipping:
                                                                use_ghost_clipping=False)
             self.optimizer = FastPatientDPOptimizer(optimizer, **common)
         else:
-            # the model's modules take per-item leaves, whose gradients autograd writes into the optimizer's rows
+            # the model's modules take per-item leaves, whose gradients are the per-sample gradients
             # (privacy/per_sample_layers.py); Opacus hooks any other, at the leaves' scale (losses summed)
             self.module = OpacusHooksBeside(model, loss_reduction="sum")
             self.optimizer = PatientDPOptimizer(optimizer, **common)

@@ -5,7 +5,8 @@ hook (two more autograd nodes around the module) hands the output gradient to a 
 added into the parameter's `_current_grad_sample`. At tiny most of a private step's extra cost was that Python, per
 module and call (cProfile: 17 of 55 ms), and the plain backward pass still computed each weight's batch gradient
 only to have the DP optimizer overwrite it. Python autograd Functions writing the rows per layer (this file's
-previous version) still ran a Python backward per layer call.
+previous version) still ran a Python backward per layer call; stop 44's version had autograd add every leaf's
+gradient into one zeroed (items x parameters) buffer, three passes over it this version does without.
 
 Here no Python runs in the backward pass. While a private round trains, each of the model's parametrised module
 types (Linear, LayerNorm, Embedding, and the model's AddVector, PrependTokens and FactorizedPosEmbed) runs a forward
@@ -14,17 +15,17 @@ p per item of the micro-batch of n, all views of p's memory (stride 0). Linear b
 items, LayerNorm's affine part and the added vectors broadcast per item, Embedding indexes per item. Autograd
 then computes the gradient of the leaf, (n, *S): item i's row is exactly the gradient of the loss with respect to
 item i's copy of p, that is item i's per-sample gradient (the leaf is not expanded from anything autograd sees, so
-nothing sums the rows). Before the backward pass `Leaves.bind` sets each leaf's `.grad` to the parameter's rows in
-the DP optimizer's (B, P) buffer (`PatientDPOptimizer.bind`, privacy/dp_sgd.py), and autograd's AccumulateGrad adds
-into an existing `.grad` in place: the per-sample gradients land in the buffer directly, from C++. A module called
-twice in a forward pass (the text encoder: question, then clinical text) takes two leaves bound to the same rows,
-so its rows hold the sum, as Opacus's accumulation does. Losses are backpropagated as their sum (not their mean),
-so the rows are each item's own gradient with no rescaling; Opacus's GradSampleModule wraps the model with
-`loss_reduction="sum"` for any module it still hooks.
+nothing sums the rows). That gradient is kept where autograd made it: `Leaves.collect` hands it to the DP optimizer
+as `p.grad_sample`, where Opacus's hooks would leave it, with no copy and no buffer to zero. A Linear's leaf is the
+expanded W^T, (n, in, out): the layout the batched product's backward writes, so autograd keeps its gradient as
+made (of W's layout it would copy it). A module called twice in a forward pass (the text encoder: question, then
+clinical text) takes the same leaf, so autograd sums both calls in its gradient, as Opacus's accumulation does.
+Losses are backpropagated as their sum (not their mean), so the rows are each item's own gradient with no
+rescaling; Opacus's GradSampleModule wraps the model with `loss_reduction="sum"` for any module it still hooks.
 
 Under autocast a Linear layer's leaves are taken in the autocast dtype (a cast of the stride-0 leaf would copy the
-weight n times); their bf16 gradients cannot be bound to fp32 rows, so `Leaves.collect` adds them in after the
-backward pass. Frozen parameters (another task's predictor) take no leaf: the plain module forward runs.
+weight n times), so their gradients are bf16; the DP optimizer takes norms and sums in fp32. Frozen parameters
+(another task's predictor) take no leaf: the plain module forward runs.
 
 tests/test_sizes_and_dp.py holds the step to a per-patient reference loop. Only for the hooks mode: fast gradient
 clipping keeps Opacus's own hooks and needs the plain batch gradients.
