@@ -285,8 +285,8 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
         grads = [self.per_item(p) for p in self.bound]
         squares = torch.zeros(self.items, device=self.params[0].device)
         for g in grads:
-            if g is not None:
-                squares += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()  # no copy
+            if g is not None:  # over every dimension but the items' (flattening a transposed gradient would copy it)
+                squares += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()
         factor = (self.max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # (B,)
         first = self.summed is None
         if first:
@@ -306,7 +306,10 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
                 out.addmv_(rows.t(), factor)
             else:
                 total = (factor @ rows).view(p.shape[1], p.shape[0]).t()  # (numel,) of W^T -> W
-                out.view(p.shape).copy_(total) if first else out.view(p.shape).add_(total)
+                if first:
+                    out.view(p.shape).copy_(total)
+                else:
+                    out.view(p.shape).add_(total)
             p.grad_sample = None  # spent: its memory goes back before the noise is drawn
 
     def add_noise(self) -> None:
