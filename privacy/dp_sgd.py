@@ -298,8 +298,7 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
                 continue
             # a Linear weight's per-item leaf is W^T (contiguous, as autograd made it): sum in its layout
             flipped = not g.is_contiguous() and g.dim() == 3 and g.transpose(1, 2).is_contiguous()
-            rows = (g.transpose(1, 2) if flipped else g.contiguous()).reshape(len(g), -1)  # (B, numel)
-            rows = rows if rows.dtype == factor.dtype else rows.to(factor.dtype)
+            rows = (g.transpose(1, 2) if flipped else g).reshape(len(g), -1).to(factor.dtype)  # (B, numel)
             if not flipped and first:
                 torch.matmul(factor[None], rows, out=out.view(1, -1))  # (1, B) @ (B, numel), into the sum
             elif not flipped:

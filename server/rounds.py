@@ -335,8 +335,8 @@ def run_round(grid, cfg: ServerConfig, strategy: TaskAwareFedAvg, engine, run_id
     """One round; `first`: the first this coordinator process runs, which waits for run.expected_sites."""
     clock = RoundClock()
     phase, phase_round = cfg.phase_of(rnd)
-    nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout, *((cfg.expected_sites, cfg.join_wait, log)
-                                                                     if first else ()))
+    expected, join_wait = (cfg.expected_sites, cfg.join_wait) if first else (0, 0.0)
+    nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout, expected, join_wait, log)
     clock.mark("sites")
     attempts = RoundAttempts(engine, run_id, rnd, flwr_run_id)
     inner: TaskAwareFedAvg = getattr(strategy, "strategy", strategy)

@@ -185,12 +185,11 @@ def test_a_site_killed_mid_run_leaves_the_others_to_finish_the_secure_round(inge
                                                                               "min_sites = 2\nexpected_sites = 3")
     server, clients, db, _ = federation(tmp, procs, sites, toml + secure)
     wait_rounds(db, 1, server)
-    victim = 2
-    os.killpg(clients[victim].pid, signal.SIGKILL)
+    os.killpg(clients[2].pid, signal.SIGKILL)  # the third hospital's machine dies between rounds
     assert server.wait(600) == 0, (tmp / "server.log").read_text()[-3000:]
     status, rounds, metrics, _ = rounds_and_metrics(db)
     assert status == "completed" and [(r, n) for r, _, n, _ in rounds] == [(1, 3), (2, 2)]
-    assert {s for r, s, k in metrics if r == 2 and k == "train"} == {s.site_id for s in sites} - {sites[victim].site_id}
+    assert {s for r, s, k in metrics if r == 2 and k == "train"} == {sites[0].site_id, sites[1].site_id}
 
 
 def test_flwr_stop_ends_the_run_as_stopped_and_a_second_coordinator_is_refused(ingested, cluster):
