@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from server.config import ServerConfig
 from server.lifecycle import CoordinatorLock
 from server.store import (Coordinator, EnrolledSite, Round, Run, SiteReport, interrupt_attempts, now,
                           open_server_store)
-from transport.flower import (flower_env, register_supernode, run_status, start_superlink, stop, submit_run,
-                              wait_for_port, write_app_dir, write_connection)
+from transport.flower import (flower_env, register_supernode, run_status, start_superlink, stop, stream_run_log,
+                              submit_run, wait_for_port, write_app_dir, write_connection)
 from transport.processes import is_alive, proc_identity, record_tree, stop_leftovers
 from transport.protocol import LOSS
 
@@ -117,7 +118,7 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
     settle_dead_coordinators(engine, log)
     me = _record_coordinator(engine, cfg.name)
     old = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
-    link, outcome, flwr_id = None, "failed", None
+    link, app_log, outcome, flwr_id = None, None, "failed", None
     try:
         home = base / "flwr-home"
         env = flower_env(home)
@@ -132,16 +133,16 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         link = start_superlink(base, host, port, base / "superlink.log", simulation=simulation is not None, env=env,
                                extra_args=security.superlink_args(), database=False)
         wait_for_port(host, port, link)
-        if security.node_auth:
-            register_enrolled(engine, home, env, log)
+        enrolled = register_enrolled(engine, home, env, log) if security.node_auth else 0
         log(f"SuperLink on {host}:{port} (pid {link.pid}, log {base / 'superlink.log'}); sites join with "
             f"`m3fm-client start --site SITE_DIR --superlink {host}:{port}`")
         rc = {"config": str(cfg.path), "resume": resume, "database": cfg.database_url,
-              "coordinator": proc_identity(os.getpid()), **(run_config or {})}
+              "coordinator": proc_identity(os.getpid()), "enrolled-sites": enrolled, **(run_config or {})}
         flwr_id = submit_run(app_dir, CONNECTION, rc, env, federation_config=simulation)
         started = time.monotonic()
         _update(engine, Coordinator, me, flwr_run_id=str(flwr_id))
-        log(f"submitted Flower run {flwr_id}")
+        app_log = stream_run_log(CONNECTION, flwr_id, base / "serverapp.log", env)
+        log(f"submitted Flower run {flwr_id} (its ServerApp's output: {base / 'serverapp.log'})")
         shown: set[int] = set()
         reported: list[str] = []
         status, last_status_check, run = "pending", 0.0, None
@@ -191,6 +192,11 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        if app_log is not None:  # its stream ends with the run; a few seconds for the last lines
+            try:
+                app_log.wait(10)
+            except subprocess.TimeoutExpired:
+                stop(app_log)
         if link is not None:
             stop(link)
         _update(engine, Coordinator, me, outcome=outcome, ended_at=now())

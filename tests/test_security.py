@@ -19,6 +19,7 @@ TOML = """
 name = "secure"
 model = "tiny"
 min_sites = 1
+join_wait = 5
 round_timeout = 120
 out_dir = "runs"
 [pretrain]
@@ -109,6 +110,9 @@ def test_tls_run_with_node_auth_admits_only_an_enrolled_site_that_trusts_the_ca(
     assert server.wait(400) == 0, (tmp_path / "server.log").read_text()[-3000:]
     log = (tmp_path / "server.log").read_text()
     assert "2 enrolled site key(s) registered" in log and "without TLS" not in log
+    # the run is for the enrolled sites: round 1 waited join_wait for the second, which never got in
+    app_log = (tmp_path / "runs" / "superlink" / "serverapp.log").read_text(errors="replace")
+    assert "1 of run.expected_sites = 2 connected after run.join_wait = 5s" in app_log, app_log[-3000:]
     engine = open_server_store(f"sqlite:///{tmp_path / 'runs' / 'server.db'}")
     with Session(engine) as s:
         assert [r.sites_accepted for r in s.scalars(select(Round))] == [1]

@@ -33,7 +33,7 @@ APP_PYPROJECT = {
                               "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
                               # every key a run may override must exist here
                               "config": {"config": "", "resume": False, "database": "", "sim-sites": "",
-                                         "coordinator": ""}}}},
+                                         "coordinator": "", "enrolled-sites": 0}}}},
 }
 
 
@@ -88,6 +88,15 @@ def start_superlink(state_dir: Path, host: str, port: int, log_path: Path, simul
     log = open(log_path, "ab")
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or flower_env(),
                             preexec_fn=die_with_parent)
+
+
+def stream_run_log(connection: str, run_id: int, log_path: Path, env: dict) -> subprocess.Popen:
+    """`flwr log --stream` into log_path. Flower's SuperExec starts the ServerApp with its output suppressed and
+    forwards it to the SuperLink (flwr/supercore/superexec/plugin/base_exec_plugin.py): without this the round
+    messages of `m3fm-server run` would reach nobody. The stream ends by itself when the run does."""
+    log = open(log_path, "ab")
+    return subprocess.Popen([flower_bin("flwr"), "log", str(run_id), connection, "--stream"], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
 
 
 def start_supernode(superlink: str, port: int, node_config: str, log_path: Path,
