@@ -5,6 +5,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from m3fm.console import print_error, print_warning
 
@@ -93,7 +94,9 @@ def run(
     console.print(f"run {cfg.name!r}: {cfg.total_rounds} rounds ({', '.join(f'{p.name} {p.rounds}' for p in cfg.phases)}),"
                   f" strategy {cfg.strategy.name}, model {cfg.model}, database {cfg.database_url}")
     try:
-        outcome = coordinate(cfg, resume, host, port, log=console.print, security=security)
+        # the coordinator's lines carry site names, errors and what the ServerApp said: text, never rich markup
+        plain = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
+        outcome = coordinate(cfg, resume, host, port, log=plain, security=security)
     except CoordinatorBusy as e:
         print_error(console, e)
         raise typer.Exit(2) from None
@@ -101,7 +104,7 @@ def run(
         console.print(f"stopped by {e}; the SuperLink was shut down. Continue later with --resume.")
         raise typer.Exit(130) from None
     if not outcome.ok:
-        console.print(f"[red]run failed[/red] ({outcome.status}): {outcome.error}")
+        console.print(f"[red]run failed[/red] ({outcome.status}): {escape(str(outcome.error))}")
         raise typer.Exit(1)
     console.print(f"[green]run {outcome.run_id} completed[/green]: checkpoints in {cfg.out_dir}")
 
@@ -194,7 +197,7 @@ def status(
         rejected = s.scalars(select(RejectedReply).where(RejectedReply.run_id == run_row.id)).all()
         console.print(f"run {run_row.id} {run_row.name!r}: {run_row.status}, {len(rounds)}/{run_row.total_rounds} "
                       f"rounds, sites seen: {', '.join(sites) or 'none'}"
-                      + (f"\n[red]error:[/red] {run_row.error}" if run_row.error else ""))
+                      + (f"\n[red]error:[/red] {escape(run_row.error)}" if run_row.error else ""))
         if coordinator is not None:
             console.print(f"coordinator: pid {coordinator.pid} on {coordinator.host}, "
                           + (f"ended ({coordinator.outcome})" if coordinator.outcome else "running"))

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.config import ServerConfig
-from server.lifecycle import CoordinatorLock
+from server.lifecycle import CoordinatorLock, OperatorNotes
 from server.store import (Coordinator, EnrolledSite, Round, Run, SiteReport, interrupt_attempts, now,
                           open_server_store)
 from transport.flower import (flower_env, register_supernode, run_status, start_superlink, stop, stream_run_log,
@@ -142,6 +142,7 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         started = time.monotonic()
         _update(engine, Coordinator, me, flwr_run_id=str(flwr_id))
         app_log = stream_run_log(CONNECTION, flwr_id, base / "serverapp.log", env)
+        notes = OperatorNotes(base / "serverapp.log")
         log(f"submitted Flower run {flwr_id} (its ServerApp's output: {base / 'serverapp.log'})")
         shown: set[int] = set()
         reported: list[str] = []
@@ -151,6 +152,8 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
             record_tree(base / "processes.json", os.getpid())
             run = run or find_run(engine, flwr_id)  # the ServerApp creates its row a few seconds in
             _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log, started)
+            for note in notes.new():  # what the ServerApp says to the operator: sites missing, replies lost
+                log(f"ServerApp: {note}")
             if cfg.site_reports:
                 _show_reports(engine, run, reported, log)
             if link.poll() is not None:
@@ -164,6 +167,8 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
             status = f"gave up after {max_hours} h"
         run = run or find_run(engine, flwr_id)
         _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log, started)  # those recorded after the last look
+        for note in notes.new():
+            log(f"ServerApp: {note}")
         if cfg.site_reports:
             _show_reports(engine, run, reported, log)
         if status == "finished:stopped":

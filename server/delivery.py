@@ -30,6 +30,7 @@ from flwr.common.constant import ErrorCode
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from server.lifecycle import OPERATOR_NOTE
 from server.store import RoundAttempt, now
 from server.task_sum import array_view
 from transport.protocol import ARRAYS
@@ -197,7 +198,8 @@ class RoundAttempts:
             row = s.get(RoundAttempt, self.row_id)
             row.lost, row.detail = len(lost), who[:4000]
             s.commit()
-        log(f"round {self.round}: {len(lost)} repl{'y' if len(lost) == 1 else 'ies'} lost in transport ({who[:300]})")
+        log(f"{OPERATOR_NOTE}round {self.round}: {len(lost)} repl{'y' if len(lost) == 1 else 'ies'} lost in "
+            f"transport ({who[:300]})")
 
     def fail(self, why: str) -> None:
         if self.row_id is not None:

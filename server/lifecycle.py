@@ -22,6 +22,29 @@ from pathlib import Path
 
 from transport.processes import is_alive
 
+# A ServerApp output line that starts with this is for the operator: the coordinator repeats it on its console.
+# (Flower keeps the ServerApp's output at the SuperLink; the coordinator streams it into serverapp.log.)
+OPERATOR_NOTE = "m3fm note: "
+
+
+class OperatorNotes:
+    """The operator's lines of a growing serverapp.log, each once, without the OPERATOR_NOTE prefix."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial = Path(path), 0, b""
+
+    def new(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")  # a line still being written waits
+        return [line[len(OPERATOR_NOTE):] for line in (raw.decode(errors="replace").strip() for raw in lines)
+                if line.startswith(OPERATOR_NOTE)]
+
 
 class CoordinatorBusy(RuntimeError):
     pass

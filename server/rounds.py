@@ -37,6 +37,7 @@ from server.central_dp import MECHANISM as CENTRAL_DP_MECHANISM, TaskAwareCentra
 from server.config import ServerConfig
 from server.report import write_run_report
 from server.delivery import Only, RoundAttempts, deliver, stream
+from server.lifecycle import OPERATOR_NOTE
 from server.store import (Checkpoint, PrivacyLedger, RejectedReply, Round, RoundTiming, Run, SiteMetric, SiteReport,
                           interrupt_attempts, last_checkpoint, latest_run, now, open_server_store)
 from server.secure import secure_train_round
@@ -125,7 +126,8 @@ def wait_for_sites(grid, n: int, timeout: float, expected: int = 0, join_wait: f
         time.sleep(0.25)
         nodes = list(grid.get_node_ids())
     if len(nodes) < expected and log is not None:
-        log(f"{len(nodes)} of run.expected_sites = {expected} connected after run.join_wait = {join_wait:.0f}s; "
+        log(f"{OPERATOR_NOTE}{len(nodes)} of run.expected_sites = {expected} connected after "
+            f"run.join_wait = {join_wait:.0f}s; "
             "the round goes on with them, the others join the round after they connect")
     return nodes
 

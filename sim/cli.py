@@ -5,6 +5,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from m3fm.console import StageProgress, print_error
@@ -149,15 +150,16 @@ def run(
         raise typer.Exit(2)
     toml = server_config or write_server_toml(out / "server.toml", f"sim-{preset}", cached, len(sites), RUN_PLANS[preset])
     console.print(f"federated run with {len(sites)} sites, engine {engine}, config {toml}")
+    plain = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731 - site names, errors: text
     if engine == "deployment":
-        code = run_deployment(toml, sites, out, log=lambda line: console.print(line, markup=False, highlight=False))
+        code = run_deployment(toml, sites, out, log=plain)
         ok = code == 0
     else:
-        outcome = run_ray(toml, sites, log=console.print, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
+        outcome = run_ray(toml, sites, log=plain, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
                           ray_address=ray_address)
         ok = outcome.ok
         if not ok:
-            console.print(f"[red]run failed[/red] ({outcome.status}): {outcome.error}")
+            console.print(f"[red]run failed[/red] ({outcome.status}): {escape(str(outcome.error))}")
     written = write_site_metrics(toml, out)
     console.print(f"site metrics: {', '.join(str(p) for p in written.values()) or 'none'}")
     reports = gather_reports(toml, sites, out)

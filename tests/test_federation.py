@@ -13,6 +13,7 @@ from client.app import app as client_app
 from m3fm.weights.groups import parameter_group
 from m3fm.weights.packing import pack_state
 from server.config import ServerConfigError, load_server_config
+from server.lifecycle import OPERATOR_NOTE, OperatorNotes
 from server.rounds import RunError, phase_config, run_federation, wait_for_sites
 from server.store import Checkpoint, RejectedReply, Round, RoundAttempt, Run, SiteMetric, open_server_store
 from server.strategy import reply_problem
@@ -235,6 +236,26 @@ def test_a_coordinators_first_round_waits_for_the_expected_sites_and_no_longer_t
     assert 1.0 <= time.monotonic() - t0 < 5 and "2 of run.expected_sites = 3" in said[0]  # bounded, and said
     with pytest.raises(RunError, match="only 1 site"):  # min_sites is still a hard floor
         wait_for_sites(JoiningGrid(0, 60), 2, 1.0, expected=2, join_wait=10)
+
+
+def test_the_coordinator_repeats_each_operator_note_of_the_serverapps_output_once(tmp_path):
+    """serverapp.log grows while the ServerApp runs (Flower's log lines among ours); a line still being written is
+    left for the next look, and only lines meant for the operator come back, without their prefix."""
+    log, said = tmp_path / "serverapp.log", []
+    notes = OperatorNotes(log)
+    assert notes.new() == []  # the stream has not started yet
+    with open(log, "ab") as f:
+        f.write(b"\x1b[92mINFO \x1b[0m:      configure_train: Sampled 1 nodes\n")
+        f.write(f"{OPERATOR_NOTE}1 of run.expected_sites = 2 connected\nround 1/2 (pretrain 1/1): 1/1\n".encode())
+        f.write(f"{OPERATOR_NOTE}round 2: 1 reply lost in tr".encode())
+        f.flush()
+        said += notes.new()
+        f.write(b"ansport (site-02 (node 7): [Errno 111] refused)\n")
+        f.flush()
+        said += notes.new()
+    assert said == ["1 of run.expected_sites = 2 connected",
+                    "round 2: 1 reply lost in transport (site-02 (node 7): [Errno 111] refused)"]
+    assert notes.new() == []
 
 
 def test_server_toml_errors_name_the_file_and_field(tmp_path):

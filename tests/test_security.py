@@ -111,8 +111,10 @@ def test_tls_run_with_node_auth_admits_only_an_enrolled_site_that_trusts_the_ca(
     log = (tmp_path / "server.log").read_text()
     assert "2 enrolled site key(s) registered" in log and "without TLS" not in log
     # the run is for the enrolled sites: round 1 waited join_wait for the second, which never got in
+    # (the ServerApp's output reaches serverapp.log and, where it is meant for the operator, the coordinator's console)
     app_log = (tmp_path / "runs" / "superlink" / "serverapp.log").read_text(errors="replace")
-    assert "1 of run.expected_sites = 2 connected after run.join_wait = 5s" in app_log, app_log[-3000:]
+    said = "1 of run.expected_sites = 2 connected after run.join_wait = 5s"
+    assert said in app_log and f"ServerApp: {said}" in " ".join(log.split()), app_log[-3000:]
     engine = open_server_store(f"sqlite:///{tmp_path / 'runs' / 'server.db'}")
     with Session(engine) as s:
         assert [r.sites_accepted for r in s.scalars(select(Round))] == [1]
