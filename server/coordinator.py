@@ -118,7 +118,7 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
     settle_dead_coordinators(engine, log)
     me = _record_coordinator(engine, cfg.name)
     old = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
-    link, app_log, outcome, flwr_id = None, None, "failed", None
+    link, app_log, outcome, flwr_id, status = None, None, "failed", None, "pending"
     try:
         home = base / "flwr-home"
         env = flower_env(home)
@@ -197,9 +197,9 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        if app_log is not None:  # its stream ends with the run; a few seconds for the last lines
+        if app_log is not None:  # its stream ends once Flower has the run finished: a few seconds for the last lines
             try:
-                app_log.wait(10)
+                app_log.wait(10 if status.startswith("finished") else 0)
             except subprocess.TimeoutExpired:
                 stop(app_log)
         if link is not None:
