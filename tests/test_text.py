@@ -44,12 +44,12 @@ def test_mlm_masking_spares_special_tokens(tokenizer):
 
 def test_local_roberta_weights_load_strictly(tmp_path, tiny_cfg):
     enc = TextEncoder(tiny_cfg)
-    source = RobertaModel(enc.config, add_pooling_layer=False)
+    source = RobertaModel(enc.transformers_config(), add_pooling_layer=False)
     source.save_pretrained(tmp_path / "roberta")
     enc.load_local_roberta(tmp_path / "roberta")
     for k, v in source.state_dict().items():
         assert torch.equal(enc.model.state_dict()[k], v), k
-    other = RobertaConfig(**{**enc.config.to_dict(), "hidden_size": 48, "intermediate_size": 96})
+    other = RobertaConfig(**{**enc.transformers_config().to_dict(), "hidden_size": 48, "intermediate_size": 96})
     RobertaModel(other, add_pooling_layer=False).save_pretrained(tmp_path / "wrong")
     with pytest.raises(CheckpointMismatchError, match="embeddings.word_embeddings.weight"):
         enc.load_local_roberta(tmp_path / "wrong")
@@ -67,3 +67,33 @@ def test_paper_text_encoder_has_robertas_shapes():
     ours = {k: v.shape for k, v in enc.model.state_dict().items()}
     theirs = {k: v.shape for k, v in roberta.state_dict().items()}
     assert ours == theirs
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_text_encoder_computes_what_transformers_roberta_computes_on_the_same_weights(tiny_cfg, train):
+    """m3fm/model/roberta.py against transformers.RobertaModel: same state dict keys and shapes, same last hidden
+    state over padded batches, and in training mode (dropout off: its masks are drawn differently) the same
+    gradients."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_cfg, dropout=0.0)
+    torch.manual_seed(0)
+    ours = TextEncoder(cfg)
+    theirs = RobertaModel(ours.transformers_config(), add_pooling_layer=False)
+    assert {k: v.shape for k, v in ours.model.state_dict().items()} == \
+           {k: v.shape for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(ours.model.state_dict(), strict=True)
+    ours.train(train), theirs.train(train)
+    ids = torch.randint(5, cfg.vocab_size, (3, 20))
+    mask = torch.ones_like(ids)
+    ids[1, 12:], mask[1, 12:] = PAD_ID, 0  # padded rows, as the tokenizer pads
+    ids[2, 5:], mask[2, 5:] = PAD_ID, 0
+    a = ours(ids, mask)
+    b = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if train:
+        (a * mask[..., None]).square().sum().backward()
+        (b * mask[..., None]).square().sum().backward()
+        got = dict(ours.model.named_parameters())
+        for k, p in theirs.named_parameters():
+            torch.testing.assert_close(got[k].grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)

@@ -83,7 +83,7 @@ def test_tasks_on_the_same_images_with_opposite_answers_are_told_apart(tiny_cfg,
     flipped = [{**s, "task": "consolidation", "question": "Is there consolidation?", "answer": 1 - s["answer"]}
                for s in emphysema]
     micro = [collate_qa(emphysema, tokenizer, tiny_cfg), collate_qa(flipped, tokenizer, tiny_cfg)]
-    for step in range(40):
+    for step in range(80):  # 40 fitted both in 3-4 of 6 seeds (a seed's luck); 80 in 6 of 6
         multitask_step(model, opt, micro, tc, step)
     model.eval()
     for mb in micro:

@@ -1,7 +1,7 @@
 """RoBERTa-style text encoder, its MLM head, and the byte-level BPE tokenizer.
 
-The encoder is `transformers.RobertaModel` built from configuration (never
-downloaded). The tokenizer is a byte-level BPE from the `tokenizers` library;
+The encoder is RoBERTa built from configuration (never downloaded): m3fm/model/roberta.py, whose state dict is
+`transformers.RobertaModel`'s. The tokenizer is a byte-level BPE from the `tokenizers` library;
 its default vocabulary is trained on text this package ships (clinical
 sentence formats, a radiology lexicon, the task questions and answers), never
 on site data, so every site builds the same vocabulary. A local directory with
@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import ByteLevelBPETokenizer
 from tokenizers.processors import RobertaProcessing
-from transformers import RobertaConfig, RobertaModel
 
 from m3fm.model.configs import M3FMConfig
+from m3fm.model.roberta import Roberta, RobertaConfig
 from m3fm.model.state_dict import check_state_dict
 from m3fm.tasks import ALL_TASKS
 
@@ -143,21 +143,32 @@ class TextEncoder(nn.Module):
         self.config = RobertaConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.text_dim, num_hidden_layers=cfg.text_depth,
             num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_ffn,
-            max_position_embeddings=cfg.text_positions, type_vocab_size=1, layer_norm_eps=1e-5,
-            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-            pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        )
-        self.model = RobertaModel(self.config, add_pooling_layer=False)
+            max_position_embeddings=cfg.text_positions, pad_token_id=PAD_ID, dropout=cfg.dropout)
+        self.model = Roberta(self.config)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # ids, mask: (B, T) -> (B, T, Dt)
-        return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return self.model(ids, mask)
+
+    def transformers_config(self):
+        """The same encoder as a `transformers.RobertaConfig` (one token type, RoBERTa's special ids)."""
+        from transformers import RobertaConfig as HFRobertaConfig  # ~4 s to import: only where it is needed
+
+        c = self.config
+        return HFRobertaConfig(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+            max_position_embeddings=c.max_position_embeddings, type_vocab_size=1, layer_norm_eps=c.layer_norm_eps,
+            hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.dropout, pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
     def load_local_roberta(self, path: str | Path) -> None:
         """Copy weights of a local RoBERTa checkpoint directory (config.json + weights) into this encoder.
 
         Shapes must match exactly; a mismatch raises with the offending keys.
         """
+        from transformers import RobertaModel
+
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a RoBERTa directory: config.json not found")
