@@ -152,7 +152,7 @@ class TextEncoder(nn.Module):
 
     def transformers_config(self):
         """The same encoder as a `transformers.RobertaConfig` (one token type, RoBERTa's special ids)."""
-        from transformers import RobertaConfig as HFRobertaConfig  # ~4 s to import: only where it is needed
+        from transformers import RobertaConfig as HFRobertaConfig  # m3fm-fed[roberta]; ~4 s to import
 
         c = self.config
         return HFRobertaConfig(
@@ -167,7 +167,11 @@ class TextEncoder(nn.Module):
 
         Shapes must match exactly; a mismatch raises with the offending keys.
         """
-        from transformers import RobertaModel
+        try:
+            from transformers import RobertaModel
+        except ImportError:
+            msg = "reading a RoBERTa checkpoint folder needs transformers: pip install 'm3fm-fed[roberta]'"
+            raise ImportError(msg) from None
 
         path = Path(path)
         if not (path / "config.json").is_file():
