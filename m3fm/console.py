@@ -21,6 +21,11 @@ def print_warning(console: Console, message: object) -> None:
     console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", soft_wrap=True)
 
 
+def print_text(console: Console, message: object) -> None:
+    """A line of text as it is: site names, errors and what the ServerApp said can hold "[...]"."""
+    console.print(str(message), markup=False, highlight=False)
+
+
 class StageProgress:
     """Progress of the stages a person waits for (stage, done, total): rich bars on a terminal; in a log file or
     CI, where bars would print nothing until the end, a plain line per stage at most every `every_s` seconds and

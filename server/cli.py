@@ -1,13 +1,14 @@
 """`m3fm-server`: what the coordinator runs. Run, status, certificates and enrollment join here."""
 
 import re
+from functools import partial
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from m3fm.console import print_error, print_warning
+from m3fm.console import print_error, print_text, print_warning
 
 app = typer.Typer(help="m3fm-fed coordinator: drive federated rounds and aggregate site updates.",
                   no_args_is_help=True, add_completion=False)
@@ -94,9 +95,7 @@ def run(
     console.print(f"run {cfg.name!r}: {cfg.total_rounds} rounds ({', '.join(f'{p.name} {p.rounds}' for p in cfg.phases)}),"
                   f" strategy {cfg.strategy.name}, model {cfg.model}, database {cfg.database_url}")
     try:
-        # the coordinator's lines carry site names, errors and what the ServerApp said: text, never rich markup
-        plain = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
-        outcome = coordinate(cfg, resume, host, port, log=plain, security=security)
+        outcome = coordinate(cfg, resume, host, port, log=partial(print_text, console), security=security)
     except CoordinatorBusy as e:
         print_error(console, e)
         raise typer.Exit(2) from None

@@ -141,19 +141,18 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         flwr_id = submit_run(app_dir, CONNECTION, rc, env, federation_config=simulation)
         started = time.monotonic()
         _update(engine, Coordinator, me, flwr_run_id=str(flwr_id))
-        app_log = stream_run_log(CONNECTION, flwr_id, base / "serverapp.log", env)
-        notes = OperatorNotes(base / "serverapp.log")
-        log(f"submitted Flower run {flwr_id} (its ServerApp's output: {base / 'serverapp.log'})")
+        app_log_path = base / "serverapp.log"
+        app_log, notes = stream_run_log(CONNECTION, flwr_id, app_log_path, env), OperatorNotes(app_log_path)
+        log(f"submitted Flower run {flwr_id} (its ServerApp's output: {app_log_path})")
         shown: set[int] = set()
         reported: list[str] = []
-        status, last_status_check, run = "pending", 0.0, None
+        last_status_check, run = 0.0, None
         deadline = time.monotonic() + max_hours * 3600
         while time.monotonic() < deadline:
             record_tree(base / "processes.json", os.getpid())
             run = run or find_run(engine, flwr_id)  # the ServerApp creates its row a few seconds in
             _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log, started)
-            for note in notes.new():  # what the ServerApp says to the operator: sites missing, replies lost
-                log(f"ServerApp: {note}")
+            _show_notes(notes, log)
             if cfg.site_reports:
                 _show_reports(engine, run, reported, log)
             if link.poll() is not None:
@@ -167,8 +166,7 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
             status = f"gave up after {max_hours} h"
         run = run or find_run(engine, flwr_id)
         _show_rounds(engine, run, flwr_id, cfg.total_rounds, shown, log, started)  # those recorded after the last look
-        for note in notes.new():
-            log(f"ServerApp: {note}")
+        _show_notes(notes, log)
         if cfg.site_reports:
             _show_reports(engine, run, reported, log)
         if status == "finished:stopped":
@@ -225,6 +223,12 @@ def _show_rounds(engine, run: Run | None, flwr_id: int, total: int, shown: set[i
                 mean = sum(x.seconds for x in rounds[:i + 1]) / (i + 1)
                 elapsed = None if started is None else time.monotonic() - started
                 log(_round_line(r, total, elapsed, mean * (total - r.round)))
+
+
+def _show_notes(notes: OperatorNotes, log) -> None:
+    """What the ServerApp said to the operator since the last look: sites missing, replies lost."""
+    for note in notes.new():
+        log(f"ServerApp: {note}")
 
 
 def _show_reports(engine, run: Run | None, reported: list[str], log) -> None:

@@ -1,6 +1,7 @@
 """`m3fm-sim`: every site on one machine. Cohort generation and federated runs join here."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -8,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from m3fm.console import StageProgress, print_error
+from m3fm.console import StageProgress, print_error, print_text
 
 app = typer.Typer(help="m3fm-fed simulation: synthetic hospitals and federated runs on one machine.",
                   no_args_is_help=True, add_completion=False)
@@ -150,7 +151,7 @@ def run(
         raise typer.Exit(2)
     toml = server_config or write_server_toml(out / "server.toml", f"sim-{preset}", cached, len(sites), RUN_PLANS[preset])
     console.print(f"federated run with {len(sites)} sites, engine {engine}, config {toml}")
-    plain = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731 - site names, errors: text
+    plain = partial(print_text, console)
     if engine == "deployment":
         code = run_deployment(toml, sites, out, log=plain)
         ok = code == 0

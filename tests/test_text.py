@@ -42,14 +42,25 @@ def test_mlm_masking_spares_special_tokens(tokenizer):
     assert torch.equal(inputs[~picked], ids[~picked])
 
 
+def transformers_config(enc: TextEncoder) -> RobertaConfig:
+    """The encoder's configuration as transformers' RobertaConfig (one token type, RoBERTa's special ids)."""
+    c = enc.config
+    return RobertaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings, type_vocab_size=1, layer_norm_eps=c.layer_norm_eps,
+        hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.dropout, pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+
 def test_local_roberta_weights_load_strictly(tmp_path, tiny_cfg):
     enc = TextEncoder(tiny_cfg)
-    source = RobertaModel(enc.transformers_config(), add_pooling_layer=False)
+    source = RobertaModel(transformers_config(enc), add_pooling_layer=False)
     source.save_pretrained(tmp_path / "roberta")
     enc.load_local_roberta(tmp_path / "roberta")
     for k, v in source.state_dict().items():
         assert torch.equal(enc.model.state_dict()[k], v), k
-    other = RobertaConfig(**{**enc.transformers_config().to_dict(), "hidden_size": 48, "intermediate_size": 96})
+    other = RobertaConfig(**{**transformers_config(enc).to_dict(), "hidden_size": 48, "intermediate_size": 96})
     RobertaModel(other, add_pooling_layer=False).save_pretrained(tmp_path / "wrong")
     with pytest.raises(CheckpointMismatchError, match="embeddings.word_embeddings.weight"):
         enc.load_local_roberta(tmp_path / "wrong")
@@ -79,7 +90,7 @@ def test_the_text_encoder_computes_what_transformers_roberta_computes_on_the_sam
     cfg = dataclasses.replace(tiny_cfg, dropout=0.0)
     torch.manual_seed(0)
     ours = TextEncoder(cfg)
-    theirs = RobertaModel(ours.transformers_config(), add_pooling_layer=False)
+    theirs = RobertaModel(transformers_config(ours), add_pooling_layer=False)
     assert {k: v.shape for k, v in ours.model.state_dict().items()} == \
            {k: v.shape for k, v in theirs.state_dict().items()}
     theirs.load_state_dict(ours.model.state_dict(), strict=True)

@@ -150,18 +150,6 @@ class TextEncoder(nn.Module):
         # ids, mask: (B, T) -> (B, T, Dt)
         return self.model(ids, mask)
 
-    def transformers_config(self):
-        """The same encoder as a `transformers.RobertaConfig` (one token type, RoBERTa's special ids)."""
-        from transformers import RobertaConfig as HFRobertaConfig  # m3fm-fed[roberta]; ~4 s to import
-
-        c = self.config
-        return HFRobertaConfig(
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-            max_position_embeddings=c.max_position_embeddings, type_vocab_size=1, layer_norm_eps=c.layer_norm_eps,
-            hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.dropout, pad_token_id=PAD_ID,
-            bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-
     def load_local_roberta(self, path: str | Path) -> None:
         """Copy weights of a local RoBERTa checkpoint directory (config.json + weights) into this encoder.
 
