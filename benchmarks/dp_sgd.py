@@ -71,7 +71,8 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
     from m3fm.model.text import load_tokenizer
     from privacy.budget import DPSGDConfig, SiteBudget
     from privacy.dp_local import private_multitask, private_pretrain
-    from privacy.dp_sgd import PatientSampler, PrivacyLedger
+    from privacy.accounting import PrivacyLedger
+    from privacy.dp_sgd import PatientSampler
 
     torch.set_num_threads(1)
     items = [0]  # items trained a round

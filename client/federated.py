@@ -32,9 +32,8 @@ from m3fm.model.configs import get_config
 from m3fm.model.m3fm import M3FM
 from m3fm.weights.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.text import TextTokenizer, load_tokenizer
-from privacy.dp_local import key_plan, private_multitask, private_pretrain
 from privacy.budget import DPSGDConfig, SiteBudget
-from privacy.dp_sgd import PrivacyLedger
+from privacy.accounting import PrivacyLedger
 from transport.protocol import (CHUNK_VALUES_KEY, CLIPPING_NORM_KEY, ITEMS, NUM_EXAMPLES, SITE_ID, SKIPPED,
                                 TOKENIZER_KEY, TRAINED_MARK_KEY, EvaluateConfig, LocalRound, RoundConfig)
 from transport.secure_chunks import MAX_CHUNK_VALUES, ChunkedUpdate
@@ -178,6 +177,8 @@ def _train(o: OpenSite, rc: RoundConfig, pc: PhaseConfig, dp: DPSGDConfig | None
         run = {"pretrain": local_pretrain, "multitask": local_multitask}[pc.name]
         return run(o.model, o.data, o.tokenizer, pc, rc.phase_round, site.min_cell_size, seed=rc.seed,
                    proximal_mu=rc.proximal_mu, ranks=o.ranks)
+    from privacy.dp_local import private_multitask, private_pretrain  # Opacus: only rounds under DP-SGD import it
+
     run = {"pretrain": private_pretrain, "multitask": private_multitask}[pc.name]
     return run(o.model, o.data, o.tokenizer, pc, rc.phase_round, site.min_cell_size, dp, budget,
                PrivacyLedger(site.work_dir), (rc.run_name, rc.server_round), seed=rc.seed,
@@ -223,6 +224,8 @@ def dp_plan(o: OpenSite, config: dict, min_items: int) -> list[tuple[float, int]
     whole plan (`dp-plan`: PHASE:STEPS:BATCH per phase)."""
     if not float(config.get("dp-target-epsilon", 0)) or not config.get("dp-plan"):
         return None
+    from privacy.dp_local import key_plan
+
     plan, scales = [], round_config(config)[1].scales if config["phase"] == "pretrain" else ()
     for part in str(config["dp-plan"]).split(","):
         phase, steps, batch = part.split(":")

@@ -23,7 +23,7 @@ from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer
 from m3fm.report_html import figure, page, roc_png, table, write_text_atomic
 from m3fm.tasks import TASK_INDEX
-from privacy.dp_sgd import MECHANISM, PrivacyLedger
+from privacy.accounting import MECHANISM, PrivacyLedger
 from transport.protocol import ReportConfig
 
 

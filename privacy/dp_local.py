@@ -29,7 +29,8 @@ from m3fm.model.m3fm import M3FM
 from m3fm.model.text import TextTokenizer
 from m3fm.train import build_optimizer, model_device, pretrain_loss, qa_loss, set_lr
 from privacy.budget import DPSGDConfig, SiteBudget
-from privacy.dp_sgd import PatientSampler, PrivacyLedger, plan_round, private_training, sample_rate
+from privacy.accounting import PrivacyLedger, plan_round, sample_rate
+from privacy.dp_sgd import PatientSampler, private_training
 
 UNTRAINED_BY_PHASE = {"pretrain": ("heads.", "task_id_head.", "task_encoder."),
                       "multitask": ("mim_decoder.", "mlm_head.")}

@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
-from privacy.dp_sgd import epsilon_of
+from privacy.accounting import epsilon_of
 
 MECHANISM = "central-dp per site"  # the unit is a site: its whole update is clipped and noised
 from server.strategy import TaskAwareFedAvg

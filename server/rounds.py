@@ -32,7 +32,7 @@ from m3fm.model.configs import get_config
 from m3fm.weights.packing import group_of_packed, pack_state, unpack_state
 from m3fm.model.m3fm import M3FM
 from m3fm.model.text import load_tokenizer
-from privacy.dp_sgd import MECHANISM as DP_SGD_MECHANISM
+from privacy.accounting import MECHANISM as DP_SGD_MECHANISM
 from server.central_dp import MECHANISM as CENTRAL_DP_MECHANISM, TaskAwareCentralDP, wrap_central_dp
 from server.config import ServerConfig
 from server.report import write_run_report

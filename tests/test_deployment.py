@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from server.coordinator import free_port
 from transport.flower import flower_bin, flower_env, stop
-from privacy.dp_sgd import PrivacyLedger as SiteLedger
+from privacy.accounting import PrivacyLedger as SiteLedger
 from server.store import (PrivacyLedger, RejectedReply, Round, RoundAttempt, Run, SiteMetric, SiteReport,
                           open_server_store)
 

@@ -25,7 +25,8 @@ from m3fm.data.datasets import PretrainDataset, QADataset, SiteData
 from m3fm.model.configs import get_config
 from m3fm.weights.packing import group_of_packed, pack_state
 from m3fm.tasks import get_task
-from privacy.dp_sgd import PatientSampler, PrivacyLedger, epsilon_of, noise_for_target
+from privacy.accounting import PrivacyLedger, epsilon_of, noise_for_target
+from privacy.dp_sgd import PatientSampler
 from server.central_dp import wrap_central_dp
 from server.cli import app as server_cli
 from server.config import ServerConfigError, load_server_config

@@ -18,7 +18,7 @@ from transport.protocol import (CHUNK_VALUES_KEY, CLIPPING_NORM_KEY, MASKED_ARRA
 from transport.secure_chunks import MAX_CHUNK_VALUES, ChunkedUpdate, chunk_plan
 from server.config import ServerConfigError, load_server_config
 from server.rounds import phase_config, run_federation
-from privacy.dp_sgd import MECHANISM as DP_SGD_MECHANISM
+from privacy.accounting import MECHANISM as DP_SGD_MECHANISM
 from server.central_dp import MECHANISM as CENTRAL_MECHANISM
 from server.secure import secure_train_round
 from server.store import PrivacyLedger, Round, SiteMetric, open_server_store

@@ -23,7 +23,7 @@ from m3fm.checkpoint import read_checkpoint, write_checkpoint
 from m3fm.reference import convert
 from m3fm.weights.packing import pack_state
 from privacy.budget import DPSGDConfig
-from privacy.dp_sgd import PrivacyLedger
+from privacy.accounting import PrivacyLedger
 from server.config import load_server_config
 from server.rounds import initial_weights, phase_config
 from server.task_sum import task_aware_average

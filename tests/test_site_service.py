@@ -35,6 +35,17 @@ def test_the_client_app_is_a_relay_that_imports_no_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_site_service_and_the_serverapp_start_without_opacus_and_transformers():
+    """Their package imports cost 1.7-2 s (Opacus) and about 4 s (transformers) at every process start: only a round
+    under DP-SGD imports Opacus (the accountant, privacy/accounting.py, imports it where an epsilon is computed)."""
+    code = ("import sys, client.service, server.app; from privacy.accounting import epsilon_of; "
+            "print(sorted(m for m in ('opacus', 'transformers') if m in sys.modules)); "
+            "epsilon_of([(1.0, 0.1, 10)], 1e-5); print('opacus' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "True"]
+
+
 def test_the_channel_carries_arrays_exactly_and_only_this_user_can_connect(tmp_path):
     path = channel.socket_path(tmp_path / "work")
     server = channel.listen(path)
