@@ -14,6 +14,7 @@ gloo on CPU (tests), NCCL on GPUs; the step is the caller's, e.g. `multitask_ste
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,14 +65,16 @@ class Ranks:
         return hook
 
     def merge(self, losses: dict[str, list], counts: dict[str, int]) -> tuple[dict[str, list], dict[str, int]]:
-        """Every rank's per-task losses and step counts, joined: the site's totals, on every rank."""
+        """Every rank's per-task losses and step counts, joined: the site's totals, on every rank. As one process's
+        (defaultdicts), a key no rank trained reads as no losses and 0 steps: a round with fewer micro-batches than
+        tasks leaves some untrained, and local_multitask asks for every task's count."""
         parts: list = [None] * self.world
         dist.all_gather_object(parts, (dict(losses), dict(counts)), group=self.group)
-        joined_losses: dict[str, list] = {}
-        joined_counts: dict[str, int] = {}
+        joined_losses: dict[str, list] = defaultdict(list)
+        joined_counts: dict[str, int] = defaultdict(int)
         for part_losses, part_counts in parts:
             for k, v in part_losses.items():
-                joined_losses.setdefault(k, []).extend(v)
+                joined_losses[k].extend(v)
             for k, n in part_counts.items():
-                joined_counts[k] = joined_counts.get(k, 0) + n
+                joined_counts[k] += n
         return joined_losses, joined_counts

@@ -33,6 +33,7 @@ local_steps = 1
 [multitask]
 rounds = {multitask}
 local_steps = 1
+tasks_per_step = 2  # a test of processes: two tasks' micro-batches a step, not every task's
 """
 
 
@@ -230,6 +231,7 @@ local_steps = 2
 [multitask]
 rounds = 1
 local_steps = 2
+tasks_per_step = 2  # a test of processes: two tasks' micro-batches a step, not every task's
 [privacy.secagg]
 clipping_range = 0.5
 chunk_values = 100000  # the tiny model's update in 4 chunks, one SecAgg+ instance each

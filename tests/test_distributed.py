@@ -139,6 +139,18 @@ def test_a_local_round_on_two_ranks_ends_with_the_weights_and_totals_of_one_proc
             torch.testing.assert_close(got["state"][k], v, rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
+def test_merged_totals_read_zero_for_a_task_no_rank_trained(tmp_path):
+    """Two steps of one task each cannot train all three tasks: a multitask round on several ranks failed with a
+    KeyError for the untrained task (local_multitask reads every task's count) where one process read 0."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        losses, trained = Ranks(0, 1).merge({"lung_rads": [0.5], "nodule_presence": [0.7]},
+                                            {"lung_rads": 1, "nodule_presence": 1})
+    finally:
+        dist.destroy_process_group()
+    assert [trained[t] for t in ROUND_TASKS] == [1, 1, 0] and losses["cvd_diagnosis"] == []
+
+
 def pretrain_setup():
     cfg = get_config("tiny")
     model, _ = model_and_batches([])

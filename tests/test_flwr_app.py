@@ -39,6 +39,7 @@ local_steps = 1
 [multitask]
 rounds = 1
 local_steps = 1
+tasks_per_step = 2  # a test of processes: two tasks' micro-batches a step, not every task's
 """
 
 

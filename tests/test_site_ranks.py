@@ -141,6 +141,7 @@ micro_batches = 2
 [multitask]
 rounds = 1
 local_steps = 2
+tasks_per_step = 2  # a test of processes: two tasks' micro-batches a step, not every task's
 """
 
 
