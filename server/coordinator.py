@@ -146,7 +146,7 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
         log(f"submitted Flower run {flwr_id} (its ServerApp's output: {app_log_path})")
         shown: set[int] = set()
         reported: list[str] = []
-        last_status_check, run = 0.0, None
+        last_status_check, run, asked_after_stream = 0.0, None, False
         deadline = time.monotonic() + max_hours * 3600
         while time.monotonic() < deadline:
             record_tree(base / "processes.json", os.getpid())
@@ -157,7 +157,11 @@ def coordinate(cfg: ServerConfig, resume: bool, host: str, port: int, log=print,
                 _show_reports(engine, run, reported, log)
             if link.poll() is not None:
                 raise RuntimeError(f"the SuperLink exited with code {link.returncode}; see {base / 'superlink.log'}")
-            if time.monotonic() - last_status_check > status_every_s:
+            # the log stream ends within 0.5 s of Flower marking the run finished: ask at once, not at the next
+            # status_every_s (each ask is a `flwr ls`, so a stream that broke for another reason is asked about once)
+            stream_ended = app_log.poll() is not None and not asked_after_stream
+            if stream_ended or time.monotonic() - last_status_check > status_every_s:
+                asked_after_stream = asked_after_stream or stream_ended
                 status, last_status_check = run_status(CONNECTION, flwr_id, env), time.monotonic()
                 if status.startswith("finished"):
                     break
