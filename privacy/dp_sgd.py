@@ -46,7 +46,7 @@ from m3fm.distributed import Ranks, sum_across
 from privacy import grad_samplers  # noqa: F401  (registers the model's own modules' per-sample gradients)
 from privacy.accounting import UNIT, PrivacyLedger, PrivateRound, epsilon_of, sample_rate
 from privacy.budget import DPSGDConfig
-from privacy.per_sample_layers import Leaves, OpacusHooksBeside, per_sample_layers, restore
+from privacy.per_sample_layers import EmbeddingRows, Leaves, OpacusHooksBeside, per_sample_layers, restore
 
 
 class PatientSampler:
@@ -167,16 +167,21 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
         grads = [self.per_item(p) for p in self.bound]
         squares = torch.zeros(self.items, device=self.params[0].device)
         for g in grads:
-            if g is not None:  # over every dimension but the items' (flattening a transposed gradient would copy it)
+            if isinstance(g, EmbeddingRows):
+                squares += g.square_norms()
+            elif g is not None:  # over every dimension but the items' (flattening a transposed gradient would copy it)
                 squares += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()
         factor = (self.max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # (B,)
         first = self.summed is None
         if first:
             self.summed = self._buffer("_summed", sum(self.sizes))  # (P,)
         for p, g, out in zip(self.bound, grads, torch.split(self.summed, self.sizes)):
-            if g is None:
+            if g is None or isinstance(g, EmbeddingRows):
                 if first:
                     out.zero_()
+                if g is not None:
+                    g.add_into(out.view(p.shape), factor)
+                    p.grad_sample = None
                 continue
             # a Linear weight's per-item leaf is W^T (contiguous, as autograd made it): sum in its layout
             flipped = not g.is_contiguous() and g.dim() == 3 and g.transpose(1, 2).is_contiguous()

@@ -12,7 +12,8 @@ Here no Python runs in the backward pass. While a private round trains, each of 
 types (Linear, LayerNorm, Embedding, and the model's AddVector, PrependTokens and FactorizedPosEmbed) runs a forward
 that uses, instead of each trainable parameter p of shape S, a leaf tensor `p.detach().expand(n, *S)`: one copy of
 p per item of the micro-batch of n, all views of p's memory (stride 0). Linear becomes a batched matmul over the
-items, LayerNorm's affine part and the added vectors broadcast per item, Embedding indexes per item. Autograd
+items, LayerNorm's affine part and the added vectors broadcast per item. (An Embedding instead takes the rows
+it looks up as a leaf: `EmbeddingRows` keeps an item's gradient as those rows, not as a copy of the table.) Autograd
 then computes the gradient of the leaf, (n, *S): item i's row is exactly the gradient of the loss with respect to
 item i's copy of p, that is item i's per-sample gradient (the leaf is not expanded from anything autograd sees, so
 nothing sums the rows). That gradient is kept where autograd made it: `Leaves.collect` hands it to the DP optimizer
@@ -45,12 +46,55 @@ from m3fm.model.fusion import AddVector
 
 
 
+class EmbeddingRows:
+    """An embedding table's per-item gradients kept as the rows an item looked up: ids (n, L), grads (n, L, D).
+    Dense they would be (n, V, D), which autograd's index backward zero-filled afresh every step (small: 25 MB, 16 ms
+    of page faults and fill a step) for at most L rows an item. An item's gradient of the table is the sum of its
+    rows' gradients over equal ids, so its squared norm is the rows' Gram matrix summed over pairs of equal ids,
+    and the clipped sum over items is one scatter-add of the scaled rows into the table's (V, D) slot."""
+
+    def __init__(self, ids: torch.Tensor, grads: torch.Tensor):
+        self.ids, self.grads = ids, grads
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def joined(self, other: EmbeddingRows) -> EmbeddingRows:
+        """Both lookups of one forward pass (the text encoder: question, then clinical text), per item."""
+        return EmbeddingRows(torch.cat([self.ids, other.ids], 1), torch.cat([self.grads, other.grads], 1))
+
+    def square_norms(self) -> torch.Tensor:
+        g = self.grads.float()
+        same = (self.ids[:, :, None] == self.ids[:, None, :]).to(g.dtype)  # (n, L, L)
+        return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))  # (n,)
+
+    def dense(self, num_rows: int) -> torch.Tensor:
+        """(n, V, D), as autograd's gradient of a per-item copy of the table would be (tests compare with it)."""
+        n, L, D = self.grads.shape
+        out = self.grads.new_zeros(n * num_rows, D)
+        offsets = torch.arange(n, device=self.ids.device)[:, None] * num_rows
+        return out.index_add_(0, (self.ids + offsets).reshape(-1), self.grads.reshape(-1, D)).view(n, num_rows, D)
+
+    def add_into(self, table: torch.Tensor, factor: torch.Tensor) -> None:
+        """table (V, D) += sum over items of factor[i] x item i's gradient."""
+        rows = (self.grads.to(table.dtype) * factor[:, None, None]).reshape(-1, table.shape[1])
+        table.index_add_(0, self.ids.reshape(-1), rows)
+
+
 class Leaves:
     """The per-item leaves a private forward pass took; after the backward pass, their gradients as the parameters'
     per-item gradients."""
 
     def __init__(self):
         self.taken: dict[tuple, tuple[nn.Parameter, torch.Tensor, bool]] = {}
+        self.looked_up: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (table, ids, leaf of rows)
+
+    def rows(self, p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """ids (n, ...) -> p's rows (n, ..., D) as a leaf, whose gradient is each looked-up row's, per item."""
+        t = p.detach()[ids]
+        if p.requires_grad:
+            self.looked_up.append((p, ids.reshape(len(ids), -1), t.requires_grad_(True)))
+        return t
 
     def take(self, p: torch.Tensor, n: int, dtype: torch.dtype | None = None, flip: bool = False) -> torch.Tensor:
         """p: (*S) -> (n, *S), n copies of p sharing its memory (with flip, of p.T: (n, in, out) of a Linear weight);
@@ -78,7 +122,17 @@ class Leaves:
             if g.shape[0] < items:
                 g = torch.cat([g, g.new_zeros(items - g.shape[0], *g.shape[1:])])
             p.grad_sample = g if p.grad_sample is None else p.grad_sample + g
+        for p, ids, t in self.looked_up:
+            if t.grad is None:
+                continue
+            g, ids = t.grad.reshape(len(ids), ids.shape[1], -1), ids
+            if len(g) < items:
+                g = torch.cat([g, g.new_zeros(items - len(g), *g.shape[1:])])
+                ids = torch.cat([ids, ids.new_zeros(items - len(ids), ids.shape[1])])
+            rows = EmbeddingRows(ids, g)
+            p.grad_sample = rows if p.grad_sample is None else p.grad_sample.joined(rows)
         self.taken.clear()
+        self.looked_up.clear()
 
 
 def _routed(per_item, m: nn.Module, leaves: Leaves, params: tuple[nn.Parameter, ...], x: torch.Tensor):
@@ -111,10 +165,8 @@ def _layer_norm(m: nn.LayerNorm, leaves: Leaves, x: torch.Tensor) -> torch.Tenso
 
 
 def _embedding(m: nn.Embedding, leaves: Leaves, ids: torch.Tensor) -> torch.Tensor:
-    # ids: (n, ...) -> (n, ..., D), item i's rows of item i's copy of the table
-    n = ids.shape[0]
-    item = torch.arange(n, device=ids.device).view(n, *[1] * (ids.dim() - 1))
-    out = leaves.take(m.weight, n)[item, ids]
+    # ids: (n, ...) -> (n, ..., D), each looked-up row a leaf of its own (EmbeddingRows: no per-item table)
+    out = leaves.rows(m.weight, ids)
     if m.padding_idx is None:
         return out
     return torch.where((ids == m.padding_idx).unsqueeze(-1), out.detach(), out)  # the padding row never trains

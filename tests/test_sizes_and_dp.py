@@ -139,6 +139,7 @@ def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks(
     import torch.nn.functional as F
     from privacy.budget import DPSGDConfig
     from privacy.dp_sgd import Clipping
+    from privacy.per_sample_layers import EmbeddingRows
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -167,7 +168,16 @@ def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks(
         losses = F.cross_entropy(model(ids).float(), target, reduction="none")
     private.backward(losses)
     reference = torch.stack(reference)
-    rows = torch.cat([private.optimizer.per_item(p).float().reshape(5, -1) for p in model.parameters()], dim=1)
+    per_item = [private.optimizer.per_item(p) for p in model.parameters()]
+    assert isinstance(per_item[0], EmbeddingRows) and per_item[0].ids.shape == (5, 6)  # the rows looked up, no table
+    looked_up, per_item[0] = per_item[0], per_item[0].dense(9)
+    assert (looked_up.ids[:, :, None] == looked_up.ids[:, None, :]).sum() > 5 * 6 + 5 * 2  # ids repeat within items
+    # norms from the rows' Gram matrix over equal ids, the clipped sum scattered: those of the dense table
+    torch.testing.assert_close(looked_up.square_norms(), per_item[0].float().square().sum((1, 2)))
+    factor, table = torch.rand(5), torch.zeros(9, 4)
+    looked_up.add_into(table, factor)
+    torch.testing.assert_close(table, torch.einsum("i,ivd->vd", factor, per_item[0].float()))
+    rows = torch.cat([g.float().reshape(5, -1) for g in per_item], dim=1)
     if autocast:  # bf16 products: within bf16's precision of the fp32 gradients
         assert model.fc.weight.grad_sample.dtype == torch.bfloat16
         assert torch.allclose(rows, reference, rtol=0.05, atol=0.02 * reference.abs().max())
