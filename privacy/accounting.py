@@ -21,13 +21,18 @@ import numpy as np
 from privacy.budget import DPSGDConfig, PrivacyConfigError, SiteBudget
 
 
+def _opacus_rdp():
+    """Opacus's RDP analysis and its accountant's default orders, imported on first use (see above)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    return rdp, RDPAccountant.DEFAULT_ALPHAS
+
+
 @functools.lru_cache(maxsize=4096)
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as privacy_analysis
-
-    return privacy_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                        orders=RDPAccountant.DEFAULT_ALPHAS)
+    rdp, orders = _opacus_rdp()
+    return rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
 
 
 def epsilon_of(history: list, delta: float) -> float:
@@ -39,11 +44,9 @@ def epsilon_of(history: list, delta: float) -> float:
     history = [tuple(h) for h in history if h[2] > 0]
     if not history:
         return 0.0
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as privacy_analysis
-
+    analysis, orders = _opacus_rdp()
     rdp = sum(_rdp_of_one_step(float(sigma), float(q)) * steps for sigma, q, steps in history)
-    eps, _ = privacy_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    eps, _ = analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
 
 

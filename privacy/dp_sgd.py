@@ -25,8 +25,8 @@ and speed unchanged.
 Losses are per-sample means (m3fm/model/heads.py), so an item's gradient never depends on its batch mates.
 
 A new accountant per message would forget earlier rounds, so the RDP history lives in
-`work_dir/privacy/accountant.json` (privacy/accounting.py) and is loaded before, and saved after, every private round: epsilon
-accumulates over rounds, runs and client restarts.
+`work_dir/privacy/accountant.json` (privacy/accounting.py) and is loaded before, and saved after, every private
+round: epsilon accumulates over rounds, runs and client restarts.
 """
 
 from __future__ import annotations
@@ -176,12 +176,13 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
         if first:
             self.summed = self._buffer("_summed", sum(self.sizes))  # (P,)
         for p, g, out in zip(self.bound, grads, torch.split(self.summed, self.sizes)):
-            if g is None or isinstance(g, EmbeddingRows):
-                if first:
-                    out.zero_()
-                if g is not None:
-                    g.add_into(out.view(p.shape), factor)
-                    p.grad_sample = None
+            if first and (g is None or isinstance(g, EmbeddingRows)):
+                out.zero_()  # nothing reached it, or a scatter-add into it follows
+            if g is None:
+                continue
+            if isinstance(g, EmbeddingRows):
+                g.add_into(out.view(p.shape), factor)
+                p.grad_sample = None
                 continue
             # a Linear weight's per-item leaf is W^T (contiguous, as autograd made it): sum in its layout
             flipped = not g.is_contiguous() and g.dim() == 3 and g.transpose(1, 2).is_contiguous()

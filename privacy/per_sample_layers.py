@@ -56,9 +56,6 @@ class EmbeddingRows:
     def __init__(self, ids: torch.Tensor, grads: torch.Tensor):
         self.ids, self.grads = ids, grads
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def joined(self, other: EmbeddingRows) -> EmbeddingRows:
         """Both lookups of one forward pass (the text encoder: question, then clinical text), per item."""
         return EmbeddingRows(torch.cat([self.ids, other.ids], 1), torch.cat([self.grads, other.grads], 1))
@@ -67,13 +64,6 @@ class EmbeddingRows:
         g = self.grads.float()
         same = (self.ids[:, :, None] == self.ids[:, None, :]).to(g.dtype)  # (n, L, L)
         return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))  # (n,)
-
-    def dense(self, num_rows: int) -> torch.Tensor:
-        """(n, V, D), as autograd's gradient of a per-item copy of the table would be (tests compare with it)."""
-        n, L, D = self.grads.shape
-        out = self.grads.new_zeros(n * num_rows, D)
-        offsets = torch.arange(n, device=self.ids.device)[:, None] * num_rows
-        return out.index_add_(0, (self.ids + offsets).reshape(-1), self.grads.reshape(-1, D)).view(n, num_rows, D)
 
     def add_into(self, table: torch.Tensor, factor: torch.Tensor) -> None:
         """table (V, D) += sum over items of factor[i] x item i's gradient."""
@@ -125,7 +115,7 @@ class Leaves:
         for p, ids, t in self.looked_up:
             if t.grad is None:
                 continue
-            g, ids = t.grad.reshape(len(ids), ids.shape[1], -1), ids
+            g = t.grad.reshape(len(ids), ids.shape[1], -1)
             if len(g) < items:
                 g = torch.cat([g, g.new_zeros(items - len(g), *g.shape[1:])])
                 ids = torch.cat([ids, ids.new_zeros(items - len(ids), ids.shape[1])])
