@@ -46,7 +46,8 @@ from m3fm.distributed import Ranks, sum_across
 from privacy import grad_samplers  # noqa: F401  (registers the model's own modules' per-sample gradients)
 from privacy.accounting import UNIT, PrivacyLedger, PrivateRound, epsilon_of, sample_rate
 from privacy.budget import DPSGDConfig
-from privacy.per_sample_layers import EmbeddingRows, Leaves, OpacusHooksBeside, per_sample_layers, restore
+from privacy.per_sample_layers import (EmbeddingRows, Leaves, LinearInputs, OpacusHooksBeside, per_sample_layers,
+                                      restore)
 
 
 class PatientSampler:
@@ -108,8 +109,10 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
     Opacus clips, sums, noises and scales one parameter tensor at a time: a dozen small operations per tensor,
     a few hundred a step, most of a tiny model's DP overhead. Here each parameter's per-item gradients are the
     tensors autograd made for the per-item leaves (privacy/per_sample_layers.py, `Leaves.collect` leaves them as
-    `p.grad_sample`), or rows of one zeroed buffer that Opacus's hooks add into for any other module type (`bind`).
-    The clip is one norm per parameter and one vector-matrix product per parameter into one flat (P,) sum; the
+    `p.grad_sample`), a Linear weight's inputs and output gradients (LinearInputs) and an embedding's looked-up
+    rows (EmbeddingRows), each with its own norms and clipped sum, or rows of one zeroed buffer that Opacus's hooks
+    add into for any other module type (`bind`).
+    The clip is one norm per parameter and one product per parameter into one flat (P,) sum; the
     noise is one draw of P values, the scaling one division, and each p.grad a view of the result. The mechanism
     is Opacus's: every item's gradient clipped to C over all the step's parameters, summed, N(0, sigma^2 C^2) added
     to every coordinate once per step, divided by the expected batch. A parameter the micro-batch did not reach
@@ -167,36 +170,24 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
         grads = [self.per_item(p) for p in self.bound]
         squares = torch.zeros(self.items, device=self.params[0].device)
         for g in grads:
-            if isinstance(g, EmbeddingRows):
+            if isinstance(g, (EmbeddingRows, LinearInputs)):
                 squares += g.square_norms()
-            elif g is not None:  # over every dimension but the items' (flattening a transposed gradient would copy it)
+            elif g is not None:
                 squares += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()
         factor = (self.max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # (B,)
         first = self.summed is None
         if first:
             self.summed = self._buffer("_summed", sum(self.sizes))  # (P,)
         for p, g, out in zip(self.bound, grads, torch.split(self.summed, self.sizes)):
-            if first and (g is None or isinstance(g, EmbeddingRows)):
-                out.zero_()  # nothing reached it, or a scatter-add into it follows
             if g is None:
-                continue
-            if isinstance(g, EmbeddingRows):
-                g.add_into(out.view(p.shape), factor)
-                p.grad_sample = None
-                continue
-            # a Linear weight's per-item leaf is W^T (contiguous, as autograd made it): sum in its layout
-            flipped = not g.is_contiguous() and g.dim() == 3 and g.transpose(1, 2).is_contiguous()
-            rows = (g.transpose(1, 2) if flipped else g).reshape(len(g), -1).to(factor.dtype)  # (B, numel)
-            if not flipped and first:
-                torch.matmul(factor[None], rows, out=out.view(1, -1))  # (1, B) @ (B, numel), into the sum
-            elif not flipped:
-                out.addmv_(rows.t(), factor)
-            else:
-                total = (factor @ rows).view(p.shape[1], p.shape[0]).t()  # (numel,) of W^T -> W
                 if first:
-                    out.view(p.shape).copy_(total)
-                else:
-                    out.view(p.shape).add_(total)
+                    out.zero_()  # nothing reached it: a zero gradient for every item
+            elif isinstance(g, (EmbeddingRows, LinearInputs)):
+                g.add_into(out.view(p.shape), factor, first)
+            elif first:
+                torch.matmul(factor[None], g.reshape(len(g), -1).to(factor.dtype), out=out.view(1, -1))
+            else:
+                out.addmv_(g.reshape(len(g), -1).to(factor.dtype).t(), factor)
             p.grad_sample = None  # spent: its memory goes back before the noise is drawn
 
     def add_noise(self) -> None:

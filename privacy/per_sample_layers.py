@@ -10,23 +10,31 @@ gradient into one zeroed (items x parameters) buffer, three passes over it this 
 
 Here no Python runs in the backward pass. While a private round trains, each of the model's parametrised module
 types (Linear, LayerNorm, Embedding, and the model's AddVector, PrependTokens and FactorizedPosEmbed) runs a forward
-that uses, instead of each trainable parameter p of shape S, a leaf tensor `p.detach().expand(n, *S)`: one copy of
-p per item of the micro-batch of n, all views of p's memory (stride 0). Linear becomes a batched matmul over the
-items, LayerNorm's affine part and the added vectors broadcast per item. (An Embedding instead takes the rows
-it looks up as a leaf: `EmbeddingRows` keeps an item's gradient as those rows, not as a copy of the table.) Autograd
-then computes the gradient of the leaf, (n, *S): item i's row is exactly the gradient of the loss with respect to
-item i's copy of p, that is item i's per-sample gradient (the leaf is not expanded from anything autograd sees, so
-nothing sums the rows). That gradient is kept where autograd made it: `Leaves.collect` hands it to the DP optimizer
-as `p.grad_sample`, where Opacus's hooks would leave it, with no copy and no buffer to zero. A Linear's leaf is the
-expanded W^T, (n, in, out): the layout the batched product's backward writes, so autograd keeps its gradient as
-made (of W's layout it would copy it). A module called twice in a forward pass (the text encoder: question, then
-clinical text) takes the same leaf, so autograd sums both calls in its gradient, as Opacus's accumulation does.
+of its own. LayerNorm and the added vectors use, instead of each trainable parameter p of shape S, a leaf tensor
+`p.detach().expand(n, *S)`: one copy of p per item of the micro-batch of n, all views of p's memory (stride 0),
+broadcast per item. Autograd then computes the gradient of the leaf, (n, *S): item i's row is exactly the gradient
+of the loss with respect to item i's copy of p, that is item i's per-sample gradient (the leaf is not expanded from
+anything autograd sees, so nothing sums the rows). That gradient is kept where autograd made it: `Leaves.collect`
+hands it to the DP optimizer as `p.grad_sample`, where Opacus's hooks would leave it, with no copy and no buffer to
+zero. A module called twice in a forward pass (the text encoder: question, then clinical text) takes the same leaf,
+so autograd sums both calls in its gradient, as Opacus's accumulation does. Two module types keep less than a
+per-item copy of their parameters:
+- an Embedding takes the rows it looks up as a leaf (`EmbeddingRows`: an item's gradient as those rows, not as a
+  copy of the table);
+- a Linear runs its plain product, one matmul over the batch's tokens with the weight detached, and keeps its input
+  and its output, whose gradient the backward pass retains (`LinearInputs`: the DP optimizer takes the norms and
+  the clipped sum from them, Book-Keeping's way). Until 2026-12-07 a Linear took an expanded W^T leaf and ran as a
+  batched matmul over the items, autograd making each item's (in, out) gradient: the forward pass and the input's
+  gradient ran as per-item products, slower than one product over the batch at a few tokens an item, the MLM
+  head's (n, 192, 8192) per-item gradients were made to be summed at once, and each weight's clipped sum was
+  copied across a transpose (small pretraining, profiled: 70 ms a step of matmuls over the plain step's, 12 ms of
+  copies).
 Losses are backpropagated as their sum (not their mean), so the rows are each item's own gradient with no
 rescaling; Opacus's GradSampleModule wraps the model with `loss_reduction="sum"` for any module it still hooks.
 
-Under autocast a Linear layer's leaves are taken in the autocast dtype (a cast of the stride-0 leaf would copy the
-weight n times), so their gradients are bf16; the DP optimizer takes norms and sums in fp32. Frozen parameters
-(another task's predictor) take no leaf: the plain module forward runs.
+Under autocast a Linear's products, and so its output gradients and per-item gradients, are bf16; the DP optimizer
+takes norms and sums in fp32. Frozen parameters (another task's predictor) take no leaf: the plain module forward
+runs.
 
 tests/test_sizes_and_dp.py holds the step to a per-patient reference loop. Only for the hooks mode: fast gradient
 clipping keeps Opacus's own hooks and needs the plain batch gradients.
@@ -65,10 +73,58 @@ class EmbeddingRows:
         same = (self.ids[:, :, None] == self.ids[:, None, :]).to(g.dtype)  # (n, L, L)
         return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))  # (n,)
 
-    def add_into(self, table: torch.Tensor, factor: torch.Tensor) -> None:
-        """table (V, D) += sum over items of factor[i] x item i's gradient."""
+    def add_into(self, table: torch.Tensor, factor: torch.Tensor, first: bool) -> None:
+        """table (V, D) += (= if first) sum over items of factor[i] x item i's gradient."""
+        if first:
+            table.zero_()
         rows = (self.grads.to(table.dtype) * factor[:, None, None]).reshape(-1, table.shape[1])
         table.index_add_(0, self.ids.reshape(-1), rows)
+
+
+class LinearInputs:
+    """A Linear weight's per-item gradients kept as what makes them: the layer's inputs a (n, T, in) and its output's
+    gradients g (n, T, out); item i's gradient is g_i^T a_i (out, in), its tokens those of every call (a module
+    called twice, the text encoder, joins both calls' tokens). Norms and the clipped sum take the cheaper of two ways
+    per layer ("mixed ghost clipping", Bu et al. 2023):
+    - made: each item's gradient, (n, out, in) in W's layout, by one batched product; its norms, then the clipped
+      sum as one pass over it (factor @ rows);
+    - ghost, where 4 T (in + out) < in * out (few tokens, wide layers: the MLM head's 8192 outputs over a record's
+      masked positions; the crossover measured on one CPU thread): no per-item gradient at all. An item's squared
+      norm is sum over token pairs (a_t . a_s)(g_t . g_s), two (n, T, T) Gram matrices (Li et al. 2022), and the
+      clipped sum, sum_i c_i g_i^T a_i, one product over all n*T tokens, g^T (c a), as a plain backward pass's
+      weight gradient is (Book-Keeping, Bu et al. 2023)."""
+
+    def __init__(self, a: torch.Tensor, g: torch.Tensor):
+        self.a, self.g = a.to(g.dtype), g  # under autocast g is bf16 and a may be fp32: products in g's dtype
+
+    def joined(self, other: LinearInputs) -> LinearInputs:
+        return LinearInputs(torch.cat([self.a, other.a], 1), torch.cat([self.g, other.g], 1))
+
+    def ghost(self) -> bool:
+        _, t, i = self.a.shape
+        return 4 * t * (i + self.g.shape[2]) < i * self.g.shape[2]
+
+    def rows(self) -> torch.Tensor:
+        """Each item's gradient, (n, out, in): W's layout."""
+        return torch.bmm(self.g.transpose(1, 2), self.a)
+
+    def square_norms(self) -> torch.Tensor:
+        if self.ghost():
+            grams = torch.bmm(self.a, self.a.transpose(1, 2)).float() * torch.bmm(self.g, self.g.transpose(1, 2))
+            return grams.sum((1, 2))
+        self.made = self.rows()
+        return torch.linalg.vector_norm(self.made, dim=(1, 2), dtype=torch.float32).square()
+
+    def add_into(self, weight: torch.Tensor, factor: torch.Tensor, first: bool) -> None:
+        """weight (out, in) += (= if first) sum over items of factor[i] x item i's gradient."""
+        made = self.__dict__.pop("made", None)
+        if made is not None:  # the rows exist already: one pass over them
+            total = factor @ made.reshape(len(made), -1).to(factor.dtype)
+        else:
+            scaled = self.a * factor.to(self.a.dtype)[:, None, None]
+            total = self.g.reshape(-1, self.g.shape[2]).t() @ scaled.reshape(-1, self.a.shape[2])
+        total = total.view(weight.shape)
+        weight.copy_(total) if first else weight.add_(total)
 
 
 class Leaves:
@@ -76,7 +132,8 @@ class Leaves:
     per-item gradients."""
 
     def __init__(self):
-        self.taken: dict[tuple, tuple[nn.Parameter, torch.Tensor, bool]] = {}
+        self.taken: dict[tuple, tuple[nn.Parameter, torch.Tensor]] = {}
+        self.tapped: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []  # (module, input, output)
         self.looked_up: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (table, ids, leaf of rows)
 
     def rows(self, p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -86,42 +143,55 @@ class Leaves:
             self.looked_up.append((p, ids.reshape(len(ids), -1), t.requires_grad_(True)))
         return t
 
-    def take(self, p: torch.Tensor, n: int, dtype: torch.dtype | None = None, flip: bool = False) -> torch.Tensor:
-        """p: (*S) -> (n, *S), n copies of p sharing its memory (with flip, of p.T: (n, in, out) of a Linear weight);
-        a leaf whose gradient is per item if p trains. A module called again in the same pass (the text encoder:
-        question, then clinical text) takes the same leaf, so autograd sums both calls' gradients in it."""
-        key = (id(p), n, dtype, flip)
+    def take(self, p: torch.Tensor, n: int) -> torch.Tensor:
+        """p: (*S) -> (n, *S), n copies of p sharing its memory; a leaf whose gradient is per item if p trains. A
+        module called again in the same pass (the text encoder: question, then clinical text) takes the same leaf,
+        so autograd sums both calls' gradients in it."""
+        key = (id(p), n)
         if key in self.taken:
             return self.taken[key][1]
-        q = p.detach() if dtype is None else p.detach().to(dtype)
-        t = (q.t() if flip else q).expand(n, *(p.shape[::-1] if flip else p.shape))
+        t = p.detach().expand(n, *p.shape)
         if p.requires_grad:
-            self.taken[key] = (p, t.requires_grad_(True), flip)
+            self.taken[key] = (p, t.requires_grad_(True))
         return t
+
+    def tap(self, m: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A Linear call's input x (n, ..., in) and output y (n, ..., out), whose gradient the backward pass keeps:
+        together they are the call's per-item gradients (LinearInputs)."""
+        if y.requires_grad:
+            y.retain_grad()
+        else:  # nothing before it trains (the patch embedding of pixels): y is where the gradient stops
+            y.requires_grad_(True)
+        self.tapped.append((m, x.detach().reshape(len(x), -1, x.shape[-1]), y))
+        return y
 
     def collect(self, items: int) -> None:
         """After the backward pass: each parameter's per-item gradients (items, *p.shape) as `p.grad_sample`, where
-        Opacus's hooks would leave them. Autograd made each leaf's gradient contiguous in the leaf's layout, so a
-        flipped leaf's is a transposed view, summed in its own layout by the DP optimizer. A call on fewer items
-        (the first n of the micro-batch, in order, as Opacus counts them) fills the first n rows."""
-        for p, t, flip in self.taken.values():
-            g = t.grad
-            if g is None:
+        Opacus's hooks would leave them (a Linear weight's as LinearInputs, a looked-up table's as EmbeddingRows).
+        A call on fewer items (the first n of the micro-batch, in order, as Opacus counts them) fills the first n."""
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            return t if len(t) == items else torch.cat([t, t.new_zeros(items - len(t), *t.shape[1:])])
+
+        def add(p: nn.Parameter, g) -> None:
+            p.grad_sample = g if p.grad_sample is None else (
+                p.grad_sample.joined(g) if isinstance(g, (EmbeddingRows, LinearInputs)) else p.grad_sample + g)
+
+        for p, t in self.taken.values():
+            if t.grad is not None:
+                add(p, padded(t.grad))
+        for m, x, y in self.tapped:
+            if y.grad is None:  # its output never reached the loss
                 continue
-            g = g.transpose(1, 2) if flip else g
-            if g.shape[0] < items:
-                g = torch.cat([g, g.new_zeros(items - g.shape[0], *g.shape[1:])])
-            p.grad_sample = g if p.grad_sample is None else p.grad_sample + g
+            g = padded(y.grad.reshape(len(x), -1, y.shape[-1]))  # (items, T, out)
+            if m.weight.requires_grad:
+                add(m.weight, LinearInputs(padded(x), g))
+            if m.bias is not None and m.bias.requires_grad:
+                add(m.bias, g.sum(1))
         for p, ids, t in self.looked_up:
-            if t.grad is None:
-                continue
-            g = t.grad.reshape(len(ids), ids.shape[1], -1)
-            if len(g) < items:
-                g = torch.cat([g, g.new_zeros(items - len(g), *g.shape[1:])])
-                ids = torch.cat([ids, ids.new_zeros(items - len(ids), ids.shape[1])])
-            rows = EmbeddingRows(ids, g)
-            p.grad_sample = rows if p.grad_sample is None else p.grad_sample.joined(rows)
+            if t.grad is not None:
+                add(p, EmbeddingRows(padded(ids), padded(t.grad.reshape(len(ids), ids.shape[1], -1))))
         self.taken.clear()
+        self.tapped.clear()
         self.looked_up.clear()
 
 
@@ -139,12 +209,11 @@ def _per_item(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(m: nn.Linear, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
-    n = x.shape[0]
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    x3 = x.reshape(n, -1, x.shape[-1])  # (n, T, in)
-    w = leaves.take(m.weight, n, dtype, flip=True)  # (n, in, out): its gradient comes out contiguous, no copy
-    y = torch.bmm(x3, w) if m.bias is None else torch.baddbmm(leaves.take(m.bias, n, dtype)[:, None], x3, w)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    # x: (n, ..., in) -> (n, ..., out): the plain product, one matmul over the batch's tokens; the weight's per-item
+    # gradients come after the backward pass from x and the output's gradient (LinearInputs)
+    x = x.contiguous()  # F.linear would copy a strided input (the patches) anyway; kept, it is copied once
+    y = F.linear(x, m.weight.detach(), None if m.bias is None else m.bias.detach())
+    return leaves.tap(m, x, y)
 
 
 def _layer_norm(m: nn.LayerNorm, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:

@@ -141,33 +141,35 @@ def test_the_private_step_equals_a_per_patient_reference_loop(tiny_cfg, tokenize
 @pytest.mark.parametrize("autocast", [False, True])
 def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks(autocast):
     """The per-item gradients a private backward pass leaves for the DP optimizer are each item's own gradient:
-    per-item leaves (Linear twice, LayerNorm, Embedding with a padding row) and a module left to Opacus's hooks
-    (Conv1d) at the same scale, against one backward pass per item. Under bf16 autocast (a GPU site's training)
-    Linear's leaves, and so their gradients, are bf16."""
+    Linear's inputs and output gradients (one called twice, a narrow one whose norms are made from the rows, a wide
+    one whose norms are not), LayerNorm's per-item leaves, an Embedding's looked-up rows with a padding row, and a
+    module left to Opacus's hooks (Conv1d) at the same scale, against one backward pass per item; and the norms and
+    clipped sums the optimizer takes from them equal those of the dense per-item gradients. Under bf16 autocast (a
+    GPU site's training) Linear's products, and so their gradients, are bf16."""
     import torch.nn.functional as F
     from privacy.budget import DPSGDConfig
     from privacy.dp_sgd import Clipping
-    from privacy.per_sample_layers import EmbeddingRows
+    from privacy.per_sample_layers import EmbeddingRows, LinearInputs
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb, self.conv = torch.nn.Embedding(9, 4, padding_idx=0), torch.nn.Conv1d(4, 4, 3, padding=1)
-            self.norm, self.fc, self.out = torch.nn.LayerNorm(4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+            self.emb, self.conv = torch.nn.Embedding(9, 8, padding_idx=0), torch.nn.Conv1d(8, 8, 3, padding=1)
+            self.norm, self.fc, self.out = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 40)
 
-        def forward(self, ids):  # ids: (n, L) -> (n, 3)
-            x = self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2)  # (n, L, 4)
+        def forward(self, ids):  # ids: (n, L) -> (n, 40)
+            x = self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2)  # (n, L, 8)
             return self.out(self.fc(self.fc(self.norm(x))).mean(1))  # fc called twice: its rows hold the sum
 
     torch.manual_seed(0)
-    model, ids, target = Net(), torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
+    model, ids, target = Net(), torch.randint(0, 9, (5, 6)), torch.randint(0, 40, (5,))
     ids[:, -2:] = 0  # padding
     reference = []
     for i in range(5):
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(ids[i:i + 1]), target[i:i + 1]).backward()
         reference.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert not reference[0][:4 * 9].view(9, 4)[0].any()  # the padding row has no gradient
+    assert not reference[0][:8 * 9].view(9, 8)[0].any()  # the padding row has no gradient
     model.zero_grad(set_to_none=True)
     dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
     private = Clipping(model, torch.optim.SGD(model.parameters(), lr=1.0), 1.0, dp)
@@ -175,6 +177,7 @@ def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks(
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         losses = F.cross_entropy(model(ids).float(), target, reduction="none")
     private.backward(losses)
+    assert model.fc.weight.grad is None and model.out.weight.grad is None  # no batch gradient made
     reference = torch.stack(reference)
     per_item = [private.optimizer.per_item(p) for p in model.parameters()]
     assert isinstance(per_item[0], EmbeddingRows) and per_item[0].ids.shape == (5, 6)  # the rows looked up, no table
@@ -182,12 +185,25 @@ def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks(
     assert (looked_up.ids[:, :, None] == looked_up.ids[:, None, :]).sum() > 5 * 6 + 5 * 2  # ids repeat within items
     # norms from the rows' Gram matrix over equal ids, the clipped sum scattered: those of the dense table
     torch.testing.assert_close(looked_up.square_norms(), per_item[0].float().square().sum((1, 2)))
-    factor, table = torch.rand(5), torch.zeros(9, 4)
-    looked_up.add_into(table, factor)
+    factor, table = torch.rand(5), torch.full((9, 8), 7.0)
+    looked_up.add_into(table, factor, first=True)
     torch.testing.assert_close(table, torch.einsum("i,ivd->vd", factor, per_item[0].float()))
+    fc, out = model.fc.weight.grad_sample, model.out.weight.grad_sample
+    assert isinstance(fc, LinearInputs) and fc.a.shape == (5, 2 * 6, 8)  # both calls' tokens
+    assert not fc.ghost() and out.ghost()  # 40 outputs of one token: norms from the Gram matrices
+    tol = dict(rtol=0.02, atol=1e-3) if autocast else {}
+    for inputs in (fc, out):
+        dense = inputs.rows().float()  # (n, out, in)
+        torch.testing.assert_close(inputs.square_norms(), dense.square().sum((1, 2)), **tol)
+        weight = torch.full(dense.shape[1:], 7.0)
+        inputs.add_into(weight, factor, first=True)
+        torch.testing.assert_close(weight, torch.einsum("i,ioj->oj", factor, dense), **tol)
+        inputs.add_into(weight, factor, first=False)
+        torch.testing.assert_close(weight, 2 * torch.einsum("i,ioj->oj", factor, dense), **tol)
+    per_item = [g.rows() if isinstance(g, LinearInputs) else g for g in per_item]
     rows = torch.cat([g.float().reshape(5, -1) for g in per_item], dim=1)
     if autocast:  # bf16 products: within bf16's precision of the fp32 gradients
-        assert model.fc.weight.grad_sample.dtype == torch.bfloat16
+        assert fc.g.dtype == torch.bfloat16 and fc.rows().dtype == torch.bfloat16
         assert torch.allclose(rows, reference, rtol=0.05, atol=0.02 * reference.abs().max())
     else:
         assert torch.allclose(rows, reference, atol=1e-6)
