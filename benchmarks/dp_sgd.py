@@ -16,7 +16,8 @@ round setup is left out, each round the fastest of --repeats timings (the machin
 plain and private rounds alternate in one process, --repeats pairs, and the ratio is the median over the pairs
 (with its range): the run-to-run noise of separate processes (up to +-0.3 here) falls on both modes alike, and each
 mode's peak memory comes from a short run of its own. "dp / plain per item" divides each round's time by the items
-it trained. --base adds M3FM-Base at batch 2 (`--configs --base` alone writes results/dp_sgd-base.json). A
+it trained. On a CPU the ratio is also given in the process's CPU time (torch runs one thread here): wall time takes
+in every moment the shared machine gives to other work, CPU time only this process's own work. --base adds M3FM-Base at batch 2 (`--configs --base` alone writes results/dp_sgd-base.json). A
 measurement, never pass/fail.
 """
 
@@ -99,10 +100,10 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
     dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, physical_batch=batch, clipping=clipping)
     ledger_dir = tempfile.mkdtemp()
 
-    def one_round(mode: str, n: int) -> tuple[float, int]:
+    def one_round(mode: str, n: int) -> tuple[float, float, int]:
         pc = PhaseConfig(phase, rounds=1, local_steps=n, batch_size=batch, tasks_per_step=1)
         items[0] = 0 if mode == "dp" else n * batch
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if mode == "plain":
             out = (local_pretrain if phase == "pretrain" else local_multitask)(model, data, tokenizer, pc, 1, 1)
         else:
@@ -112,12 +113,14 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
         assert out["trained"], out
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, items[0]
+        return time.perf_counter() - t0, time.process_time() - c0, items[0]
 
-    def timed_step(mode: str) -> tuple[float, float]:
-        """(seconds a step, items a step): a round of 2 + steps steps less a round of 2 (round setup left out)."""
-        (short, short_items), (long, long_items) = one_round(mode, 2), one_round(mode, 2 + steps)
-        return (long - short) / steps, (long_items - short_items) / steps
+    def timed_step(mode: str) -> tuple[float, float, float]:
+        """(seconds a step, CPU seconds a step, items a step): a round of 2 + steps steps less a round of 2 (round
+        setup left out). CPU time is the process's own (one thread): a moment the shared machine gives to others
+        stretches the wall time, not it."""
+        (short, short_cpu, short_items), (long, long_cpu, long_items) = one_round(mode, 2), one_round(mode, 2 + steps)
+        return (long - short) / steps, (long_cpu - short_cpu) / steps, (long_items - short_items) / steps
 
     for mode in modes:
         one_round(mode, 1)  # warm-up: allocator, first-call costs
@@ -132,11 +135,14 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
     out = {"peak_mib": peak / 2**20}
     for mode, ts in timings.items():
         # alone, the fastest of the repeats counts (a slow moment only inflates a round); paired, the median
-        step_s = min(t for t, _ in ts) if len(modes) == 1 else statistics.median(t for t, _ in ts)
-        items_a_step = statistics.median(i for _, i in ts)
-        out[mode] = {"step_s": step_s, "items_per_step": items_a_step, "item_s": step_s / max(items_a_step, 1e-9)}
+        step_s = min(t for t, _, _ in ts) if len(modes) == 1 else statistics.median(t for t, _, _ in ts)
+        cpu_s = min(c for _, c, _ in ts) if len(modes) == 1 else statistics.median(c for _, c, _ in ts)
+        items_a_step = statistics.median(i for _, _, i in ts)
+        out[mode] = {"step_s": step_s, "cpu_step_s": cpu_s, "items_per_step": items_a_step,
+                     "item_s": step_s / max(items_a_step, 1e-9)}
     if len(modes) == 2:
-        out["ratios"] = [d / p for (p, _), (d, _) in zip(timings["plain"], timings["dp"])]
+        out["ratios"] = [d[0] / p[0] for p, d in zip(timings["plain"], timings["dp"])]
+        out["cpu_ratios"] = [d[1] / p[1] for p, d in zip(timings["plain"], timings["dp"])]
     return out
 
 
@@ -185,14 +191,18 @@ def main() -> None:
                     p, d = both["plain"], both["dp"]
                     ratio = statistics.median(both["ratios"])
                     spread = f"{min(both['ratios']):.2f}-{max(both['ratios']):.2f}"
+                    cpu = {"dp / plain, CPU time": statistics.median(both["cpu_ratios"]),
+                           "CPU range": f"{min(both['cpu_ratios']):.2f}-{max(both['cpu_ratios']):.2f}"}
                 else:
                     dp = in_fresh_process(site, config, phase, ("dp",), steps, batch, args.device, clipping, sampled,
                                           args.repeats)
                     p, d, dp_peak = plain["plain"], dp["dp"], dp["peak_mib"]
                     ratio, spread = d["step_s"] / p["step_s"], ""
+                    cpu = {"dp / plain, CPU time": d["cpu_step_s"] / p["cpu_step_s"]}
                 rows.append({"config": config, "phase": phase, "batch": batch, "steps": steps, "clipping": clipping,
                              "plain step s": p["step_s"], "dp step s": d["step_s"], "dp / plain": ratio,
                              **({"dp / plain range": spread} if args.interleave else {}),
+                             **(cpu if args.device == "cpu" else {}),
                              "dp items a step": d["items_per_step"],
                              "dp / plain per item": d["item_s"] / p["item_s"], "plain peak MiB": plain["peak_mib"],
                              "dp peak MiB": dp_peak, "dp / plain memory": dp_peak / plain["peak_mib"]})

@@ -118,13 +118,17 @@ class LinearInputs:
     def add_into(self, weight: torch.Tensor, factor: torch.Tensor, first: bool) -> None:
         """weight (out, in) += (= if first) sum over items of factor[i] x item i's gradient."""
         made = self.__dict__.pop("made", None)
-        if made is not None:  # the rows exist already: one pass over them
-            total = factor @ made.reshape(len(made), -1).to(factor.dtype)
-        else:
-            scaled = self.a * factor.to(self.a.dtype)[:, None, None]
-            total = self.g.reshape(-1, self.g.shape[2]).t() @ scaled.reshape(-1, self.a.shape[2])
-        total = total.view(weight.shape)
-        weight.copy_(total) if first else weight.add_(total)
+        if made is not None:  # the rows exist already: one pass over them, (1, n) @ (n, out * in)
+            a, b, flat = factor[None], made.reshape(len(made), -1).to(factor.dtype), weight.view(1, -1)
+        else:  # (out, n*T) @ (n*T, in)
+            a = self.g.reshape(-1, self.g.shape[2]).t()
+            b, flat = (self.a * factor.to(self.a.dtype)[:, None, None]).reshape(-1, self.a.shape[2]), weight
+        if first and a.dtype == weight.dtype:
+            torch.mm(a, b, out=flat)
+        elif a.dtype == weight.dtype:
+            flat.addmm_(a, b)
+        else:  # bf16 products into the fp32 sum
+            flat.copy_(a @ b) if first else flat.add_(a @ b)
 
 
 class Leaves:
@@ -133,7 +137,7 @@ class Leaves:
 
     def __init__(self):
         self.taken: dict[tuple, tuple[nn.Parameter, torch.Tensor]] = {}
-        self.tapped: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []  # (module, input, output)
+        self.tapped: list[list] = []  # [module, input, output's gradient once the backward pass made it]
         self.looked_up: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (table, ids, leaf of rows)
 
     def rows(self, p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -156,13 +160,14 @@ class Leaves:
         return t
 
     def tap(self, m: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """A Linear call's input x (n, ..., in) and output y (n, ..., out), whose gradient the backward pass keeps:
-        together they are the call's per-item gradients (LinearInputs)."""
-        if y.requires_grad:
-            y.retain_grad()
-        else:  # nothing before it trains (the patch embedding of pixels): y is where the gradient stops
+        """A Linear call's input x (n, T, in) and output y (n, T, out): y's gradient, kept by a hook as the backward
+        pass makes it, and x are the call's per-item gradients (LinearInputs). (`retain_grad` would copy every
+        output's gradient: its hook clones what it keeps.)"""
+        if not y.requires_grad:  # nothing before it trains (the patch embedding of pixels): the gradient stops at y
             y.requires_grad_(True)
-        self.tapped.append((m, x.detach().reshape(len(x), -1, x.shape[-1]), y))
+        call = [m, x.detach(), None]
+        y.register_hook(partial(_keep_gradient, call))
+        self.tapped.append(call)
         return y
 
     def collect(self, items: int) -> None:
@@ -179,10 +184,10 @@ class Leaves:
         for p, t in self.taken.values():
             if t.grad is not None:
                 add(p, padded(t.grad))
-        for m, x, y in self.tapped:
-            if y.grad is None:  # its output never reached the loss
+        for m, x, g in self.tapped:
+            if g is None:  # its output never reached the loss
                 continue
-            g = padded(y.grad.reshape(len(x), -1, y.shape[-1]))  # (items, T, out)
+            g = padded(g)  # (items, T, out)
             if m.weight.requires_grad:
                 add(m.weight, LinearInputs(padded(x), g))
             if m.bias is not None and m.bias.requires_grad:
@@ -193,6 +198,10 @@ class Leaves:
         self.taken.clear()
         self.tapped.clear()
         self.looked_up.clear()
+
+
+def _keep_gradient(call: list, grad: torch.Tensor) -> None:
+    call[2] = grad  # held here, the engine never adds into it in place
 
 
 def _routed(per_item, m: nn.Module, leaves: Leaves, params: tuple[nn.Parameter, ...], x: torch.Tensor):
@@ -211,9 +220,9 @@ def _per_item(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _linear(m: nn.Linear, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
     # x: (n, ..., in) -> (n, ..., out): the plain product, one matmul over the batch's tokens; the weight's per-item
     # gradients come after the backward pass from x and the output's gradient (LinearInputs)
-    x = x.contiguous()  # F.linear would copy a strided input (the patches) anyway; kept, it is copied once
-    y = F.linear(x, m.weight.detach(), None if m.bias is None else m.bias.detach())
-    return leaves.tap(m, x, y)
+    x3 = x.reshape(len(x), -1, x.shape[-1])  # (n, T, in): a copy only where F.linear would make one anyway
+    y = F.linear(x3, m.weight.detach(), None if m.bias is None else m.bias.detach())
+    return leaves.tap(m, x3, y).view(*x.shape[:-1], y.shape[-1])
 
 
 def _layer_norm(m: nn.LayerNorm, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
