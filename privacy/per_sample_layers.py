@@ -8,9 +8,10 @@ only to have the DP optimizer overwrite it. Python autograd Functions writing th
 previous version) still ran a Python backward per layer call; stop 44's version had autograd add every leaf's
 gradient into one zeroed (items x parameters) buffer, three passes over it this version does without.
 
-Here no Python runs in the backward pass. While a private round trains, each of the model's parametrised module
-types (Linear, LayerNorm, Embedding, and the model's AddVector, PrependTokens and FactorizedPosEmbed) runs a forward
-of its own. LayerNorm and the added vectors use, instead of each trainable parameter p of shape S, a leaf tensor
+Here the backward pass runs no grad sampler, only one line of Python per Linear call. While a private round
+trains, each of the model's parametrised module types (Linear, LayerNorm, Embedding, and the model's AddVector,
+PrependTokens and FactorizedPosEmbed) runs a forward of its own. LayerNorm and the added vectors use, instead of
+each trainable parameter p of shape S, a leaf tensor
 `p.detach().expand(n, *S)`: one copy of p per item of the micro-batch of n, all views of p's memory (stride 0),
 broadcast per item. Autograd then computes the gradient of the leaf, (n, *S): item i's row is exactly the gradient
 of the loss with respect to item i's copy of p, that is item i's per-sample gradient (the leaf is not expanded from
@@ -22,13 +23,13 @@ per-item copy of their parameters:
 - an Embedding takes the rows it looks up as a leaf (`EmbeddingRows`: an item's gradient as those rows, not as a
   copy of the table);
 - a Linear runs its plain product, one matmul over the batch's tokens with the weight detached, and keeps its input
-  and its output, whose gradient the backward pass retains (`LinearInputs`: the DP optimizer takes the norms and
-  the clipped sum from them, Book-Keeping's way). Until 2026-12-07 a Linear took an expanded W^T leaf and ran as a
-  batched matmul over the items, autograd making each item's (in, out) gradient: the forward pass and the input's
-  gradient ran as per-item products, slower than one product over the batch at a few tokens an item, the MLM
-  head's (n, 192, 8192) per-item gradients were made to be summed at once, and each weight's clipped sum was
-  copied across a transpose (small pretraining, profiled: 70 ms a step of matmuls over the plain step's, 12 ms of
-  copies).
+  and, through a tensor hook (that one Python line), its output's gradient (`LinearInputs`: the DP optimizer takes
+  the norms and the clipped sum from them, Book-Keeping's way). Until 2026-12-07 a Linear took an expanded W^T
+  leaf and ran as a batched matmul over the items, autograd making each item's (in, out) gradient: the forward
+  pass and the input's gradient ran as per-item products, slower than one product over the batch at a few tokens
+  an item, the MLM head's (n, 192, 8192) per-item gradients were made only to be summed, and each weight's
+  clipped sum was copied across a transpose (small pretraining, profiled: 70 ms a step of matmuls over the plain
+  step's, 12 ms of copies).
 Losses are backpropagated as their sum (not their mean), so the rows are each item's own gradient with no
 rescaling; Opacus's GradSampleModule wraps the model with `loss_reduction="sum"` for any module it still hooks.
 
@@ -92,7 +93,10 @@ class LinearInputs:
       masked positions; the crossover measured on one CPU thread): no per-item gradient at all. An item's squared
       norm is sum over token pairs (a_t . a_s)(g_t . g_s), two (n, T, T) Gram matrices (Li et al. 2022), and the
       clipped sum, sum_i c_i g_i^T a_i, one product over all n*T tokens, g^T (c a), as a plain backward pass's
-      weight gradient is (Book-Keeping, Bu et al. 2023)."""
+      weight gradient is (Book-Keeping, Bu et al. 2023).
+    Under activation checkpointing (large, huge) the inputs of a checkpointed block's Linear layers are held from
+    the forward pass to the clip, as without checkpointing (the recomputed calls' outputs get no gradient and are
+    skipped)."""
 
     def __init__(self, a: torch.Tensor, g: torch.Tensor):
         self.a, self.g = a.to(g.dtype), g  # under autocast g is bf16 and a may be fp32: products in g's dtype
@@ -201,7 +205,7 @@ class Leaves:
 
 
 def _keep_gradient(call: list, grad: torch.Tensor) -> None:
-    call[2] = grad  # held here, the engine never adds into it in place
+    call[2] = grad  # a reference: autograd adds in place only into a gradient buffer no one else holds
 
 
 def _routed(per_item, m: nn.Module, leaves: Leaves, params: tuple[nn.Parameter, ...], x: torch.Tensor):

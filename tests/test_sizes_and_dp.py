@@ -208,3 +208,30 @@ def test_per_item_rows_are_each_items_own_gradient_beside_a_module_opacus_hooks(
     else:
         assert torch.allclose(rows, reference, atol=1e-6)
     private.close()
+
+
+def test_the_private_clipped_sum_is_the_same_under_activation_checkpointing(tiny_cfg, tokenizer):
+    """large and huge checkpoint their blocks: the blocks' Linear calls run again in the backward pass, and those
+    recomputed calls' outputs get no gradient. The clipped sum a private step takes is the same with and without."""
+    import dataclasses
+
+    from m3fm.train import TrainConfig, qa_loss
+    from privacy.budget import DPSGDConfig
+    from privacy.dp_sgd import Clipping
+
+    samples = toy_qa_samples(tiny_cfg, "nodule_presence", 4, seed=3)
+    sums = []
+    for checkpointed in (False, True):
+        cfg = dataclasses.replace(tiny_cfg, act_checkpoint=checkpointed)
+        torch.manual_seed(0)
+        model = M3FM(cfg)
+        model.train()
+        private = Clipping(model, torch.optim.SGD(model.parameters(), lr=1.0), 1.0,
+                           DPSGDConfig(noise_multiplier=1.0, max_grad_norm=0.5))
+        private.optimizer.expected_batch_size = 1
+        private.backward(qa_loss(model, collate_qa(samples, tokenizer, cfg), TrainConfig(), per_sample=True)[0])
+        private.optimizer.clip_and_accumulate()  # the clipped sum, before the noise
+        sums.append(private.optimizer.summed.clone())
+        private.close()
+    assert sums[0].abs().sum() > 0
+    torch.testing.assert_close(sums[1], sums[0])
