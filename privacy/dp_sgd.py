@@ -111,10 +111,10 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
     tensors autograd made for the per-item leaves (privacy/per_sample_layers.py, `Leaves.collect` leaves them as
     `p.grad_sample`), a Linear weight's inputs and output gradients (LinearInputs) and an embedding's looked-up
     rows (EmbeddingRows), each with its own norms and clipped sum, or rows of one zeroed buffer that Opacus's hooks
-    add into for any other module type (`bind`).
-    The clip is one norm per parameter and one product per parameter into one flat (P,) sum; the
-    noise is one draw of P values, the scaling one division, and each p.grad a view of the result. The mechanism
-    is Opacus's: every item's gradient clipped to C over all the step's parameters, summed, N(0, sigma^2 C^2) added
+    add into for any other module type (`bind`). The clip is one norm per parameter and one product per parameter
+    into one flat (P,) sum; the noise is one draw of P values straight into that sum, before the step's first clipped
+    sums are added onto it; the scaling is one division, and each p.grad a view of the result. The mechanism is
+    Opacus's: every item's gradient clipped to C over all the step's parameters, summed, N(0, sigma^2 C^2) added
     to every coordinate once per step, divided by the expected batch. A parameter the micro-batch did not reach
     counts as a zero gradient for every item (clipped and noised alike).
 
@@ -155,11 +155,10 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
     def pre_step(self, closure=None) -> bool:
         if not self.params:
             return True
-        self.clip_and_accumulate()
+        self.clip_and_accumulate()  # onto the step's noise, drawn at its first micro-batch
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
-        self.add_noise()
         self.scale_grad()
         if self.step_hook:
             self.step_hook(self)
@@ -175,26 +174,23 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
             elif g is not None:
                 squares += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()
         factor = (self.max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # (B,)
-        first = self.summed is None
-        if first:
-            self.summed = self._buffer("_summed", sum(self.sizes))  # (P,)
+        if self.summed is None:  # the step's first micro-batch: its noise first, every clipped sum added onto it
+            self.summed = self.add_noise()
         for p, g, out in zip(self.bound, grads, torch.split(self.summed, self.sizes)):
-            if g is None:
-                if first:
-                    out.zero_()  # nothing reached it: a zero gradient for every item
-            elif isinstance(g, (EmbeddingRows, LinearInputs)):
-                g.add_into(out.view(p.shape), factor, first)
-            elif first:
-                torch.matmul(factor[None], g.reshape(len(g), -1).to(factor.dtype), out=out.view(1, -1))
-            else:
+            if isinstance(g, (EmbeddingRows, LinearInputs)):
+                g.add_into(out.view(p.shape), factor)
+            elif g is not None:  # nothing reached it: a zero gradient for every item
                 out.addmv_(g.reshape(len(g), -1).to(factor.dtype).t(), factor)
-            p.grad_sample = None  # spent: its memory goes back before the noise is drawn
+            p.grad_sample = None  # spent: its memory goes back
 
-    def add_noise(self) -> None:
-        # with several ranks the noise is drawn once, on rank 0 (RankSum)
+    def add_noise(self) -> torch.Tensor:
+        """The step's (P,) sum, begun as its noise: N(0, sigma^2 C^2) drawn straight into it, once per step and, with
+        several ranks, on rank 0 alone (RankSum; the others begin at zero). No noise buffer beside the sum (base: 1.2
+        GB) and no pass adding one into it."""
+        summed = self._buffer("_summed", sum(self.sizes))
         if self.ranks is None or self.ranks.rank == 0:
-            noise = self._buffer("_noise", self.summed.numel())
-            self.summed += noise.normal_(0.0, self.noise_multiplier * self.max_grad_norm, generator=self.generator)
+            return summed.normal_(0.0, self.noise_multiplier * self.max_grad_norm, generator=self.generator)
+        return summed.zero_()
 
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":  # one micro-batch's backward per bind, so never more than one iteration

@@ -74,10 +74,8 @@ class EmbeddingRows:
         same = (self.ids[:, :, None] == self.ids[:, None, :]).to(g.dtype)  # (n, L, L)
         return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))  # (n,)
 
-    def add_into(self, table: torch.Tensor, factor: torch.Tensor, first: bool) -> None:
-        """table (V, D) += (= if first) sum over items of factor[i] x item i's gradient."""
-        if first:
-            table.zero_()
+    def add_into(self, table: torch.Tensor, factor: torch.Tensor) -> None:
+        """table (V, D) += sum over items of factor[i] x item i's gradient."""
         rows = (self.grads.to(table.dtype) * factor[:, None, None]).reshape(-1, table.shape[1])
         table.index_add_(0, self.ids.reshape(-1), rows)
 
@@ -119,20 +117,18 @@ class LinearInputs:
         self.made = self.rows()
         return torch.linalg.vector_norm(self.made, dim=(1, 2), dtype=torch.float32).square()
 
-    def add_into(self, weight: torch.Tensor, factor: torch.Tensor, first: bool) -> None:
-        """weight (out, in) += (= if first) sum over items of factor[i] x item i's gradient."""
+    def add_into(self, weight: torch.Tensor, factor: torch.Tensor) -> None:
+        """weight (out, in) += sum over items of factor[i] x item i's gradient."""
         made = self.__dict__.pop("made", None)
         if made is not None:  # the rows exist already: one pass over them, (1, n) @ (n, out * in)
             a, b, flat = factor[None], made.reshape(len(made), -1).to(factor.dtype), weight.view(1, -1)
         else:  # (out, n*T) @ (n*T, in)
             a = self.g.reshape(-1, self.g.shape[2]).t()
             b, flat = (self.a * factor.to(self.a.dtype)[:, None, None]).reshape(-1, self.a.shape[2]), weight
-        if first and a.dtype == weight.dtype:
-            torch.mm(a, b, out=flat)
-        elif a.dtype == weight.dtype:
+        if a.dtype == weight.dtype:
             flat.addmm_(a, b)
         else:  # bf16 products into the fp32 sum
-            flat.copy_(a @ b) if first else flat.add_(a @ b)
+            flat.add_(a @ b)
 
 
 class Leaves:
