@@ -179,8 +179,9 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
         for p, g, out in zip(self.bound, grads, torch.split(self.summed, self.sizes)):
             if isinstance(g, (EmbeddingRows, LinearInputs)):
                 g.add_into(out.view(p.shape), factor)
-            elif g is not None:  # nothing reached it: a zero gradient for every item
+            elif g is not None:  # (B, *p.shape): (1, B) @ (B, numel) onto the sum
                 out.addmv_(g.reshape(len(g), -1).to(factor.dtype).t(), factor)
+            # g None: nothing reached p, a zero gradient for every item, so the noise alone
             p.grad_sample = None  # spent: its memory goes back
 
     def add_noise(self) -> torch.Tensor:
