@@ -186,7 +186,7 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
 
     def add_noise(self) -> torch.Tensor:
         """The step's (P,) sum, begun as its noise: N(0, sigma^2 C^2) drawn straight into it, once per step and, with
-        several ranks, on rank 0 alone (RankSum; the others begin at zero). No noise buffer beside the sum (base: 1.2
+        several ranks, on rank 0 alone (RankSum; the others begin at zero). No noise buffer beside the sum (base: 0.9
         GB) and no pass adding one into it."""
         summed = self._buffer("_summed", sum(self.sizes))
         if self.ranks is None or self.ranks.rank == 0:
