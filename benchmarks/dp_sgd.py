@@ -17,8 +17,8 @@ plain and private rounds alternate in one process, --repeats pairs, and the rati
 (with its range): the run-to-run noise of separate processes (up to +-0.3 here) falls on both modes alike, and each
 mode's peak memory comes from a short run of its own. "dp / plain per item" divides each round's time by the items
 it trained. On a CPU the ratio is also given in the process's CPU time (torch runs one thread here): wall time takes
-in every moment the shared machine gives to other work, CPU time only this process's own work. --base adds M3FM-Base at batch 2 (`--configs --base` alone writes results/dp_sgd-base.json). A
-measurement, never pass/fail.
+in every moment the shared machine gives to other work, CPU time only this process's own work. --base adds
+M3FM-Base at batch 2 (`--configs --base` alone writes results/dp_sgd-base.json). A measurement, never pass/fail.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
     out = {"peak_mib": peak / 2**20}
     for mode, ts in timings.items():
         # alone, the fastest of the repeats counts (a slow moment only inflates a round); paired, the median
-        step_s = min(t for t, _, _ in ts) if len(modes) == 1 else statistics.median(t for t, _, _ in ts)
-        cpu_s = min(c for _, c, _ in ts) if len(modes) == 1 else statistics.median(c for _, c, _ in ts)
+        pick = min if len(modes) == 1 else statistics.median
+        step_s, cpu_s = pick(t for t, _, _ in ts), pick(c for _, c, _ in ts)
         items_a_step = statistics.median(i for _, _, i in ts)
         out[mode] = {"step_s": step_s, "cpu_step_s": cpu_s, "items_per_step": items_a_step,
                      "item_s": step_s / max(items_a_step, 1e-9)}

@@ -46,8 +46,7 @@ from m3fm.distributed import Ranks, sum_across
 from privacy import grad_samplers  # noqa: F401  (registers the model's own modules' per-sample gradients)
 from privacy.accounting import UNIT, PrivacyLedger, PrivateRound, epsilon_of, sample_rate
 from privacy.budget import DPSGDConfig
-from privacy.per_sample_layers import (EmbeddingRows, Leaves, LinearInputs, OpacusHooksBeside, per_sample_layers,
-                                      restore)
+from privacy.per_sample_layers import ItemGradients, Leaves, OpacusHooksBeside, per_sample_layers, restore
 
 
 class PatientSampler:
@@ -169,7 +168,7 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
         grads = [self.per_item(p) for p in self.bound]
         squares = torch.zeros(self.items, device=self.params[0].device)
         for g in grads:
-            if isinstance(g, (EmbeddingRows, LinearInputs)):
+            if isinstance(g, ItemGradients):
                 squares += g.square_norms()
             elif g is not None:
                 squares += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()
@@ -177,7 +176,7 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
         if self.summed is None:  # the step's first micro-batch: its noise first, every clipped sum added onto it
             self.summed = self.add_noise()
         for p, g, out in zip(self.bound, grads, torch.split(self.summed, self.sizes)):
-            if isinstance(g, (EmbeddingRows, LinearInputs)):
+            if isinstance(g, ItemGradients):
                 g.add_into(out.view(p.shape), factor)
             elif g is not None:  # (B, *p.shape): (1, B) @ (B, numel) onto the sum
                 out.addmv_(g.reshape(len(g), -1).to(factor.dtype).t(), factor)

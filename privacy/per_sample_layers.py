@@ -55,7 +55,21 @@ from m3fm.model.fusion import AddVector
 
 
 
-class EmbeddingRows:
+class ItemGradients:
+    """A parameter's per-item gradients kept as what makes them, not as (n, *p.shape): the DP optimizer asks each for
+    its items' squared norms and adds its clipped sum into the parameter's slot of the step's sum."""
+
+    def joined(self, other):  # both calls of a module in one forward pass, per item
+        raise NotImplementedError
+
+    def square_norms(self) -> torch.Tensor:  # (n,)
+        raise NotImplementedError
+
+    def add_into(self, out: torch.Tensor, factor: torch.Tensor) -> None:  # out (*p.shape) += sum_i factor[i] g_i
+        raise NotImplementedError
+
+
+class EmbeddingRows(ItemGradients):
     """An embedding table's per-item gradients kept as the rows an item looked up: ids (n, L), grads (n, L, D).
     Dense they would be (n, V, D), which autograd's index backward zero-filled afresh every step (small: 25 MB, 16 ms
     of page faults and fill a step) for at most L rows an item. An item's gradient of the table is the sum of its
@@ -80,7 +94,7 @@ class EmbeddingRows:
         table.index_add_(0, self.ids.reshape(-1), rows)
 
 
-class LinearInputs:
+class LinearInputs(ItemGradients):
     """A Linear weight's per-item gradients kept as what makes them: the layer's inputs a (n, T, in) and its output's
     gradients g (n, T, out); item i's gradient is g_i^T a_i (out, in), its tokens those of every call (a module
     called twice, the text encoder, joins both calls' tokens). Norms and the clipped sum take the cheaper of two ways
@@ -98,6 +112,7 @@ class LinearInputs:
 
     def __init__(self, a: torch.Tensor, g: torch.Tensor):
         self.a, self.g = a.to(g.dtype), g  # under autocast g is bf16 and a may be fp32: products in g's dtype
+        self.made: torch.Tensor | None = None  # the rows, once square_norms made them, until add_into sums them
 
     def joined(self, other: LinearInputs) -> LinearInputs:
         return LinearInputs(torch.cat([self.a, other.a], 1), torch.cat([self.g, other.g], 1))
@@ -119,7 +134,7 @@ class LinearInputs:
 
     def add_into(self, weight: torch.Tensor, factor: torch.Tensor) -> None:
         """weight (out, in) += sum over items of factor[i] x item i's gradient."""
-        made = self.__dict__.pop("made", None)
+        made, self.made = self.made, None
         if made is not None:  # the rows exist already: one pass over them, (1, n) @ (n, out * in)
             a, b, flat = factor[None], made.reshape(len(made), -1).to(factor.dtype), weight.view(1, -1)
         else:  # (out, n*T) @ (n*T, in)
@@ -179,7 +194,7 @@ class Leaves:
 
         def add(p: nn.Parameter, g) -> None:
             p.grad_sample = g if p.grad_sample is None else (
-                p.grad_sample.joined(g) if isinstance(g, (EmbeddingRows, LinearInputs)) else p.grad_sample + g)
+                p.grad_sample.joined(g) if isinstance(g, ItemGradients) else p.grad_sample + g)
 
         for p, t in self.taken.values():
             if t.grad is not None:

@@ -224,11 +224,11 @@ def test_the_private_clipped_sum_is_the_same_under_activation_checkpointing(tiny
         torch.manual_seed(0)
         model = M3FM(cfg)
         model.train()
-        private = Clipping(model, torch.optim.SGD(model.parameters(), lr=1.0), 1.0,
+        private = Clipping(model, torch.optim.SGD(model.parameters(), lr=1.0), 0.0,  # no noise: the sum alone
                            DPSGDConfig(noise_multiplier=1.0, max_grad_norm=0.5))
         private.optimizer.expected_batch_size = 1
         private.backward(qa_loss(model, collate_qa(samples, tokenizer, cfg), TrainConfig(), per_sample=True)[0])
-        private.optimizer.clip_and_accumulate()  # the clipped sum, before the noise
+        private.optimizer.clip_and_accumulate()  # the clipped sum, onto a zero draw
         sums.append(private.optimizer.summed.clone())
         private.close()
     assert sums[0].abs().sum() > 0
