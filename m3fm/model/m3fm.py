@@ -115,8 +115,8 @@ class M3FM(nn.Module):
             order = torch.argsort(picked.to(torch.int8), dim=1, descending=True, stable=True)[:, :k]  # (B, K)
             chosen = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, Dt)
             logits = self.mlm_head(chosen)  # (B, K, V)
-            tokens = F.cross_entropy(logits.float().transpose(1, 2), labels.gather(1, order), ignore_index=-100,
-                                     reduction="none")  # (B, K), 0 at the padding
+            tokens = F.cross_entropy(logits.float().flatten(0, 1), labels.gather(1, order).flatten(),
+                                     ignore_index=-100, reduction="none").view(order.shape)  # (B, K), 0 at the padding
             return tokens.sum(1) / count.clamp(min=1)  # (B,)
         logits = self.mlm_head(hidden[picked])  # (N, V): only masked positions reach the vocabulary layer
         return F.cross_entropy(logits.float(), labels[picked])
