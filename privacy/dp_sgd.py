@@ -166,22 +166,33 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
 
     def clip_and_accumulate(self) -> None:
         grads = [self.per_item(p) for p in self.bound]
+        slots = [out.view(p.shape) for p, out in zip(self.bound, torch.split(self.summed_or_noise(), self.sizes))]
         squares = torch.zeros(self.items, device=self.params[0].device)
+        # the per-item tensors autograd made (LayerNorm, biases, added vectors: many and small) as one (B, sum)
+        # block: one norm and one product for all of them, not two calls each (tiny: much of a step's Python)
+        dense = [(slot, g) for slot, g in zip(slots, grads) if g is not None and not isinstance(g, ItemGradients)]
+        block = torch.cat([g.reshape(len(g), -1).float() for _, g in dense], 1) if dense else None  # (B, sum)
+        if block is not None:
+            squares += block.square().sum(1)
         for g in grads:
             if isinstance(g, ItemGradients):
                 squares += g.square_norms()
-            elif g is not None:
-                squares += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()
         factor = (self.max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # (B,)
-        if self.summed is None:  # the step's first micro-batch: its noise first, every clipped sum added onto it
-            self.summed = self.add_noise()
-        for p, g, out in zip(self.bound, grads, torch.split(self.summed, self.sizes)):
+        for slot, g in zip(slots, grads):
             if isinstance(g, ItemGradients):
-                g.add_into(out.view(p.shape), factor)
-            elif g is not None:  # (B, *p.shape): (1, B) @ (B, numel) onto the sum
-                out.addmv_(g.reshape(len(g), -1).to(factor.dtype).t(), factor)
-            # g None: nothing reached p, a zero gradient for every item, so the noise alone
+                g.add_into(slot, factor)
+        if block is not None:  # (B,) @ (B, sum), split onto the slots in one call
+            torch._foreach_add_([slot.view(-1) for slot, _ in dense],
+                                list(torch.split(factor @ block, [slot.numel() for slot, _ in dense])))
+        # a parameter nothing reached (g None) has a zero gradient for every item: the noise alone
+        for p in self.bound:
             p.grad_sample = None  # spent: its memory goes back
+
+    def summed_or_noise(self) -> torch.Tensor:
+        """The step's (P,) sum so far; at its first micro-batch, its noise, which every clipped sum is added onto."""
+        if self.summed is None:
+            self.summed = self.add_noise()
+        return self.summed
 
     def add_noise(self) -> torch.Tensor:
         """The step's (P,) sum, begun as its noise: N(0, sigma^2 C^2) drawn straight into it, once per step and, with
