@@ -105,17 +105,18 @@ class RankSum:
 class PatientDPOptimizer(RankSum, DPOptimizer):
     """Opacus's DPOptimizer with a step's per-parameter work done in a few passes over the per-item gradients.
 
-    Opacus clips, sums, noises and scales one parameter tensor at a time: a dozen small operations per tensor,
-    a few hundred a step, most of a tiny model's DP overhead. Here each parameter's per-item gradients are the
-    tensors autograd made for the per-item leaves (privacy/per_sample_layers.py, `Leaves.collect` leaves them as
-    `p.grad_sample`), a Linear weight's inputs and output gradients (LinearInputs) and an embedding's looked-up
-    rows (EmbeddingRows), each with its own norms and clipped sum, or rows of one zeroed buffer that Opacus's hooks
-    add into for any other module type (`bind`). The clip is one norm per parameter and one product per parameter
-    into one flat (P,) sum; the noise is one draw of P values straight into that sum, before the step's first clipped
-    sums are added onto it; the scaling is one division, and each p.grad a view of the result. The mechanism is
-    Opacus's: every item's gradient clipped to C over all the step's parameters, summed, N(0, sigma^2 C^2) added
-    to every coordinate once per step, divided by the expected batch. A parameter the micro-batch did not reach
-    counts as a zero gradient for every item (clipped and noised alike).
+    Opacus clips, sums, noises and scales one parameter tensor at a time: a dozen small operations per tensor, a few
+    hundred a step, most of a tiny model's DP overhead. Here each parameter's per-item gradients are the tensors
+    autograd made for the per-item leaves (privacy/per_sample_layers.py, `Leaves.collect` leaves them as
+    `p.grad_sample`), a Linear weight's inputs and output gradients (LinearInputs) and an embedding's looked-up rows
+    (EmbeddingRows), each with its own norms and clipped sum, or rows of one zeroed buffer that Opacus's hooks add
+    into for any other module type (`bind`). The clip is one norm and one product per Linear weight and embedding,
+    and one of each for all other per-item gradients together, into one flat (P,) sum; the noise is one draw of P
+    values straight into that sum, before the step's first clipped sums are added onto it; the scaling is one
+    division, and each p.grad a view of the result. The mechanism is Opacus's: every item's gradient clipped to C
+    over all the step's parameters, summed, N(0, sigma^2 C^2) added to every coordinate once per step, divided by
+    the expected batch. A parameter the micro-batch did not reach counts as a zero gradient for every item (clipped
+    and noised alike).
 
     Why not one (B, P) buffer that autograd adds into, as before: it had to be zeroed every micro-batch, and each
     leaf's gradient was made, then added into it (a Linear weight's across a transpose): three passes over B x P
