@@ -6,10 +6,11 @@ same round without DP, per model configuration and phase, at equal patients per 
 
 Both rounds run the code sites run (m3fm/local.py with one task or scale per step, privacy/dp_local.py) from the
 same initial weights on a tiny synthetic site ingested for each configuration's crops. A plain step trains `batch`
-items of one key; a private step trains one item of each of `batch` patients drawn at random (the same number of
-items, so the ratio is the cost of privacy alone; a key with fewer than `batch` patients draws some of them twice),
-or with --poisson one item of each Poisson-sampled patient, as a site does (`batch` patients on average: fewer or
-more items than the plain step, so the ratio moves with the draw).
+items of one key (each repeat's round draws its own, seeded by the repeat); a private step trains one item of each
+of `batch` patients drawn at random (the same number of items, so the ratio is the cost of privacy alone; a key with
+fewer than `batch` patients draws some of them twice), or with --poisson one item of each Poisson-sampled patient,
+as a site does (`batch` patients on average: fewer or more items than the plain step, so the ratio moves with the
+draw).
 Every (configuration, phase, mode) runs in a fresh process, so its peak memory (VmHWM on CPU, max allocated on a
 GPU) is its own; step time is (a round of 2 + steps steps - a round of 2 steps) / steps, after a warm-up round, so
 round setup is left out, each round the fastest of --repeats timings (the machine is shared). With --interleave,
@@ -100,12 +101,12 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
     dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, physical_batch=batch, clipping=clipping)
     ledger_dir = tempfile.mkdtemp()
 
-    def one_round(mode: str, n: int) -> tuple[float, float, int]:
+    def one_round(mode: str, n: int, seed: int = 0) -> tuple[float, float, int]:
         pc = PhaseConfig(phase, rounds=1, local_steps=n, batch_size=batch, tasks_per_step=1)
         items[0] = 0 if mode == "dp" else n * batch
         t0, c0 = time.perf_counter(), time.process_time()
         if mode == "plain":
-            out = (local_pretrain if phase == "pretrain" else local_multitask)(model, data, tokenizer, pc, 1, 1)
+            out = (local_pretrain if phase == "pretrain" else local_multitask)(model, data, tokenizer, pc, 1, 1, seed)
         else:
             run = private_pretrain if phase == "pretrain" else private_multitask
             out = run(model, data, tokenizer, pc, 1, 1, dp, SiteBudget(None, None), PrivacyLedger(Path(ledger_dir)),
@@ -115,11 +116,12 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
             torch.cuda.synchronize()
         return time.perf_counter() - t0, time.process_time() - c0, items[0]
 
-    def timed_step(mode: str) -> tuple[float, float, float]:
+    def timed_step(mode: str, seed: int) -> tuple[float, float, float]:
         """(seconds a step, CPU seconds a step, items a step): a round of 2 + steps steps less a round of 2 (round
         setup left out). CPU time is the process's own (one thread): a moment the shared machine gives to others
         stretches the wall time, not it."""
-        (short, short_cpu, short_items), (long, long_cpu, long_items) = one_round(mode, 2), one_round(mode, 2 + steps)
+        (short, short_cpu, short_items) = one_round(mode, 2, seed)
+        (long, long_cpu, long_items) = one_round(mode, 2 + steps, seed)
         return (long - short) / steps, (long_cpu - short_cpu) / steps, (long_items - short_items) / steps
 
     for mode in modes:
@@ -127,9 +129,12 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     timings = {m: [] for m in modes}
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for mode in modes:
-            timings[mode].append(timed_step(mode))
+            # each repeat's plain round draws its own items (its seed), as each private round draws its patients
+            # (the sampler's secret seed): until 2026-12-07 every plain round trained the same 16 steps' items, and
+            # the ratio leaned on how large those few happened to be against the private rounds' fresh draws
+            timings[mode].append(timed_step(mode, repeat + 1))
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else common.rss_bytes_peak()
     shutil.rmtree(ledger_dir, ignore_errors=True)
     out = {"peak_mib": peak / 2**20}
