@@ -131,9 +131,8 @@ def measure(site_dir: str, config: str, phase: str, modes: tuple[str, ...], step
     timings = {m: [] for m in modes}
     for repeat in range(repeats):
         for mode in modes:
-            # each repeat's plain round draws its own items (its seed), as each private round draws its patients
-            # (the sampler's secret seed): until 2026-12-07 every plain round trained the same 16 steps' items, and
-            # the ratio leaned on how large those few happened to be against the private rounds' fresh draws
+            # a fresh draw each repeat in both modes (the private sampler's seed is secret): a plain round fixed at
+            # seed 0 made the ratio lean on how large its few items happened to be
             timings[mode].append(timed_step(mode, repeat + 1))
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else common.rss_bytes_peak()
     shutil.rmtree(ledger_dir, ignore_errors=True)

@@ -167,7 +167,9 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
 
     def clip_and_accumulate(self) -> None:
         grads = [self.per_item(p) for p in self.bound]
-        slots = [out.view(p.shape) for p, out in zip(self.bound, torch.split(self.summed_or_noise(), self.sizes))]
+        if self.summed is None:  # the step's first micro-batch: its noise first, every clipped sum added onto it
+            self.summed = self.add_noise()
+        slots = [out.view(p.shape) for p, out in zip(self.bound, torch.split(self.summed, self.sizes))]
         squares = torch.zeros(self.items, device=self.params[0].device)
         # the per-item tensors autograd made (LayerNorm, biases, added vectors: many and small) as one (B, sum)
         # block: one norm and one product for all of them, not two calls each (tiny: much of a step's Python)
@@ -188,12 +190,6 @@ class PatientDPOptimizer(RankSum, DPOptimizer):
         # a parameter nothing reached (g None) has a zero gradient for every item: the noise alone
         for p in self.bound:
             p.grad_sample = None  # spent: its memory goes back
-
-    def summed_or_noise(self) -> torch.Tensor:
-        """The step's (P,) sum so far; at its first micro-batch, its noise, which every clipped sum is added onto."""
-        if self.summed is None:
-            self.summed = self.add_noise()
-        return self.summed
 
     def add_noise(self) -> torch.Tensor:
         """The step's (P,) sum, begun as its noise: N(0, sigma^2 C^2) drawn straight into it, once per step and, with

@@ -235,9 +235,9 @@ def _per_item(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _linear(m: nn.Linear, leaves: Leaves, x: torch.Tensor) -> torch.Tensor:
     # x: (n, ..., in) -> (n, ..., out): the plain product, one matmul over the batch's tokens; the weight's per-item
     # gradients come after the backward pass from x and the output's gradient (LinearInputs)
-    # (n, T, in), contiguous: with its weight detached, F.linear folds a strided input (the MIM predictor's x[:, 1:])
-    # into one matmul no more but runs a batched matmul against the weight broadcast per item, 5x slower here; the
-    # plain Linear, its weight training, folds by copying, as this does
+    # (n, T, in), contiguous: torch's matmul folds a strided input (the MIM predictor's x[:, 1:]) into one product,
+    # by copying it, only while the weight requires a gradient; with the weight detached it ran a batched matmul
+    # against the weight broadcast per item instead, about 5x slower here. This makes the plain Linear's copy
     x3 = x.reshape(len(x), -1, x.shape[-1]).contiguous()
     y = F.linear(x3, m.weight.detach(), None if m.bias is None else m.bias.detach())
     return leaves.tap(m, x3, y).view(*x.shape[:-1], y.shape[-1])
