@@ -79,6 +79,8 @@ def one_round(grid: Grid, rc) -> None:
         content = RecordDict({ARRAYS: joined_record({"model": weights}), CONFIG: ConfigRecord({"values": size})})
         pending = {i: n for i, n in zip(grid.push_messages([Message(content, dst_node_id=n, message_type=PLAIN)
                                                             for n in nodes]), nodes)}
+        drop_arrays(content)  # the joined copy goes once sent, as the coordinator's (server/delivery.py push)
+        del content
         mean, got = np.zeros(size, dtype=np.float32), 0
         for _, reply in arrivals(grid, pending, 3600):  # one reply at a time, as the coordinator folds them
             if not reply.has_error() and (record := arrays_of(reply.content)) is not None:
