@@ -2,7 +2,7 @@
 benchmarks/secagg_site_app.py, a module of its own so that each ClientApp process imports only what a site's does).
 
 One round, secure (server/secure.py's secure_train_round: SecAgg+ per chunk) or plaintext (the joined
-weights out, each reply pulled and folded in turn, as server/delivery.py does). ClientApp: a site's answer with a
+weights out with the coordinator's push, each reply pulled and folded in turn, as server/delivery.py does). ClientApp: a site's answer with a
 random update of the model's size instead of training, the same local compute in both modes. The ServerApp writes its timings to the run config's `out` file.
 
 Run config: values, sites, secure (0/1), chunk-values, out.
@@ -20,11 +20,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 
 from secagg_site_app import PLAIN, random_values
-from server.delivery import arrivals
+from server.delivery import arrivals, push
 from server.secure import PromptGrid, SecAggConfig, secure_train_round
 from transport.object_pulls import quick_object_pulls
 from transport.protocol import ARRAYS, CONFIG
-from transport.wire import arrays_of, drop_arrays, joined_record
+from transport.wire import arrays_of, drop_arrays, npy_array
 
 serverapp = ServerApp()
 
@@ -68,6 +68,8 @@ def one_round(grid: Grid, rc) -> None:
         time.sleep(0.5)
     nodes = sorted(grid.get_node_ids())[:sites]
     weights = random_values(size, 0.02, seed=0)
+    # plaintext: the global model as the coordinator's strategy holds it (made before the idle level, as there)
+    model = None if secure else ArrayRecord({"model": npy_array(weights)})
     idle_mb = peak_rss_mb()
     t0 = time.perf_counter()
     if secure:
@@ -76,11 +78,9 @@ def one_round(grid: Grid, rc) -> None:
                                                      1, nodes)
         ok = out is not None and contributors == {"model": sites}
     else:
-        content = RecordDict({ARRAYS: joined_record({"model": weights}), CONFIG: ConfigRecord({"values": size})})
-        pending = {i: n for i, n in zip(grid.push_messages([Message(content, dst_node_id=n, message_type=PLAIN)
-                                                            for n in nodes]), nodes)}
-        drop_arrays(content)  # the joined copy goes once sent, as the coordinator's (server/delivery.py push)
-        del content
+        content = RecordDict({ARRAYS: model, CONFIG: ConfigRecord({"values": size})})
+        # the coordinator's push: weights joined into one copy for the wire, let go once sent
+        pending = push(grid, [Message(content, dst_node_id=n, message_type=PLAIN) for n in nodes], {})
         mean, got = np.zeros(size, dtype=np.float32), 0
         for _, reply in arrivals(grid, pending, 3600):  # one reply at a time, as the coordinator folds them
             if not reply.has_error() and (record := arrays_of(reply.content)) is not None:
