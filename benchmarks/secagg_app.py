@@ -1,9 +1,10 @@
 """The ServerApp `benchmarks/secagg.py --engine deployment` runs on a real SuperLink (its ClientApp:
 benchmarks/secagg_site_app.py, a module of its own so that each ClientApp process imports only what a site's does).
 
-One round, secure (server/secure.py's secure_train_round: SecAgg+ per chunk) or plaintext (the joined
-weights out with the coordinator's push, each reply pulled and folded in turn, as server/delivery.py does). ClientApp: a site's answer with a
-random update of the model's size instead of training, the same local compute in both modes. The ServerApp writes its timings to the run config's `out` file.
+One round, secure (server/secure.py's secure_train_round: SecAgg+ per chunk) or plaintext (the joined weights out
+with the coordinator's push, each reply pulled and folded in turn, as server/delivery.py does). ClientApp: a site's
+answer with a random update of the model's size instead of training, the same local compute in both modes. The
+ServerApp writes its timings to the run config's `out` file.
 
 Run config: values, sites, secure (0/1), chunk-values, out.
 """
